@@ -1,0 +1,173 @@
+//! The broker: its vhosts, its listeners and its shutdown. `start` binds every
+//! listen address first, so a busy port fails start-up, then accepts connections
+//! until `BrokerHandle::shutdown` (or a signal, in the binary) stops it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{error, info};
+
+use crate::config::Config;
+use crate::connection;
+use crate::message::MemoryGauge;
+use crate::vhost::Vhost;
+
+/// State every connection shares. Only read on the publish path.
+pub struct BrokerState {
+    pub config: Config,
+    pub vhosts: HashMap<String, Arc<Vhost>>,
+    pub gauge: Arc<MemoryGauge>,
+    next_connection: AtomicU64,
+}
+
+impl BrokerState {
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// A running broker.
+pub struct BrokerHandle {
+    addrs: Vec<SocketAddr>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BrokerHandle {
+    /// The first address it listens on (with the real port when configured with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Stops accepting, closes every connection with 320 CONNECTION_FORCED and waits for them.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
+    let mut listeners = Vec::new();
+    let mut addrs = Vec::new();
+    for addr in &config.listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: *addr,
+                source,
+            })?;
+        let local = l.local_addr().map_err(|source| StartError::Listen {
+            addr: *addr,
+            source,
+        })?;
+        info!("listening for AMQP 0-9-1 on {local}");
+        addrs.push(local);
+        listeners.push(l);
+    }
+    let vhosts = config
+        .vhosts
+        .iter()
+        .map(|v| (v.name.clone(), Arc::new(Vhost::new(&v.name))))
+        .collect();
+    let state = Arc::new(BrokerState {
+        gauge: Arc::new(MemoryGauge::new(
+            config.limits.memory_high_watermark as usize,
+        )),
+        config,
+        vhosts,
+        next_connection: AtomicU64::new(0),
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(accept_all(listeners, state, stop_rx));
+    Ok(BrokerHandle { addrs, stop, task })
+}
+
+async fn accept_all(
+    listeners: Vec<TcpListener>,
+    state: Arc<BrokerState>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
+    let mut acceptors = JoinSet::new();
+    for l in listeners {
+        let state = state.clone();
+        let stop = stop.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        acceptors.spawn(accept_loop(l, tx, stop.clone()));
+        // Connections are spawned from here so that shutdown can wait for all of them.
+        let (ctx, mut crx) = tokio::sync::mpsc::unbounded_channel();
+        acceptors.spawn(async move {
+            while let Some((sock, peer)) = rx.recv().await {
+                let _ = ctx.send(tokio::spawn(connection::serve(
+                    sock,
+                    peer,
+                    state.clone(),
+                    stop.clone(),
+                )));
+            }
+        });
+        connections.spawn(async move {
+            let mut handles = Vec::new();
+            while let Some(h) = crx.recv().await {
+                handles.retain(|h: &tokio::task::JoinHandle<()>| !h.is_finished());
+                handles.push(h);
+            }
+            for h in handles {
+                let _ = h.await;
+            }
+        });
+    }
+    while acceptors.join_next().await.is_some() {}
+    // Connections see the same stop signal and close themselves with 320.
+    let wait = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .is_err()
+    {
+        error!("some connections did not close within 10s of shutdown");
+    }
+    info!("broker stopped");
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    out: tokio::sync::mpsc::Sender<(tokio::net::TcpStream, SocketAddr)>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            r = listener.accept() => match r {
+                Ok(pair) => {
+                    if out.send(pair).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // Usually EMFILE: back off rather than spin.
+                    error!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,951 @@
+//! An AMQP channel. `Channel` is owned by its connection task and handles the
+//! channel's methods in order; `ChannelShared` is the part queues touch when they
+//! deliver: the delivery-tag counter, the unacked messages and the channel-wide
+//! prefetch, behind a small per-channel mutex so that tags reach the wire in order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use amq_protocol::protocol::{
+    basic, channel, confirm, exchange, queue, tx, AMQPClass, BasicProperties,
+};
+use bytes::{Bytes, BytesMut};
+
+use crate::connection::{ConnEvent, ConnShared};
+use crate::error::{queue_name, AmqpError, AmqpResult};
+use crate::exchange::Destination;
+use crate::message::{MemoryGauge, Message};
+use crate::protocol::{short, write_get_ok, write_method, write_return};
+use crate::queue::{ConsumeRefused, Consumer, Queue, QueuedMessage};
+use crate::vhost::{ExchangeDeclare, QueueDeclare, Routed, Routing, Vhost};
+
+/// A delivery awaiting ack.
+struct Unacked {
+    queue: Arc<Queue>,
+    msg: QueuedMessage,
+    consumer: Option<Arc<Consumer>>,
+}
+
+#[derive(Default)]
+struct DeliveryState {
+    next_tag: u64,
+    unacked: BTreeMap<u64, Unacked>,
+    /// basic.qos global=true: unacked deliveries allowed on the whole channel; 0 is unlimited.
+    prefetch: u32,
+}
+
+pub struct ChannelShared {
+    pub id: u16,
+    pub conn: Arc<ConnShared>,
+    open: AtomicBool,
+    flow: AtomicBool,
+    state: Mutex<DeliveryState>,
+}
+
+impl ChannelShared {
+    fn lock(&self) -> MutexGuard<'_, DeliveryState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn can_deliver(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+            && self.flow.load(Ordering::Acquire)
+            && self.conn.outbox.has_room()
+    }
+
+    /// Called by a queue, under its lock: assigns the delivery tag and writes basic.deliver.
+    pub fn deliver(
+        &self,
+        queue: &Arc<Queue>,
+        consumer: &Arc<Consumer>,
+        m: QueuedMessage,
+        _remaining: u32,
+    ) -> Result<(), QueuedMessage> {
+        let mut st = self.lock();
+        if !consumer.no_ack && st.prefetch != 0 && st.unacked.len() as u32 >= st.prefetch {
+            return Err(m);
+        }
+        st.next_tag += 1;
+        let tag = st.next_tag;
+        self.conn.outbox.append().deliver(
+            self.id,
+            &consumer.tag,
+            tag,
+            m.redelivered,
+            &m.msg.exchange,
+            &m.msg.routing_key,
+            &m.msg.header,
+            &m.msg.body,
+            self.conn.frame_max(),
+        );
+        if !consumer.no_ack {
+            consumer.unacked.fetch_add(1, Ordering::AcqRel);
+            st.unacked.insert(
+                tag,
+                Unacked {
+                    queue: queue.clone(),
+                    msg: m,
+                    consumer: Some(consumer.clone()),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn get_ok(&self, queue: &Arc<Queue>, m: QueuedMessage, remaining: u32, no_ack: bool) {
+        let mut st = self.lock();
+        st.next_tag += 1;
+        let tag = st.next_tag;
+        {
+            let mut out = self.conn.outbox.append();
+            write_get_ok(
+                out.buf(),
+                self.id,
+                tag,
+                m.redelivered,
+                &m.msg.exchange,
+                &m.msg.routing_key,
+                remaining,
+            );
+            out.content(self.id, &m.msg.header, &m.msg.body, self.conn.frame_max());
+        }
+        if !no_ack {
+            st.unacked.insert(
+                tag,
+                Unacked {
+                    queue: queue.clone(),
+                    msg: m,
+                    consumer: None,
+                },
+            );
+        }
+    }
+
+    /// The queue of one of this channel's consumers was deleted.
+    pub fn consumer_cancelled(&self, tag: &Arc<str>) {
+        if !self.open.load(Ordering::Acquire) {
+            return;
+        }
+        if self.conn.consumer_cancel_notify() {
+            self.send(&AMQPClass::Basic(basic::AMQPMethod::Cancel(
+                basic::Cancel {
+                    consumer_tag: short(&**tag),
+                    nowait: true,
+                },
+            )));
+        }
+        self.conn.event(ConnEvent::ConsumerGone {
+            channel: self.id,
+            tag: tag.clone(),
+        });
+    }
+
+    pub fn send(&self, class: &AMQPClass) {
+        write_method(self.conn.outbox.append().buf(), self.id, class);
+    }
+
+    /// Removes deliveries by tag (with `multiple`, every tag up to it; tag 0 means all).
+    fn take(&self, tag: u64, multiple: bool) -> AmqpResult<Vec<Unacked>> {
+        let mut st = self.lock();
+        if multiple {
+            let upto = if tag == 0 { u64::MAX } else { tag };
+            if tag != 0
+                && !st.unacked.contains_key(&tag)
+                && st.unacked.range(..=upto).next().is_none()
+            {
+                return Err(unknown_tag(tag));
+            }
+            let rest = st.unacked.split_off(&upto.saturating_add(1));
+            let taken = std::mem::replace(&mut st.unacked, rest);
+            Ok(taken.into_values().collect())
+        } else {
+            st.unacked
+                .remove(&tag)
+                .map(|u| vec![u])
+                .ok_or_else(|| unknown_tag(tag))
+        }
+    }
+
+    fn take_all(&self) -> Vec<Unacked> {
+        std::mem::take(&mut self.lock().unacked)
+            .into_values()
+            .collect()
+    }
+}
+
+fn unknown_tag(tag: u64) -> AmqpError {
+    AmqpError::precondition_failed(format!("unknown delivery tag {tag}"))
+}
+
+/// Gives credit back for settled deliveries and kicks each queue once.
+fn settle(done: Vec<Unacked>) {
+    let mut queues: Vec<Arc<Queue>> = Vec::new();
+    for u in &done {
+        if let Some(c) = &u.consumer {
+            let _ = c
+                .unacked
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
+        if !queues.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
+            queues.push(u.queue.clone());
+        }
+    }
+    drop(done);
+    for q in queues {
+        q.kick();
+    }
+}
+
+/// Puts deliveries back in their queues, in their original positions.
+fn requeue(done: Vec<Unacked>) {
+    let mut per_queue: Vec<(Arc<Queue>, Vec<QueuedMessage>)> = Vec::new();
+    for u in done {
+        if let Some(c) = &u.consumer {
+            let _ = c
+                .unacked
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
+        match per_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+            Some((_, v)) => v.push(u.msg),
+            None => per_queue.push((u.queue, vec![u.msg])),
+        }
+    }
+    for (q, msgs) in per_queue {
+        q.requeue(msgs);
+    }
+}
+
+/// A publish whose content is still arriving.
+struct Incoming {
+    exchange: Arc<str>,
+    routing_key: Arc<str>,
+    mandatory: bool,
+    header: Option<(Bytes, BasicProperties, u64)>,
+    body: Vec<Bytes>,
+    received: u64,
+}
+
+/// A publish with all its content, ready to route.
+struct Publish {
+    exchange: Arc<str>,
+    routing_key: Arc<str>,
+    mandatory: bool,
+    header: Bytes,
+    properties: BasicProperties,
+    body: Bytes,
+}
+
+enum TxOp {
+    Ack(u64, bool),
+    Nack(u64, bool, bool),
+}
+
+#[derive(Default)]
+struct Tx {
+    publishes: Vec<Publish>,
+    acks: Vec<TxOp>,
+}
+
+pub struct Channel {
+    pub shared: Arc<ChannelShared>,
+    vhost: Arc<Vhost>,
+    gauge: Arc<MemoryGauge>,
+    routing: Option<Arc<Routing>>,
+    consumers: HashMap<Arc<str>, Arc<Queue>>,
+    incoming: Option<Incoming>,
+    confirm: bool,
+    publish_seq: u64,
+    /// Highest publish sequence number not yet confirmed to the publisher.
+    confirm_due: Option<u64>,
+    tx: Option<Tx>,
+    consumer_prefetch: u32,
+    last_queue: Option<Arc<str>>,
+    max_message_size: u64,
+    /// channel.close sent after an error: discard everything until close-ok.
+    pub closing: bool,
+}
+
+/// What a channel asks of its connection after a method.
+pub enum After {
+    Nothing,
+    /// channel.close-ok was received or sent: the channel number is free again.
+    Closed,
+}
+
+impl Channel {
+    pub fn new(
+        id: u16,
+        conn: Arc<ConnShared>,
+        vhost: Arc<Vhost>,
+        gauge: Arc<MemoryGauge>,
+        max_message_size: u64,
+    ) -> Channel {
+        Channel {
+            shared: Arc::new(ChannelShared {
+                id,
+                conn,
+                open: AtomicBool::new(true),
+                flow: AtomicBool::new(true),
+                state: Mutex::new(DeliveryState::default()),
+            }),
+            vhost,
+            gauge,
+            routing: None,
+            consumers: HashMap::new(),
+            incoming: None,
+            confirm: false,
+            publish_seq: 0,
+            confirm_due: None,
+            tx: None,
+            consumer_prefetch: 0,
+            last_queue: None,
+            max_message_size,
+            closing: false,
+        }
+    }
+
+    fn conn_id(&self) -> u64 {
+        self.shared.conn.id
+    }
+
+    fn reply(&self, class: AMQPClass) {
+        self.shared.send(&class);
+    }
+
+    /// Releases what the channel holds: consumers are cancelled, unacked messages requeued.
+    pub fn release(&mut self) {
+        self.shared.open.store(false, Ordering::Release);
+        for (tag, q) in self.consumers.drain() {
+            if q.remove_consumer(&self.shared, &tag) {
+                self.vhost.delete_queue_instance(&q);
+            }
+        }
+        requeue(self.shared.take_all());
+        self.incoming = None;
+        self.tx = None;
+    }
+
+    /// Sends the confirms that became due while handling the last batch of frames.
+    pub fn flush_confirms(&mut self) {
+        if let Some(tag) = self.confirm_due.take() {
+            self.reply(AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: tag,
+                multiple: true,
+            })));
+        }
+    }
+
+    pub fn consumer_gone(&mut self, tag: &str) {
+        self.consumers.remove(tag);
+    }
+
+    /// Whether a content frame is expected next.
+    pub fn expects_content(&self) -> bool {
+        self.incoming.is_some()
+    }
+
+    /// Mid-publish, only content frames may arrive on this channel.
+    pub fn check_not_mid_content(&self, class: &AMQPClass) -> AmqpResult<()> {
+        if self.incoming.is_some() {
+            return Err(AmqpError::unexpected_frame(format!(
+                "expected content header for class 60, got non content header frame instead ({})",
+                class_name(class)
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn handle_header(
+        &mut self,
+        raw: Bytes,
+        body_size: u64,
+        properties: BasicProperties,
+    ) -> AmqpResult<()> {
+        let Some(inc) = self.incoming.as_mut().filter(|i| i.header.is_none()) else {
+            return Err(AmqpError::unexpected_frame(
+                "expected method frame, got non method frame instead".into(),
+            ));
+        };
+        if body_size > self.max_message_size {
+            self.incoming = None;
+            return Err(AmqpError::precondition_failed(format!(
+                "message size {} is larger than configured max size {}",
+                body_size, self.max_message_size
+            ))
+            .with_method(60, 40));
+        }
+        inc.header = Some((raw, properties, body_size));
+        if body_size == 0 {
+            self.complete()?;
+        }
+        Ok(())
+    }
+
+    pub fn handle_body(&mut self, body: Bytes) -> AmqpResult<()> {
+        let Some(inc) = self.incoming.as_mut().filter(|i| i.header.is_some()) else {
+            return Err(AmqpError::unexpected_frame(
+                "expected method frame, got non method frame instead".into(),
+            ));
+        };
+        let expected = inc.header.as_ref().map(|h| h.2).unwrap_or(0);
+        inc.received += body.len() as u64;
+        if inc.received > expected {
+            return Err(AmqpError::frame_error(format!(
+                "body of {} bytes exceeds the {} announced in the content header",
+                inc.received, expected
+            )));
+        }
+        inc.body.push(body);
+        if inc.received == expected {
+            self.complete()?;
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self) -> AmqpResult<()> {
+        let Some(inc) = self.incoming.take() else {
+            return Ok(());
+        };
+        let Some((header, properties, _)) = inc.header else {
+            return Ok(());
+        };
+        let body = match inc.body.len() {
+            0 => Bytes::new(),
+            1 => inc.body.into_iter().next().unwrap_or_default(),
+            _ => {
+                let mut all = BytesMut::with_capacity(inc.received as usize);
+                for part in inc.body {
+                    all.extend_from_slice(&part);
+                }
+                all.freeze()
+            }
+        };
+        let p = Publish {
+            exchange: inc.exchange,
+            routing_key: inc.routing_key,
+            mandatory: inc.mandatory,
+            header,
+            properties,
+            body,
+        };
+        if let Some(tx) = self.tx.as_mut() {
+            tx.publishes.push(p);
+            return Ok(());
+        }
+        self.route(p).map_err(|e| e.with_method(60, 40))
+    }
+
+    fn routing(&mut self) -> Arc<Routing> {
+        match &self.routing {
+            Some(r) if r.version == self.vhost.version() => r.clone(),
+            _ => {
+                let r = self.vhost.routing();
+                self.routing = Some(r.clone());
+                r
+            }
+        }
+    }
+
+    fn route(&mut self, p: Publish) -> AmqpResult<()> {
+        let routing = self.routing();
+        let queues =
+            match routing.route(&p.exchange, &p.routing_key, p.properties.headers().as_ref()) {
+                Routed::NoExchange => return Err(self.vhost.not_found_exchange(&p.exchange)),
+                Routed::Internal => {
+                    return Err(AmqpError::access_refused(format!(
+                        "cannot publish to internal {}",
+                        crate::error::exchange_name(&p.exchange, &self.vhost.name)
+                    )))
+                }
+                Routed::Queues(q) => q,
+            };
+        if queues.is_empty() {
+            if p.mandatory {
+                let mut out = self.shared.conn.outbox.append();
+                write_return(
+                    out.buf(),
+                    self.shared.id,
+                    312,
+                    "NO_ROUTE",
+                    &p.exchange,
+                    &p.routing_key,
+                );
+                out.content(
+                    self.shared.id,
+                    &p.header,
+                    &p.body,
+                    self.shared.conn.frame_max(),
+                );
+            }
+        } else {
+            let msg = Arc::new(Message::new(
+                p.exchange,
+                p.routing_key,
+                p.header,
+                p.properties,
+                p.body,
+                self.gauge.clone(),
+            ));
+            for q in &queues {
+                q.publish(msg.clone());
+            }
+        }
+        if self.confirm {
+            self.publish_seq += 1;
+            self.confirm_due = Some(self.publish_seq);
+        }
+        Ok(())
+    }
+
+    /// Handles one method on this channel.
+    pub fn handle(&mut self, class: AMQPClass) -> AmqpResult<After> {
+        let ids = (class.get_amqp_class_id(), class.get_amqp_method_id());
+        self.dispatch(class)
+            .map_err(|e| e.with_method(ids.0, ids.1))
+    }
+
+    fn resolve_queue(&self, name: &str) -> AmqpResult<Arc<str>> {
+        if !name.is_empty() {
+            return Ok(name.into());
+        }
+        self.last_queue
+            .clone()
+            .ok_or_else(|| AmqpError::not_found("no previously declared queue".into()))
+    }
+
+    fn dispatch(&mut self, class: AMQPClass) -> AmqpResult<After> {
+        use AMQPClass as C;
+        match class {
+            C::Channel(channel::AMQPMethod::Close(_)) => {
+                self.release();
+                self.reply(C::Channel(channel::AMQPMethod::CloseOk(
+                    channel::CloseOk {},
+                )));
+                return Ok(After::Closed);
+            }
+            C::Channel(channel::AMQPMethod::CloseOk(_)) => return Ok(After::Closed),
+            C::Channel(channel::AMQPMethod::Open(_)) => {
+                return Err(AmqpError::channel_error(
+                    "second 'channel.open' seen".into(),
+                ))
+            }
+            C::Channel(channel::AMQPMethod::Flow(f)) => {
+                self.shared.flow.store(f.active, Ordering::Release);
+                self.reply(C::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
+                    active: f.active,
+                })));
+                if f.active {
+                    self.kick_consumers();
+                }
+            }
+            C::Channel(channel::AMQPMethod::FlowOk(_)) => {}
+            C::Access(amq_protocol::protocol::access::AMQPMethod::Request(_)) => {
+                self.reply(C::Access(
+                    amq_protocol::protocol::access::AMQPMethod::RequestOk(
+                        amq_protocol::protocol::access::RequestOk {},
+                    ),
+                ));
+            }
+            C::Exchange(m) => self.exchange_method(m)?,
+            C::Queue(m) => self.queue_method(m)?,
+            C::Basic(m) => self.basic_method(m)?,
+            C::Confirm(confirm::AMQPMethod::Select(s)) => {
+                if self.tx.is_some() {
+                    return Err(AmqpError::precondition_failed(
+                        "cannot switch from tx to confirm mode".into(),
+                    ));
+                }
+                self.confirm = true;
+                if !s.nowait {
+                    self.reply(C::Confirm(confirm::AMQPMethod::SelectOk(
+                        confirm::SelectOk {},
+                    )));
+                }
+            }
+            C::Tx(m) => self.tx_method(m)?,
+            other => {
+                return Err(AmqpError::command_invalid(format!(
+                    "unexpected method {} on a channel",
+                    class_name(&other)
+                )))
+            }
+        }
+        Ok(After::Nothing)
+    }
+
+    fn kick_consumers(&self) {
+        for q in self.consumers.values() {
+            q.kick();
+        }
+    }
+
+    /// A connection's socket drained: deliveries held back may flow again.
+    pub fn resume(&self) {
+        self.kick_consumers();
+    }
+
+    fn exchange_method(&mut self, m: exchange::AMQPMethod) -> AmqpResult<()> {
+        use exchange::AMQPMethod as M;
+        let vhost = self.vhost.clone();
+        let conn = self.conn_id();
+        match m {
+            M::Declare(d) => {
+                vhost.declare_exchange(ExchangeDeclare {
+                    name: d.exchange.as_str(),
+                    kind: d.kind.as_str(),
+                    passive: d.passive,
+                    durable: d.durable,
+                    auto_delete: d.auto_delete,
+                    internal: d.internal,
+                    arguments: &d.arguments,
+                })?;
+                if !d.nowait {
+                    self.reply(AMQPClass::Exchange(M::DeclareOk(exchange::DeclareOk {})));
+                }
+            }
+            M::Delete(d) => {
+                vhost.delete_exchange(d.exchange.as_str(), d.if_unused)?;
+                if !d.nowait {
+                    self.reply(AMQPClass::Exchange(M::DeleteOk(exchange::DeleteOk {})));
+                }
+            }
+            M::Bind(b) => {
+                vhost.bind(
+                    b.source.as_str(),
+                    Destination::Exchange(b.destination.as_str().into()),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                    conn,
+                )?;
+                if !b.nowait {
+                    self.reply(AMQPClass::Exchange(M::BindOk(exchange::BindOk {})));
+                }
+            }
+            M::Unbind(b) => {
+                vhost.unbind(
+                    b.source.as_str(),
+                    Destination::Exchange(b.destination.as_str().into()),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                    conn,
+                )?;
+                if !b.nowait {
+                    self.reply(AMQPClass::Exchange(M::UnbindOk(exchange::UnbindOk {})));
+                }
+            }
+            other => {
+                return Err(AmqpError::command_invalid(format!(
+                    "unexpected method {}",
+                    class_name(&AMQPClass::Exchange(other))
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    fn queue_method(&mut self, m: queue::AMQPMethod) -> AmqpResult<()> {
+        use queue::AMQPMethod as M;
+        let vhost = self.vhost.clone();
+        let conn = self.conn_id();
+        match m {
+            M::Declare(d) => {
+                let name = if d.passive && d.queue.as_str().is_empty() {
+                    self.resolve_queue("")?.to_string()
+                } else {
+                    d.queue.as_str().to_string()
+                };
+                let (q, messages, consumers) = vhost.declare_queue(QueueDeclare {
+                    name: &name,
+                    passive: d.passive,
+                    durable: d.durable,
+                    exclusive: d.exclusive,
+                    auto_delete: d.auto_delete,
+                    arguments: &d.arguments,
+                    connection: conn,
+                })?;
+                self.last_queue = Some(q.name.clone());
+                if !d.nowait {
+                    self.reply(AMQPClass::Queue(M::DeclareOk(queue::DeclareOk {
+                        queue: short(&*q.name),
+                        message_count: messages,
+                        consumer_count: consumers,
+                    })));
+                }
+            }
+            M::Bind(b) => {
+                let q = self.resolve_queue(b.queue.as_str())?;
+                vhost.bind(
+                    b.exchange.as_str(),
+                    Destination::Queue(q),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                    conn,
+                )?;
+                if !b.nowait {
+                    self.reply(AMQPClass::Queue(M::BindOk(queue::BindOk {})));
+                }
+            }
+            M::Unbind(b) => {
+                let q = self.resolve_queue(b.queue.as_str())?;
+                vhost.unbind(
+                    b.exchange.as_str(),
+                    Destination::Queue(q),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                    conn,
+                )?;
+                self.reply(AMQPClass::Queue(M::UnbindOk(queue::UnbindOk {})));
+            }
+            M::Purge(p) => {
+                let q = self.resolve_queue(p.queue.as_str())?;
+                let n = vhost.purge_queue(&q, conn)?;
+                if !p.nowait {
+                    self.reply(AMQPClass::Queue(M::PurgeOk(queue::PurgeOk {
+                        message_count: n,
+                    })));
+                }
+            }
+            M::Delete(d) => {
+                let q = self.resolve_queue(d.queue.as_str())?;
+                let n = vhost.delete_queue(&q, d.if_unused, d.if_empty, conn)?;
+                if !d.nowait {
+                    self.reply(AMQPClass::Queue(M::DeleteOk(queue::DeleteOk {
+                        message_count: n,
+                    })));
+                }
+            }
+            other => {
+                return Err(AmqpError::command_invalid(format!(
+                    "unexpected method {}",
+                    class_name(&AMQPClass::Queue(other))
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    fn basic_method(&mut self, m: basic::AMQPMethod) -> AmqpResult<()> {
+        use basic::AMQPMethod as M;
+        match m {
+            M::Publish(p) => {
+                if p.immediate {
+                    return Err(AmqpError::not_implemented("immediate=true".into()));
+                }
+                self.incoming = Some(Incoming {
+                    exchange: p.exchange.as_str().into(),
+                    routing_key: p.routing_key.as_str().into(),
+                    mandatory: p.mandatory,
+                    header: None,
+                    body: Vec::new(),
+                    received: 0,
+                });
+            }
+            M::Qos(q) => {
+                if q.global {
+                    self.shared.lock().prefetch = q.prefetch_count as u32;
+                } else {
+                    self.consumer_prefetch = q.prefetch_count as u32;
+                }
+                self.reply(AMQPClass::Basic(M::QosOk(basic::QosOk {})));
+                self.kick_consumers();
+            }
+            M::Consume(c) => self.consume(c)?,
+            M::Cancel(c) => {
+                let tag = c.consumer_tag.as_str();
+                if let Some(q) = self.consumers.remove(tag) {
+                    if q.remove_consumer(&self.shared, tag) {
+                        self.vhost.delete_queue_instance(&q);
+                    }
+                }
+                if !c.nowait {
+                    self.reply(AMQPClass::Basic(M::CancelOk(basic::CancelOk {
+                        consumer_tag: c.consumer_tag,
+                    })));
+                }
+            }
+            M::Get(g) => {
+                let name = self.resolve_queue(g.queue.as_str())?;
+                let q = self.vhost.queue(&name, self.conn_id())?;
+                match q.get() {
+                    Some((m, remaining)) => self.shared.get_ok(&q, m, remaining, g.no_ack),
+                    None => self.reply(AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {}))),
+                }
+            }
+            M::Ack(a) => {
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.acks.push(TxOp::Ack(a.delivery_tag, a.multiple));
+                } else {
+                    settle(self.shared.take(a.delivery_tag, a.multiple)?);
+                }
+            }
+            M::Nack(n) => {
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.acks
+                        .push(TxOp::Nack(n.delivery_tag, n.multiple, n.requeue));
+                } else {
+                    self.nack(n.delivery_tag, n.multiple, n.requeue)?;
+                }
+            }
+            M::Reject(r) => {
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.acks.push(TxOp::Nack(r.delivery_tag, false, r.requeue));
+                } else {
+                    self.nack(r.delivery_tag, false, r.requeue)?;
+                }
+            }
+            M::Recover(r) => {
+                if !r.requeue {
+                    return Err(AmqpError::not_implemented("requeue=false".into()));
+                }
+                requeue(self.shared.take_all());
+                self.reply(AMQPClass::Basic(M::RecoverOk(basic::RecoverOk {})));
+            }
+            M::RecoverAsync(r) => {
+                if !r.requeue {
+                    return Err(AmqpError::not_implemented("requeue=false".into()));
+                }
+                requeue(self.shared.take_all());
+            }
+            other => {
+                return Err(AmqpError::command_invalid(format!(
+                    "unexpected method {}",
+                    class_name(&AMQPClass::Basic(other))
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    fn nack(&self, tag: u64, multiple: bool, requeue_it: bool) -> AmqpResult<()> {
+        let taken = self.shared.take(tag, multiple)?;
+        if requeue_it {
+            requeue(taken);
+        } else {
+            settle(taken);
+        }
+        Ok(())
+    }
+
+    fn consume(&mut self, c: basic::Consume) -> AmqpResult<()> {
+        let name = self.resolve_queue(c.queue.as_str())?;
+        let q = self.vhost.queue(&name, self.conn_id())?;
+        let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
+            generated_tag().into()
+        } else {
+            c.consumer_tag.as_str().into()
+        };
+        if self.consumers.contains_key(&tag) {
+            return Err(AmqpError::not_allowed(format!(
+                "attempt to reuse consumer tag '{tag}'"
+            )));
+        }
+        let consumer = Arc::new(Consumer {
+            tag: tag.clone(),
+            channel: self.shared.clone(),
+            no_ack: c.no_ack,
+            exclusive: c.exclusive,
+            prefetch: self.consumer_prefetch,
+            unacked: Default::default(),
+        });
+        let nowait = c.nowait;
+        let shared = self.shared.clone();
+        let ok_tag = tag.clone();
+        let added = q.add_consumer(consumer, move || {
+            if !nowait {
+                shared.send(&AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(
+                    basic::ConsumeOk {
+                        consumer_tag: short(&*ok_tag),
+                    },
+                )));
+            }
+        });
+        match added {
+            Ok(()) => {
+                self.consumers.insert(tag, q);
+                Ok(())
+            }
+            Err(ConsumeRefused::ExclusiveInUse) => Err(AmqpError::access_refused(format!(
+                "{} in exclusive use",
+                queue_name(&name, &self.vhost.name)
+            ))),
+            Err(ConsumeRefused::Deleted) => Err(self.vhost.not_found_queue(&name)),
+        }
+    }
+
+    fn tx_method(&mut self, m: tx::AMQPMethod) -> AmqpResult<()> {
+        use tx::AMQPMethod as M;
+        match m {
+            M::Select(_) => {
+                if self.confirm {
+                    return Err(AmqpError::precondition_failed(
+                        "cannot switch from confirm to tx mode".into(),
+                    ));
+                }
+                if self.tx.is_none() {
+                    self.tx = Some(Tx::default());
+                }
+                self.reply(AMQPClass::Tx(M::SelectOk(tx::SelectOk {})));
+            }
+            M::Commit(_) => {
+                let Some(tx) = self.tx.replace(Tx::default()) else {
+                    return Err(AmqpError::precondition_failed(
+                        "channel is not transactional".into(),
+                    ));
+                };
+                for p in tx.publishes {
+                    self.route(p)?;
+                }
+                for op in tx.acks {
+                    match op {
+                        TxOp::Ack(tag, multiple) => settle(self.shared.take(tag, multiple)?),
+                        TxOp::Nack(tag, multiple, rq) => self.nack(tag, multiple, rq)?,
+                    }
+                }
+                self.reply(AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
+            }
+            M::Rollback(_) => {
+                if self.tx.replace(Tx::default()).is_none() {
+                    return Err(AmqpError::precondition_failed(
+                        "channel is not transactional".into(),
+                    ));
+                }
+                self.reply(AMQPClass::Tx(M::RollbackOk(tx::RollbackOk {})));
+            }
+            other => {
+                return Err(AmqpError::command_invalid(format!(
+                    "unexpected method {}",
+                    class_name(&AMQPClass::Tx(other))
+                )))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// RabbitMQ's `amq.ctag-` tags for consumers that did not name themselves.
+fn generated_tag() -> String {
+    use std::hash::BuildHasher;
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let h = std::collections::hash_map::RandomState::new().hash_one(n);
+    format!("amq.ctag-{h:016x}{n:06x}")
+}
+
+/// `basic.publish` style name of a method, for reply texts.
+pub fn class_name(class: &AMQPClass) -> String {
+    let dbg = format!("{class:?}");
+    // Debug output is like `Basic(Publish(Publish { .. }))`.
+    let mut parts = dbg.split(['(', ' ']);
+    let c = parts.next().unwrap_or("").to_lowercase();
+    let m = parts.next().unwrap_or("").to_string();
+    let mut method = String::new();
+    for (i, ch) in m.chars().enumerate() {
+        if ch.is_uppercase() && i > 0 {
+            method.push('_');
+        }
+        method.extend(ch.to_lowercase());
+    }
+    format!("'{c}.{method}'")
+}

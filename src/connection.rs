@@ -1,0 +1,726 @@
+//! One task per client connection: the handshake, then a loop that reads frames,
+//! hands each to its channel, and watches heartbeats, broker shutdown and memory
+//! pressure. A second task per connection writes (see `outbox`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use amq_protocol::protocol::{channel, connection, AMQPClass};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString};
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::auth::{authenticate, AuthFailure};
+use crate::broker::BrokerState;
+use crate::channel::{class_name, After, Channel};
+use crate::error::AmqpError;
+use crate::outbox::Outbox;
+use crate::protocol::{
+    check_protocol_header, read_frame, short, write_heartbeat, write_method, Frame, Greeting,
+    PROTOCOL_HEADER,
+};
+use crate::vhost::Vhost;
+
+/// Things other tasks tell a connection.
+pub enum ConnEvent {
+    /// A consumer's queue was deleted; the channel forgets the consumer.
+    ConsumerGone { channel: u16, tag: Arc<str> },
+}
+
+/// The parts of a connection that queues and channels reach from other tasks.
+pub struct ConnShared {
+    pub id: u64,
+    pub outbox: Outbox,
+    frame_max: AtomicU32,
+    cancel_notify: AtomicBool,
+    events: mpsc::UnboundedSender<ConnEvent>,
+}
+
+impl ConnShared {
+    pub fn frame_max(&self) -> u32 {
+        self.frame_max.load(Ordering::Relaxed)
+    }
+
+    pub fn consumer_cancel_notify(&self) -> bool {
+        self.cancel_notify.load(Ordering::Relaxed)
+    }
+
+    pub fn event(&self, e: ConnEvent) {
+        let _ = self.events.send(e);
+    }
+}
+
+/// Why the connection loop ended.
+enum End {
+    /// The peer went away or the socket failed.
+    Gone,
+    /// A connection error: send connection.close with it.
+    Error(AmqpError),
+    /// The handshake or heartbeat deadline passed.
+    Timeout,
+    /// Closed cleanly (close/close-ok exchanged).
+    Done,
+}
+
+impl From<AmqpError> for End {
+    fn from(e: AmqpError) -> End {
+        End::Error(e)
+    }
+}
+
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<BrokerState>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let id = broker.next_connection_id();
+    let span = tracing::info_span!("conn", id, %peer);
+    async move {
+        let _ = stream.set_nodelay(true);
+        let (reader, writer) = stream.into_split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(ConnShared {
+            id,
+            outbox: Outbox::default(),
+            frame_max: AtomicU32::new(broker.config.limits.frame_max),
+            cancel_notify: AtomicBool::new(false),
+            events: tx,
+        });
+        let writer_shared = shared.clone();
+        let writer_task = tokio::spawn(
+            async move { writer_shared.outbox.run_writer(writer).await }.in_current_span(),
+        );
+        let mut conn = Connection {
+            frame_max: broker.config.limits.frame_max,
+            channel_max: broker.config.limits.channel_max,
+            broker,
+            shared: shared.clone(),
+            peer,
+            input: Input {
+                reader,
+                buf: BytesMut::with_capacity(64 * 1024),
+            },
+            events: rx,
+            channels: HashMap::new(),
+            vhost: None,
+            heartbeat: 0,
+            published: false,
+            blocked_capable: false,
+            shutdown,
+        };
+        conn.run().await;
+        conn.cleanup();
+        shared.outbox.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
+        debug!("connection closed");
+    }
+    .instrument(span)
+    .await
+}
+
+/// The read half and what has been read but not yet parsed.
+struct Input {
+    reader: OwnedReadHalf,
+    buf: BytesMut,
+}
+
+impl Input {
+    /// Reads more bytes; EOF and errors end the connection.
+    async fn fill(&mut self, deadline: Option<Instant>) -> Result<(), End> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(64 * 1024);
+        }
+        let read = self.reader.read_buf(&mut self.buf);
+        let n = match deadline {
+            Some(d) => tokio::time::timeout_at(d, read)
+                .await
+                .map_err(|_| End::Timeout)?,
+            None => read.await,
+        };
+        match n {
+            Ok(0) | Err(_) => Err(End::Gone),
+            Ok(_) => Ok(()),
+        }
+    }
+}
+
+struct Connection {
+    broker: Arc<BrokerState>,
+    shared: Arc<ConnShared>,
+    peer: SocketAddr,
+    input: Input,
+    events: mpsc::UnboundedReceiver<ConnEvent>,
+    channels: HashMap<u16, Channel>,
+    vhost: Option<Arc<Vhost>>,
+    frame_max: u32,
+    channel_max: u16,
+    heartbeat: u16,
+    published: bool,
+    blocked_capable: bool,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn run(&mut self) {
+        let end = match self.handshake().await {
+            Ok(()) => self.main_loop().await,
+            Err(e) => e,
+        };
+        match end {
+            End::Error(e) => {
+                if e.code != 320 {
+                    warn!("closing connection: {e}");
+                }
+                self.close_with(e).await;
+            }
+            End::Timeout => warn!("closing connection: timed out"),
+            End::Gone | End::Done => {}
+        }
+    }
+
+    fn send(&self, channel: u16, class: &AMQPClass) {
+        write_method(self.shared.outbox.append().buf(), channel, class);
+    }
+
+    async fn next_frame(&mut self, deadline: Instant) -> Result<Frame, End> {
+        loop {
+            if let Some(f) = read_frame(&mut self.input.buf, self.frame_max)? {
+                return Ok(f);
+            }
+            self.input.fill(Some(deadline)).await?;
+        }
+    }
+
+    /// Waits for one connection-class method on channel 0 during the handshake.
+    async fn expect(
+        &mut self,
+        deadline: Instant,
+        what: &str,
+    ) -> Result<connection::AMQPMethod, End> {
+        match self.next_frame(deadline).await? {
+            Frame::Method(0, class) => match *class {
+                AMQPClass::Connection(m) => Ok(m),
+                other => Err(AmqpError::command_invalid(format!(
+                    "expected {what}, got {}",
+                    class_name(&other)
+                ))
+                .into()),
+            },
+            Frame::Heartbeat(0) => Box::pin(self.expect(deadline, what)).await,
+            _ => Err(AmqpError::unexpected_frame(format!("expected {what}")).into()),
+        }
+    }
+
+    async fn handshake(&mut self) -> Result<(), End> {
+        let limits = self.broker.config.limits.clone();
+        let deadline = Instant::now() + Duration::from_secs(limits.handshake_timeout.max(1));
+        loop {
+            match check_protocol_header(&self.input.buf) {
+                Greeting::Accepted => {
+                    self.input.buf.advance(PROTOCOL_HEADER.len());
+                    break;
+                }
+                Greeting::Refused => {
+                    self.shared
+                        .outbox
+                        .append()
+                        .buf()
+                        .extend_from_slice(PROTOCOL_HEADER);
+                    return Err(End::Done);
+                }
+                Greeting::Incomplete => self.input.fill(Some(deadline)).await?,
+            }
+        }
+        self.send(
+            0,
+            &AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
+                version_major: 0,
+                version_minor: 9,
+                server_properties: server_properties(),
+                mechanisms: LongString::from("PLAIN AMQPLAIN"),
+                locales: LongString::from("en_US"),
+            })),
+        );
+        let start_ok = match self.expect(deadline, "'connection.start_ok'").await? {
+            connection::AMQPMethod::StartOk(s) => s,
+            _ => {
+                return Err(
+                    AmqpError::command_invalid("expected 'connection.start_ok'".into()).into(),
+                )
+            }
+        };
+        self.read_capabilities(&start_ok.client_properties);
+        let mechanism = start_ok.mechanism.as_str().to_string();
+        let user = match authenticate(
+            &self.broker.config.users,
+            &mechanism,
+            start_ok.response.as_bytes(),
+            self.peer.ip(),
+        ) {
+            Ok(u) => u.clone(),
+            Err(AuthFailure::BadCredentials) => {
+                warn!("login refused using mechanism {mechanism}");
+                return Err(AmqpError::access_refused(format!(
+                    "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
+                ))
+                .with_method(10, 11)
+                .into());
+            }
+            Err(AuthFailure::NotFromLoopback) => {
+                warn!("user may only connect from loopback");
+                return Err(AmqpError::access_refused(
+                    "user may only connect via localhost".into(),
+                )
+                .with_method(10, 11)
+                .into());
+            }
+        };
+        self.send(
+            0,
+            &AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
+                channel_max: limits.channel_max,
+                frame_max: limits.frame_max,
+                heartbeat: limits.heartbeat,
+            })),
+        );
+        let tune_ok = match self.expect(deadline, "'connection.tune_ok'").await? {
+            connection::AMQPMethod::TuneOk(t) => t,
+            _ => {
+                return Err(
+                    AmqpError::command_invalid("expected 'connection.tune_ok'".into()).into(),
+                )
+            }
+        };
+        let frame_max = if tune_ok.frame_max == 0 {
+            limits.frame_max
+        } else {
+            tune_ok.frame_max
+        };
+        if frame_max > limits.frame_max || frame_max < 4096 {
+            return Err(AmqpError::not_allowed(format!(
+                "negotiated frame_max = {frame_max} is outside the permitted range 4096 to {}",
+                limits.frame_max
+            ))
+            .with_method(10, 31)
+            .into());
+        }
+        self.frame_max = frame_max;
+        self.shared.frame_max.store(frame_max, Ordering::Relaxed);
+        self.channel_max = match tune_ok.channel_max {
+            0 => limits.channel_max,
+            n => n.min(limits.channel_max),
+        };
+        self.heartbeat = tune_ok.heartbeat;
+        let open = match self.expect(deadline, "'connection.open'").await? {
+            connection::AMQPMethod::Open(o) => o,
+            _ => {
+                return Err(AmqpError::command_invalid("expected 'connection.open'".into()).into())
+            }
+        };
+        let vhost_name = open.virtual_host.as_str();
+        let Some(vhost) = self.broker.vhosts.get(vhost_name).cloned() else {
+            return Err(
+                AmqpError::not_allowed(format!("vhost {vhost_name} not found"))
+                    .with_method(10, 40)
+                    .into(),
+            );
+        };
+        if !user.vhosts.iter().any(|v| v == vhost_name) {
+            return Err(AmqpError::not_allowed(format!(
+                "access to vhost '{vhost_name}' refused for user '{}'",
+                user.name
+            ))
+            .with_method(10, 40)
+            .into());
+        }
+        self.vhost = Some(vhost);
+        self.send(
+            0,
+            &AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
+        );
+        info!(user = %user.name, vhost = vhost_name, "connection opened");
+        Ok(())
+    }
+
+    fn read_capabilities(&mut self, props: &FieldTable) {
+        let Some(AMQPValue::FieldTable(caps)) = props.inner().get("capabilities") else {
+            return;
+        };
+        let on = |k: &str| matches!(caps.inner().get(k), Some(AMQPValue::Boolean(true)));
+        self.shared
+            .cancel_notify
+            .store(on("consumer_cancel_notify"), Ordering::Relaxed);
+        self.blocked_capable = on("connection.blocked");
+    }
+
+    async fn main_loop(&mut self) -> End {
+        let hb = Duration::from_secs(self.heartbeat as u64);
+        let mut ticker = tokio::time::interval(if self.heartbeat > 0 {
+            hb / 2
+        } else {
+            Duration::from_secs(3600)
+        });
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_read = Instant::now();
+        loop {
+            // Frames that arrived together may hold more than one full frame.
+            if let Err(e) = self.process_frames() {
+                return e;
+            }
+            if self.published && self.broker.gauge.over() {
+                if let Some(end) = self.wait_for_memory().await {
+                    return end;
+                }
+                last_read = Instant::now();
+            }
+            tokio::select! {
+                _ = self.shutdown.changed() => {
+                    return End::Error(AmqpError::connection_forced(
+                        "broker forced connection closure with reason 'shutdown'".into(),
+                    ));
+                }
+                Some(ev) = self.events.recv() => self.on_event(ev),
+                _ = self.shared.outbox.drained.notified() => {
+                    if self.shared.outbox.is_closed() {
+                        return End::Gone;
+                    }
+                    for ch in self.channels.values() {
+                        ch.resume();
+                    }
+                }
+                r = self.input.fill(None) => {
+                    if let Err(e) = r {
+                        return e;
+                    }
+                    last_read = Instant::now();
+                }
+                _ = ticker.tick(), if self.heartbeat > 0 => {
+                    if last_read.elapsed() > hb * 2 {
+                        warn!("missed heartbeats from client, timeout: {}s", self.heartbeat);
+                        return End::Timeout;
+                    }
+                    write_heartbeat(self.shared.outbox.append().buf());
+                }
+            }
+        }
+    }
+
+    /// Stops reading from a publisher while the broker is over its memory watermark.
+    async fn wait_for_memory(&mut self) -> Option<End> {
+        warn!(
+            "memory high watermark exceeded ({} bytes held), blocking publisher",
+            self.broker.gauge.used()
+        );
+        if self.blocked_capable {
+            self.send(
+                0,
+                &AMQPClass::Connection(connection::AMQPMethod::Blocked(connection::Blocked {
+                    reason: short("low on memory"),
+                })),
+            );
+        }
+        while self.broker.gauge.over() {
+            tokio::select! {
+                _ = self.shutdown.changed() => {
+                    return Some(End::Error(AmqpError::connection_forced(
+                        "broker forced connection closure with reason 'shutdown'".into(),
+                    )));
+                }
+                Some(ev) = self.events.recv() => self.on_event(ev),
+                _ = self.shared.outbox.drained.notified() => {
+                    for ch in self.channels.values() {
+                        ch.resume();
+                    }
+                }
+                _ = self.broker.gauge.below.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        if self.blocked_capable {
+            self.send(
+                0,
+                &AMQPClass::Connection(connection::AMQPMethod::Unblocked(connection::Unblocked {})),
+            );
+        }
+        None
+    }
+
+    fn on_event(&mut self, ev: ConnEvent) {
+        match ev {
+            ConnEvent::ConsumerGone { channel, tag } => {
+                if let Some(ch) = self.channels.get_mut(&channel) {
+                    ch.consumer_gone(&tag);
+                }
+            }
+        }
+    }
+
+    fn process_frames(&mut self) -> Result<(), End> {
+        let mut any = false;
+        while let Some(frame) = read_frame(&mut self.input.buf, self.frame_max)? {
+            any = true;
+            self.handle_frame(frame)?;
+        }
+        if any {
+            for ch in self.channels.values_mut() {
+                ch.flush_confirms();
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_frame(&mut self, frame: Frame) -> Result<(), End> {
+        let channel_id = match &frame {
+            Frame::Method(c, _) | Frame::Body(c, _) | Frame::Heartbeat(c) => *c,
+            Frame::Header { channel, .. } => *channel,
+        };
+        if channel_id == 0 {
+            return self.connection_frame(frame);
+        }
+        if let Frame::Heartbeat(_) = frame {
+            return Err(AmqpError::unexpected_frame(format!(
+                "heartbeat frame on channel {channel_id}"
+            ))
+            .into());
+        }
+        let Some(ch) = self.channels.get_mut(&channel_id) else {
+            return self.open_channel(channel_id, frame);
+        };
+        if ch.closing {
+            // After channel.close, RabbitMQ discards all but close and close-ok.
+            if let Frame::Method(_, class) = frame {
+                match *class {
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
+                        self.channels.remove(&channel_id);
+                    }
+                    AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                        self.send(
+                            channel_id,
+                            &AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(());
+        }
+        let result = match frame {
+            Frame::Method(_, class) => {
+                if let Err(e) = ch.check_not_mid_content(&class) {
+                    return Err(e.into());
+                }
+                if matches!(
+                    *class,
+                    AMQPClass::Basic(amq_protocol::protocol::basic::AMQPMethod::Publish(_))
+                ) {
+                    self.published = true;
+                }
+                ch.handle(*class)
+            }
+            Frame::Header {
+                raw,
+                body_size,
+                properties,
+                ..
+            } => ch
+                .handle_header(raw, body_size, *properties)
+                .map(|_| After::Nothing),
+            Frame::Body(_, body) => ch.handle_body(body).map(|_| After::Nothing),
+            Frame::Heartbeat(_) => Ok(After::Nothing),
+        };
+        match result {
+            Ok(After::Nothing) => Ok(()),
+            Ok(After::Closed) => {
+                self.channels.remove(&channel_id);
+                Ok(())
+            }
+            Err(e) if e.is_channel_error() => {
+                debug!(channel = channel_id, "closing channel: {e}");
+                ch.flush_confirms();
+                ch.release();
+                ch.closing = true;
+                self.send(
+                    channel_id,
+                    &AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                        reply_code: e.code,
+                        reply_text: short(e.text),
+                        class_id: e.class_id,
+                        method_id: e.method_id,
+                    })),
+                );
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn open_channel(&mut self, id: u16, frame: Frame) -> Result<(), End> {
+        let Frame::Method(_, class) = frame else {
+            return Err(AmqpError::unexpected_frame(format!(
+                "content frame on channel {id}, which is not open"
+            ))
+            .into());
+        };
+        if !matches!(*class, AMQPClass::Channel(channel::AMQPMethod::Open(_))) {
+            return Err(AmqpError::channel_error(format!(
+                "expected 'channel.open' on channel {id}"
+            ))
+            .with_method(class.get_amqp_class_id(), class.get_amqp_method_id())
+            .into());
+        }
+        if id > self.channel_max {
+            return Err(AmqpError::not_allowed(format!(
+                "channel number {id} exceeds the negotiated channel_max ({})",
+                self.channel_max
+            ))
+            .with_method(20, 10)
+            .into());
+        }
+        let Some(vhost) = self.vhost.clone() else {
+            return Err(AmqpError::channel_error("connection not open".into()).into());
+        };
+        let ch = Channel::new(
+            id,
+            self.shared.clone(),
+            vhost,
+            self.broker.gauge.clone(),
+            self.broker.config.limits.max_message_size,
+        );
+        self.channels.insert(id, ch);
+        self.send(
+            id,
+            &AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+        );
+        Ok(())
+    }
+
+    fn connection_frame(&mut self, frame: Frame) -> Result<(), End> {
+        let class = match frame {
+            Frame::Heartbeat(_) => return Ok(()),
+            Frame::Method(_, class) => class,
+            _ => {
+                return Err(AmqpError::unexpected_frame("content frame on channel 0".into()).into())
+            }
+        };
+        match *class {
+            AMQPClass::Connection(connection::AMQPMethod::Close(c)) => {
+                debug!(
+                    code = c.reply_code,
+                    text = c.reply_text.as_str(),
+                    "client closed connection"
+                );
+                self.release_channels();
+                self.send(
+                    0,
+                    &AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+                );
+                Err(End::Done)
+            }
+            AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) => Err(End::Done),
+            AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(_)) => {
+                self.send(
+                    0,
+                    &AMQPClass::Connection(connection::AMQPMethod::UpdateSecretOk(
+                        connection::UpdateSecretOk {},
+                    )),
+                );
+                Ok(())
+            }
+            AMQPClass::Connection(connection::AMQPMethod::Blocked(_))
+            | AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)) => Ok(()),
+            other => Err(AmqpError::command_invalid(format!(
+                "unexpected method {} on channel 0",
+                class_name(&other)
+            ))
+            .with_method(other.get_amqp_class_id(), other.get_amqp_method_id())
+            .into()),
+        }
+    }
+
+    fn release_channels(&mut self) {
+        for (_, mut ch) in self.channels.drain() {
+            ch.release();
+        }
+    }
+
+    /// Sends connection.close and waits briefly for close-ok, discarding other frames.
+    async fn close_with(&mut self, e: AmqpError) {
+        self.release_channels();
+        self.send(
+            0,
+            &AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                reply_code: e.code,
+                reply_text: short(e.text),
+                class_id: e.class_id,
+                method_id: e.method_id,
+            })),
+        );
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            match read_frame(&mut self.input.buf, self.frame_max) {
+                Ok(Some(Frame::Method(0, class)))
+                    if matches!(
+                        *class,
+                        AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))
+                            | AMQPClass::Connection(connection::AMQPMethod::Close(_))
+                    ) =>
+                {
+                    return
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(_) => {
+                    // Unparseable input after an error: nothing more can be read sensibly.
+                    return;
+                }
+            }
+            if self.input.fill(Some(deadline)).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn cleanup(&mut self) {
+        self.release_channels();
+        if let Some(v) = &self.vhost {
+            v.connection_closed(self.shared.id);
+        }
+    }
+}
+
+fn server_properties() -> FieldTable {
+    let mut caps = FieldTable::default();
+    for cap in [
+        "publisher_confirms",
+        "exchange_exchange_bindings",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "connection.blocked",
+        "authentication_failure_close",
+        "per_consumer_qos",
+    ] {
+        caps.insert(short(cap), AMQPValue::Boolean(true));
+    }
+    let mut props = FieldTable::default();
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+    props.insert(short("product"), text("WarrenMQ"));
+    props.insert(short("version"), text(env!("CARGO_PKG_VERSION")));
+    props.insert(short("platform"), text("Rust"));
+    props.insert(short("copyright"), text("WarrenMQ contributors"));
+    props.insert(
+        short("information"),
+        text("Licensed under the Apache License 2.0"),
+    );
+    props.insert(short("cluster_name"), text("warrenmq"));
+    props.insert(short("capabilities"), AMQPValue::FieldTable(caps));
+    props
+}

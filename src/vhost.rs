@@ -1,0 +1,612 @@
+//! A virtual host's model: exchanges, queues and the bindings between them.
+//!
+//! Declarations change it under one mutex; publishers never take that mutex on the
+//! hot path. Instead each channel keeps an `Arc<Routing>`, an immutable compiled
+//! snapshot, and only fetches a new one when the vhost's version number moved.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use amq_protocol::types::{AMQPValue, FieldTable};
+
+use crate::error::{exchange_name, queue_name, AmqpError, AmqpResult};
+use crate::exchange::{Binding, Destination, ExchangeDef, ExchangeKind, Router};
+use crate::queue::{Consumer, Queue};
+
+pub struct Vhost {
+    pub name: Arc<str>,
+    topology: Mutex<Topology>,
+    version: AtomicU64,
+}
+
+struct Topology {
+    exchanges: HashMap<Arc<str>, ExchangeDef>,
+    queues: HashMap<Arc<str>, Arc<Queue>>,
+    /// The current snapshot; None once a change made it stale.
+    snapshot: Option<Arc<Routing>>,
+}
+
+/// What a publisher needs to route, compiled and immutable.
+pub struct Routing {
+    pub version: u64,
+    exchanges: HashMap<Arc<str>, Router>,
+    queues: HashMap<Arc<str>, Arc<Queue>>,
+}
+
+pub enum Routed {
+    NoExchange,
+    Internal,
+    Queues(Vec<Arc<Queue>>),
+}
+
+impl Routing {
+    pub fn route(&self, exchange: &str, routing_key: &str, headers: Option<&FieldTable>) -> Routed {
+        let mut queues: Vec<Arc<Queue>> = Vec::new();
+        if exchange.is_empty() {
+            if let Some(q) = self.queues.get(routing_key) {
+                queues.push(q.clone());
+            }
+            return Routed::Queues(queues);
+        }
+        let Some(first) = self.exchanges.get(exchange) else {
+            return Routed::NoExchange;
+        };
+        if first.internal {
+            return Routed::Internal;
+        }
+        let mut visited: Vec<&str> = Vec::new();
+        let mut pending: Vec<&Router> = vec![first];
+        let mut dests = Vec::new();
+        while let Some(router) = pending.pop() {
+            if visited.contains(&&*router.name) {
+                continue;
+            }
+            visited.push(&router.name);
+            dests.clear();
+            router.route(routing_key, headers, &mut dests);
+            for d in dests.drain(..) {
+                match d {
+                    Destination::Queue(name) => {
+                        if let Some(q) = self.queues.get(&name) {
+                            if !queues.iter().any(|x| Arc::ptr_eq(x, q)) {
+                                queues.push(q.clone());
+                            }
+                        }
+                    }
+                    Destination::Exchange(name) => {
+                        if let Some(r) = self.exchanges.get(&name) {
+                            pending.push(r);
+                        }
+                    }
+                }
+            }
+        }
+        Routed::Queues(queues)
+    }
+}
+
+pub struct ExchangeDeclare<'a> {
+    pub name: &'a str,
+    pub kind: &'a str,
+    pub passive: bool,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: &'a FieldTable,
+}
+
+pub struct QueueDeclare<'a> {
+    pub name: &'a str,
+    pub passive: bool,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub arguments: &'a FieldTable,
+    pub connection: u64,
+}
+
+fn default_exchange_refused() -> AmqpError {
+    AmqpError::access_refused("operation not permitted on the default exchange".into())
+}
+
+impl Vhost {
+    pub fn new(name: &str) -> Vhost {
+        let vhost = Vhost {
+            name: name.into(),
+            topology: Mutex::new(Topology {
+                exchanges: HashMap::new(),
+                queues: HashMap::new(),
+                snapshot: None,
+            }),
+            version: AtomicU64::new(1),
+        };
+        {
+            let mut t = vhost.lock();
+            for (name, kind, internal) in [
+                ("amq.direct", ExchangeKind::Direct, false),
+                ("amq.fanout", ExchangeKind::Fanout, false),
+                ("amq.topic", ExchangeKind::Topic, false),
+                ("amq.headers", ExchangeKind::Headers, false),
+                ("amq.match", ExchangeKind::Headers, false),
+                ("amq.rabbitmq.trace", ExchangeKind::Topic, true),
+            ] {
+                t.exchanges.insert(
+                    name.into(),
+                    ExchangeDef {
+                        name: name.into(),
+                        kind,
+                        durable: true,
+                        auto_delete: false,
+                        internal,
+                        arguments: FieldTable::default(),
+                        bindings: Vec::new(),
+                    },
+                );
+            }
+        }
+        vhost
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Topology> {
+        self.topology.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn changed(&self, t: &mut Topology) {
+        t.snapshot = None;
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// The current routing snapshot, compiled on first use after a change.
+    pub fn routing(&self) -> Arc<Routing> {
+        let mut t = self.lock();
+        if let Some(s) = &t.snapshot {
+            return s.clone();
+        }
+        let snap = Arc::new(Routing {
+            version: self.version(),
+            exchanges: t
+                .exchanges
+                .iter()
+                .map(|(k, v)| (k.clone(), Router::compile(v)))
+                .collect(),
+            queues: t.queues.clone(),
+        });
+        t.snapshot = Some(snap.clone());
+        snap
+    }
+
+    pub fn not_found_exchange(&self, name: &str) -> AmqpError {
+        AmqpError::not_found(format!("no {}", exchange_name(name, &self.name)))
+    }
+
+    pub fn not_found_queue(&self, name: &str) -> AmqpError {
+        AmqpError::not_found(format!("no {}", queue_name(name, &self.name)))
+    }
+
+    pub fn declare_exchange(&self, d: ExchangeDeclare<'_>) -> AmqpResult<()> {
+        let mut t = self.lock();
+        if d.passive {
+            if d.name.is_empty() || t.exchanges.contains_key(d.name) {
+                return Ok(());
+            }
+            return Err(self.not_found_exchange(d.name));
+        }
+        let Some(kind) = ExchangeKind::parse(d.kind) else {
+            return Err(AmqpError::command_invalid(format!(
+                "unknown exchange type '{}'",
+                d.kind
+            )));
+        };
+        if d.name.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        if let Some(x) = t.exchanges.get(d.name) {
+            let vh = &self.name;
+            let what = exchange_name(d.name, vh);
+            let check = |arg: &str, got: String, cur: String| -> AmqpResult<()> {
+                if got != cur {
+                    return Err(AmqpError::precondition_failed(format!(
+                        "inequivalent arg '{arg}' for {what}: received '{got}' but current is '{cur}'"
+                    )));
+                }
+                Ok(())
+            };
+            check("type", kind.as_str().into(), x.kind.as_str().into())?;
+            check("durable", d.durable.to_string(), x.durable.to_string())?;
+            check(
+                "auto_delete",
+                d.auto_delete.to_string(),
+                x.auto_delete.to_string(),
+            )?;
+            check("internal", d.internal.to_string(), x.internal.to_string())?;
+            return Ok(());
+        }
+        if d.name.starts_with("amq.") {
+            return Err(AmqpError::access_refused(format!(
+                "exchange name '{}' contains reserved prefix 'amq.*'",
+                d.name
+            )));
+        }
+        t.exchanges.insert(
+            d.name.into(),
+            ExchangeDef {
+                name: d.name.into(),
+                kind,
+                durable: d.durable,
+                auto_delete: d.auto_delete,
+                internal: d.internal,
+                arguments: d.arguments.clone(),
+                bindings: Vec::new(),
+            },
+        );
+        self.changed(&mut t);
+        Ok(())
+    }
+
+    pub fn delete_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<()> {
+        if name.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        if name.starts_with("amq.") {
+            return Err(AmqpError::access_refused(format!(
+                "deletion of system {} refused",
+                exchange_name(name, &self.name)
+            )));
+        }
+        let mut t = self.lock();
+        let Some(x) = t.exchanges.get(name) else {
+            return Err(self.not_found_exchange(name));
+        };
+        if if_unused && !x.bindings.is_empty() {
+            return Err(AmqpError::precondition_failed(format!(
+                "{} in use",
+                exchange_name(name, &self.name)
+            )));
+        }
+        self.remove_exchange(&mut t, name);
+        self.changed(&mut t);
+        Ok(())
+    }
+
+    /// Removes an exchange and every binding it is the destination of.
+    fn remove_exchange(&self, t: &mut Topology, name: &str) {
+        t.exchanges.remove(name);
+        let dest = Destination::Exchange(name.into());
+        self.remove_bindings_to(t, &dest);
+    }
+
+    /// Removes bindings to a destination; auto-delete exchanges left without bindings go too.
+    fn remove_bindings_to(&self, t: &mut Topology, dest: &Destination) {
+        let mut emptied = Vec::new();
+        for x in t.exchanges.values_mut() {
+            let before = x.bindings.len();
+            x.bindings.retain(|b| &b.destination != dest);
+            if x.auto_delete && before > 0 && x.bindings.is_empty() {
+                emptied.push(x.name.clone());
+            }
+        }
+        for name in emptied {
+            self.remove_exchange(t, &name);
+        }
+    }
+
+    fn check_owner(&self, q: &Queue, connection: u64) -> AmqpResult<()> {
+        match q.exclusive_owner {
+            Some(owner) if owner != connection => Err(AmqpError::resource_locked(format!(
+                "cannot obtain exclusive access to locked {}. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+                queue_name(&q.name, &self.name)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Finds a queue the connection may use.
+    pub fn queue(&self, name: &str, connection: u64) -> AmqpResult<Arc<Queue>> {
+        let t = self.lock();
+        let q = t
+            .queues
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.not_found_queue(name))?;
+        self.check_owner(&q, connection)?;
+        Ok(q)
+    }
+
+    /// Declares a queue; returns it with its message and consumer counts.
+    pub fn declare_queue(&self, d: QueueDeclare<'_>) -> AmqpResult<(Arc<Queue>, u32, u32)> {
+        let mut t = self.lock();
+        if let Some(q) = t.queues.get(d.name).cloned() {
+            self.check_owner(&q, d.connection)?;
+            if !d.passive {
+                let what = queue_name(d.name, &self.name);
+                for (arg, got, cur) in [
+                    ("durable", d.durable, q.durable),
+                    ("exclusive", d.exclusive, q.exclusive_owner.is_some()),
+                    ("auto_delete", d.auto_delete, q.auto_delete),
+                ] {
+                    if got != cur {
+                        return Err(AmqpError::precondition_failed(format!(
+                            "inequivalent arg '{arg}' for {what}: received '{got}' but current is '{cur}'"
+                        )));
+                    }
+                }
+                check_queue_arguments(&what, d.arguments, &q.arguments)?;
+            }
+            let (m, c) = q.counts();
+            return Ok((q, m, c));
+        }
+        if d.passive {
+            return Err(self.not_found_queue(d.name));
+        }
+        if d.name.starts_with("amq.") {
+            return Err(AmqpError::access_refused(format!(
+                "queue name '{}' contains reserved prefix 'amq.*'",
+                d.name
+            )));
+        }
+        let name: Arc<str> = if d.name.is_empty() {
+            loop {
+                let n = generated_name();
+                if !t.queues.contains_key(n.as_str()) {
+                    break n.into();
+                }
+            }
+        } else {
+            d.name.into()
+        };
+        let q = Arc::new(Queue::new(
+            name.clone(),
+            d.durable,
+            d.auto_delete,
+            d.exclusive.then_some(d.connection),
+            d.arguments.clone(),
+        ));
+        t.queues.insert(name, q.clone());
+        self.changed(&mut t);
+        Ok((q, 0, 0))
+    }
+
+    /// Deletes a queue; its consumers are returned so their channels can be told.
+    pub fn delete_queue(
+        &self,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+        connection: u64,
+    ) -> AmqpResult<u32> {
+        let mut t = self.lock();
+        let Some(q) = t.queues.get(name).cloned() else {
+            // Deleting a queue that is not there succeeds, as in RabbitMQ 3.x.
+            return Ok(0);
+        };
+        self.check_owner(&q, connection)?;
+        let (messages, consumers) = q.counts();
+        if if_unused && consumers > 0 {
+            return Err(AmqpError::precondition_failed(format!(
+                "{} in use",
+                queue_name(name, &self.name)
+            )));
+        }
+        if if_empty && messages > 0 {
+            return Err(AmqpError::precondition_failed(format!(
+                "{} not empty",
+                queue_name(name, &self.name)
+            )));
+        }
+        Ok(self.remove_queue(&mut t, &q))
+    }
+
+    fn remove_queue(&self, t: &mut Topology, q: &Arc<Queue>) -> u32 {
+        t.queues.remove(&q.name);
+        self.remove_bindings_to(t, &Destination::Queue(q.name.clone()));
+        self.changed(t);
+        let (count, consumers) = q.delete();
+        notify_cancelled(consumers);
+        count
+    }
+
+    /// Deletes a queue if it is still this one (auto-delete after its last consumer).
+    pub fn delete_queue_instance(&self, q: &Arc<Queue>) {
+        let mut t = self.lock();
+        if t.queues.get(&q.name).is_some_and(|cur| Arc::ptr_eq(cur, q)) {
+            self.remove_queue(&mut t, q);
+        }
+    }
+
+    /// Exclusive queues go with the connection that declared them.
+    pub fn connection_closed(&self, connection: u64) {
+        let mut t = self.lock();
+        let owned: Vec<Arc<Queue>> = t
+            .queues
+            .values()
+            .filter(|q| q.exclusive_owner == Some(connection))
+            .cloned()
+            .collect();
+        for q in owned {
+            self.remove_queue(&mut t, &q);
+        }
+    }
+
+    pub fn purge_queue(&self, name: &str, connection: u64) -> AmqpResult<u32> {
+        Ok(self.queue(name, connection)?.purge())
+    }
+
+    pub fn bind(
+        &self,
+        source: &str,
+        destination: Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+        connection: u64,
+    ) -> AmqpResult<()> {
+        let mut t = self.lock();
+        self.check_binding(&t, source, &destination, connection)?;
+        let binding = Binding {
+            destination,
+            routing_key: routing_key.to_string(),
+            arguments: arguments.clone(),
+        };
+        let Some(x) = t.exchanges.get_mut(source) else {
+            return Err(self.not_found_exchange(source));
+        };
+        if !x.bindings.contains(&binding) {
+            x.bindings.push(binding);
+            self.changed(&mut t);
+        }
+        Ok(())
+    }
+
+    pub fn unbind(
+        &self,
+        source: &str,
+        destination: Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+        connection: u64,
+    ) -> AmqpResult<()> {
+        let mut t = self.lock();
+        self.check_binding(&t, source, &destination, connection)?;
+        let Some(x) = t.exchanges.get_mut(source) else {
+            return Err(self.not_found_exchange(source));
+        };
+        let before = x.bindings.len();
+        x.bindings.retain(|b| {
+            !(b.destination == destination
+                && b.routing_key == routing_key
+                && &b.arguments == arguments)
+        });
+        if x.bindings.len() != before {
+            if x.auto_delete && x.bindings.is_empty() {
+                let name = x.name.clone();
+                self.remove_exchange(&mut t, &name);
+            }
+            self.changed(&mut t);
+        }
+        Ok(())
+    }
+
+    fn check_binding(
+        &self,
+        t: &Topology,
+        source: &str,
+        destination: &Destination,
+        connection: u64,
+    ) -> AmqpResult<()> {
+        match destination {
+            Destination::Queue(q) => {
+                let queue = t.queues.get(q).ok_or_else(|| self.not_found_queue(q))?;
+                self.check_owner(queue, connection)?;
+            }
+            Destination::Exchange(x) => {
+                if x.is_empty() {
+                    return Err(default_exchange_refused());
+                }
+                if !t.exchanges.contains_key(x) {
+                    return Err(self.not_found_exchange(x));
+                }
+            }
+        }
+        if source.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        if !t.exchanges.contains_key(source) {
+            return Err(self.not_found_exchange(source));
+        }
+        Ok(())
+    }
+}
+
+/// Tells each consumer's channel that its queue is gone (consumer cancel notify).
+fn notify_cancelled(consumers: Vec<Arc<Consumer>>) {
+    for c in consumers {
+        c.channel.consumer_cancelled(&c.tag);
+    }
+}
+
+/// The queue arguments RabbitMQ checks for equivalence on redeclare.
+fn check_queue_arguments(what: &str, got: &FieldTable, cur: &FieldTable) -> AmqpResult<()> {
+    const CHECKED: &[&str] = &[
+        "x-expires",
+        "x-message-ttl",
+        "x-dead-letter-exchange",
+        "x-dead-letter-routing-key",
+        "x-max-length",
+        "x-max-length-bytes",
+        "x-max-priority",
+        "x-overflow",
+        "x-queue-mode",
+        "x-queue-type",
+        "x-single-active-consumer",
+    ];
+    for key in CHECKED {
+        let a = got.inner().get(*key);
+        let b = cur.inner().get(*key);
+        let same = match (a, b) {
+            (None, None) => true,
+            (Some(x), Some(y)) => value_eq(x, y),
+            // RabbitMQ treats an absent x-queue-type as the default, classic.
+            (Some(x), None) | (None, Some(x)) if *key == "x-queue-type" => {
+                crate::exchange::string_value(x).as_deref() == Some("classic")
+            }
+            _ => false,
+        };
+        if !same {
+            let show = |v: Option<&AMQPValue>| match v {
+                None => "none".to_string(),
+                Some(v) => format!("the value '{}'", display_value(v)),
+            };
+            return Err(AmqpError::precondition_failed(format!(
+                "inequivalent arg '{key}' for {what}: received {} but current is {}",
+                show(a),
+                show(b)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn value_eq(a: &AMQPValue, b: &AMQPValue) -> bool {
+    use crate::exchange::{int_value, string_value};
+    match (int_value(a), int_value(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => match (string_value(a), string_value(b)) {
+            (Some(x), Some(y)) => x == y,
+            _ => a == b,
+        },
+    }
+}
+
+fn display_value(v: &AMQPValue) -> String {
+    use crate::exchange::{int_value, string_value};
+    if let Some(n) = int_value(v) {
+        return n.to_string();
+    }
+    if let Some(s) = string_value(v) {
+        return s;
+    }
+    format!("{v:?}")
+}
+
+/// `amq.gen-` and 22 URL-safe base64 characters, like RabbitMQ's server-named queues.
+fn generated_name() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let state = RandomState::new();
+    let a = state.hash_one(n);
+    let b = state.hash_one(!n);
+    let mut bits = ((a as u128) << 64) | b as u128;
+    let mut s = String::from("amq.gen-");
+    for _ in 0..22 {
+        s.push(ALPHABET[(bits & 63) as usize] as char);
+        bits >>= 6;
+    }
+    s
+}
