@@ -86,7 +86,11 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let vhosts = config
         .vhosts
         .iter()
-        .map(|v| (v.name.clone(), Arc::new(Vhost::new(&v.name))))
+        .map(|v| {
+            let vhost = Arc::new(Vhost::new(&v.name));
+            vhost.start_housekeeping();
+            (v.name.clone(), vhost)
+        })
         .collect();
     let state = Arc::new(BrokerState {
         gauge: Arc::new(MemoryGauge::new(

@@ -15,9 +15,9 @@ use bytes::{Bytes, BytesMut};
 use crate::connection::{ConnEvent, ConnShared};
 use crate::error::{queue_name, AmqpError, AmqpResult};
 use crate::exchange::Destination;
-use crate::message::{MemoryGauge, Message};
+use crate::message::{valid_expiration, MemoryGauge, Message};
 use crate::protocol::{short, write_get_ok, write_method, write_return};
-use crate::queue::{ConsumeRefused, Consumer, Queue, QueuedMessage};
+use crate::queue::{ConsumeRefused, Consumer, Enqueued, Queue, QueuedMessage};
 use crate::vhost::{ExchangeDeclare, QueueDeclare, Routed, Routing, Vhost};
 
 /// A delivery awaiting ack.
@@ -60,7 +60,6 @@ impl ChannelShared {
         queue: &Arc<Queue>,
         consumer: &Arc<Consumer>,
         m: QueuedMessage,
-        _remaining: u32,
     ) -> Result<(), QueuedMessage> {
         let mut st = self.lock();
         if !consumer.no_ack && st.prefetch != 0 && st.unacked.len() as u32 >= st.prefetch {
@@ -346,14 +345,18 @@ impl Channel {
     }
 
     /// Mid-publish, only content frames may arrive on this channel.
-    pub fn check_not_mid_content(&self, class: &AMQPClass) -> AmqpResult<()> {
-        if self.incoming.is_some() {
-            return Err(AmqpError::unexpected_frame(format!(
-                "expected content header for class 60, got non content header frame instead ({})",
-                class_name(class)
-            )));
+    pub fn check_not_mid_content(&self) -> AmqpResult<()> {
+        match &self.incoming {
+            None => Ok(()),
+            Some(i) if i.header.is_none() => Err(AmqpError::unexpected_frame(
+                "expected content header for class 60, got non content header frame instead".into(),
+            )
+            .with_method(60, 40)),
+            Some(_) => Err(AmqpError::unexpected_frame(
+                "expected content body, got non content body frame instead".into(),
+            )
+            .with_method(60, 40)),
         }
-        Ok(())
     }
 
     pub fn handle_header(
@@ -383,11 +386,17 @@ impl Channel {
     }
 
     pub fn handle_body(&mut self, body: Bytes) -> AmqpResult<()> {
-        let Some(inc) = self.incoming.as_mut().filter(|i| i.header.is_some()) else {
+        let Some(inc) = self.incoming.as_mut() else {
             return Err(AmqpError::unexpected_frame(
                 "expected method frame, got non method frame instead".into(),
             ));
         };
+        if inc.header.is_none() {
+            return Err(AmqpError::unexpected_frame(
+                "expected content header for class 60, got non content header frame instead".into(),
+            )
+            .with_method(60, 40));
+        }
         let expected = inc.header.as_ref().map(|h| h.2).unwrap_or(0);
         inc.received += body.len() as u64;
         if inc.received > expected {
@@ -421,6 +430,12 @@ impl Channel {
                 all.freeze()
             }
         };
+        if let Err(bad) = valid_expiration(&properties) {
+            return Err(
+                AmqpError::precondition_failed(format!("invalid expiration '{bad}'"))
+                    .with_method(60, 40),
+            );
+        }
         let p = Publish {
             exchange: inc.exchange,
             routing_key: inc.routing_key,
@@ -487,8 +502,20 @@ impl Channel {
                 p.body,
                 self.gauge.clone(),
             ));
+            let mut rejected = false;
             for q in &queues {
-                q.publish(msg.clone());
+                rejected |= q.publish(msg.clone()) == Enqueued::Rejected;
+            }
+            if rejected && self.confirm {
+                // A nack cannot ride on a multiple=true ack: send what is due first.
+                self.flush_confirms();
+                self.publish_seq += 1;
+                self.reply(AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+                    delivery_tag: self.publish_seq,
+                    multiple: false,
+                    requeue: false,
+                })));
+                return Ok(());
             }
         }
         if self.confirm {
@@ -564,12 +591,8 @@ impl Channel {
                 }
             }
             C::Tx(m) => self.tx_method(m)?,
-            other => {
-                return Err(AmqpError::command_invalid(format!(
-                    "unexpected method {} on a channel",
-                    class_name(&other)
-                )))
-            }
+            // connection.* on a channel other than 0
+            _ => return Err(AmqpError::command_invalid("unimplemented method".into())),
         }
         Ok(After::Nothing)
     }
@@ -708,12 +731,13 @@ impl Channel {
             }
             M::Delete(d) => {
                 let q = self.resolve_queue(d.queue.as_str())?;
-                let n = vhost.delete_queue(&q, d.if_unused, d.if_empty, conn)?;
+                let (n, cancellations) = vhost.delete_queue(&q, d.if_unused, d.if_empty, conn)?;
                 if !d.nowait {
                     self.reply(AMQPClass::Queue(M::DeleteOk(queue::DeleteOk {
                         message_count: n,
                     })));
                 }
+                cancellations.notify();
             }
             other => {
                 return Err(AmqpError::command_invalid(format!(
@@ -818,10 +842,13 @@ impl Channel {
     }
 
     fn nack(&self, tag: u64, multiple: bool, requeue_it: bool) -> AmqpResult<()> {
-        let taken = self.shared.take(tag, multiple)?;
+        let mut taken = self.shared.take(tag, multiple)?;
         if requeue_it {
             requeue(taken);
         } else {
+            for u in &mut taken {
+                u.queue.rejected(u.msg.clone());
+            }
             settle(taken);
         }
         Ok(())

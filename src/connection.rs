@@ -479,6 +479,7 @@ impl Connection {
     }
 
     fn handle_frame(&mut self, frame: Frame) -> Result<(), End> {
+        tracing::trace!(?frame, "frame");
         let channel_id = match &frame {
             Frame::Method(c, _) | Frame::Body(c, _) | Frame::Heartbeat(c) => *c,
             Frame::Header { channel, .. } => *channel,
@@ -487,10 +488,7 @@ impl Connection {
             return self.connection_frame(frame);
         }
         if let Frame::Heartbeat(_) = frame {
-            return Err(AmqpError::unexpected_frame(format!(
-                "heartbeat frame on channel {channel_id}"
-            ))
-            .into());
+            return Err(AmqpError::unexpected_frame("type 8, all octets = <<>>".into()).into());
         }
         let Some(ch) = self.channels.get_mut(&channel_id) else {
             return self.open_channel(channel_id, frame);
@@ -515,7 +513,7 @@ impl Connection {
         }
         let result = match frame {
             Frame::Method(_, class) => {
-                if let Err(e) = ch.check_not_mid_content(&class) {
+                if let Err(e) = ch.check_not_mid_content() {
                     return Err(e.into());
                 }
                 if matches!(
@@ -565,15 +563,10 @@ impl Connection {
 
     fn open_channel(&mut self, id: u16, frame: Frame) -> Result<(), End> {
         let Frame::Method(_, class) = frame else {
-            return Err(AmqpError::unexpected_frame(format!(
-                "content frame on channel {id}, which is not open"
-            ))
-            .into());
+            return Err(AmqpError::channel_error("expected 'channel.open'".into()).into());
         };
         if !matches!(*class, AMQPClass::Channel(channel::AMQPMethod::Open(_))) {
-            return Err(AmqpError::channel_error(format!(
-                "expected 'channel.open' on channel {id}"
-            ))
+            return Err(AmqpError::channel_error("expected 'channel.open'".into())
             .with_method(class.get_amqp_class_id(), class.get_amqp_method_id())
             .into());
         }
@@ -637,10 +630,9 @@ impl Connection {
             }
             AMQPClass::Connection(connection::AMQPMethod::Blocked(_))
             | AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)) => Ok(()),
-            other => Err(AmqpError::command_invalid(format!(
-                "unexpected method {} on channel 0",
-                class_name(&other)
-            ))
+            other => Err(AmqpError::channel_error(
+                "unexpected method in connection state running".into(),
+            )
             .with_method(other.get_amqp_class_id(), other.get_amqp_method_id())
             .into()),
         }

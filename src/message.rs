@@ -16,6 +16,8 @@ pub struct Message {
     pub header: Bytes,
     pub properties: BasicProperties,
     pub body: Bytes,
+    /// Per-message TTL in ms, from the expiration property.
+    pub ttl: Option<u64>,
     gauge: Arc<MemoryGauge>,
 }
 
@@ -29,18 +31,65 @@ impl Message {
         gauge: Arc<MemoryGauge>,
     ) -> Message {
         gauge.add(body.len() + header.len());
+        let ttl = properties
+            .expiration()
+            .as_ref()
+            .and_then(|e| e.as_str().parse::<u64>().ok());
         Message {
             exchange,
             routing_key,
             header,
             properties,
             body,
+            ttl,
             gauge,
         }
     }
 
+    /// The same body republished under new properties (dead-lettering rewrites headers).
+    pub fn republish(
+        &self,
+        exchange: Arc<str>,
+        routing_key: Arc<str>,
+        properties: BasicProperties,
+    ) -> Message {
+        let header = encode_header(self.body.len() as u64, &properties);
+        Message::new(
+            exchange,
+            routing_key,
+            header,
+            properties,
+            self.body.clone(),
+            self.gauge.clone(),
+        )
+    }
+
     pub fn persistent(&self) -> bool {
         self.properties.delivery_mode() == &Some(2)
+    }
+}
+
+/// A content header payload for properties the broker changed itself.
+pub fn encode_header(body_size: u64, properties: &BasicProperties) -> Bytes {
+    use amq_protocol::frame::WriteContext;
+    let mut v = Vec::with_capacity(64);
+    v.extend_from_slice(&60u16.to_be_bytes());
+    v.extend_from_slice(&0u16.to_be_bytes());
+    v.extend_from_slice(&body_size.to_be_bytes());
+    match amq_protocol::protocol::basic::gen_properties(properties)(WriteContext::from(v)) {
+        Ok(ctx) => Bytes::from(ctx.write),
+        Err(e) => {
+            tracing::error!("cannot encode properties: {e:?}");
+            Bytes::new()
+        }
+    }
+}
+
+/// Whether an expiration property is valid as RabbitMQ reads it: a non-negative integer.
+pub fn valid_expiration(properties: &BasicProperties) -> Result<(), String> {
+    match properties.expiration() {
+        Some(e) if e.as_str().parse::<u64>().is_err() => Err(e.as_str().to_string()),
+        _ => Ok(()),
     }
 }
 

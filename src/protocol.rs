@@ -75,17 +75,11 @@ pub fn read_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, A
     let kind = buf[0];
     let channel = u16::from_be_bytes([buf[1], buf[2]]);
     let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
-    if !matches!(
-        kind,
-        FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT
-    ) {
-        return Err(AmqpError::frame_error(format!("unknown frame type {kind}")));
-    }
-    if size + FRAME_OVERHEAD > frame_max as usize {
+    // RabbitMQ's texts: `type 1, all octets = <<>>: {frame_too_large,131073,131064}`.
+    let limit = (frame_max as usize).saturating_sub(FRAME_OVERHEAD);
+    if size > limit {
         return Err(AmqpError::frame_error(format!(
-            "frame size {} larger than negotiated maximum {}",
-            size + FRAME_OVERHEAD,
-            frame_max
+            "type {kind}, all octets = <<>>: {{frame_too_large,{size},{limit}}}"
         )));
     }
     let total = size + FRAME_OVERHEAD;
@@ -93,9 +87,17 @@ pub fn read_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, A
         buf.reserve(total - buf.len());
         return Ok(None);
     }
+    if !matches!(
+        kind,
+        FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT
+    ) {
+        return Err(AmqpError::frame_error(format!(
+            "type {kind}: unknown_frame"
+        )));
+    }
     if buf[total - 1] != FRAME_END {
         return Err(AmqpError::frame_error(format!(
-            "bad frame end octet {:#04x}",
+            "type {kind}: {{invalid_frame_end_marker,{}}}",
             buf[total - 1]
         )));
     }
@@ -105,13 +107,11 @@ pub fn read_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, A
     let payload = frame.freeze();
     match kind {
         FRAME_METHOD => match parse_class(&payload[..]) {
-            Ok((rest, class)) if rest.is_empty() => {
-                Ok(Some(Frame::Method(channel, Box::new(class))))
-            }
+            Ok(([], class)) => Ok(Some(Frame::Method(channel, Box::new(class)))),
             _ => Err(method_parse_error(&payload)),
         },
         FRAME_HEADER => match parse_content_header(&payload[..]) {
-            Ok((rest, header)) if rest.is_empty() => Ok(Some(Frame::Header {
+            Ok(([], header)) => Ok(Some(Frame::Header {
                 channel,
                 raw: payload,
                 body_size: header.body_size,

@@ -4,15 +4,38 @@
 //! message or credit arrives (publish, ack, new consumer, drained socket): the
 //! queue picks the next consumer round-robin that has prefetch room and whose
 //! connection can take more, and writes the frames into that connection's outbox.
+//!
+//! The RabbitMQ queue arguments live here too: message TTL, priorities, length
+//! limits and dead-lettering. Dead letters and timers are handed to the vhost's
+//! housekeeping task, never routed under this queue's lock.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Instant;
 
-use amq_protocol::types::FieldTable;
+use amq_protocol::types::{AMQPValue, FieldTable};
+use tokio::sync::mpsc::UnboundedSender;
 
 use crate::channel::ChannelShared;
+use crate::error::{queue_name, AmqpError, AmqpResult};
+use crate::exchange::{int_value, string_value};
 use crate::message::Message;
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Milliseconds on a monotonic clock shared by the whole process.
+pub fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+/// The instant a `now_ms()` value stands for.
+pub fn at_instant(ms: u64) -> Instant {
+    epoch() + std::time::Duration::from_millis(ms)
+}
 
 #[derive(Clone)]
 pub struct QueuedMessage {
@@ -20,6 +43,15 @@ pub struct QueuedMessage {
     /// Position in the queue: requeued messages go back to where they were.
     pub seq: u64,
     pub redelivered: bool,
+    level: u8,
+    /// `now_ms()` after which the message is dead.
+    expires: Option<u64>,
+}
+
+impl QueuedMessage {
+    fn expired(&self, now: u64) -> bool {
+        self.expires.is_some_and(|t| now > t)
+    }
 }
 
 pub struct Consumer {
@@ -41,6 +73,119 @@ impl Consumer {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    DropHead,
+    RejectPublish,
+    RejectPublishDlx,
+}
+
+/// The x-arguments a queue acts on, checked when it is declared.
+#[derive(Debug, Clone)]
+pub struct QueueArgs {
+    pub message_ttl: Option<u64>,
+    pub expires: Option<u64>,
+    pub max_length: Option<u64>,
+    pub max_length_bytes: Option<u64>,
+    pub overflow: Overflow,
+    pub max_priority: Option<u8>,
+    pub dead_letter_exchange: Option<Arc<str>>,
+    pub dead_letter_routing_key: Option<Arc<str>>,
+}
+
+impl QueueArgs {
+    pub fn parse(args: &FieldTable, queue: &str, vhost: &str) -> AmqpResult<QueueArgs> {
+        let get = |k: &str| args.inner().get(k);
+        let bad = |k: &str, why: String| {
+            AmqpError::precondition_failed(format!(
+                "invalid arg '{k}' for {}: {why}",
+                queue_name(queue, vhost)
+            ))
+        };
+        let non_negative = |k: &str| -> AmqpResult<Option<u64>> {
+            match get(k) {
+                None => Ok(None),
+                Some(v) => match int_value(v) {
+                    Some(n) if n >= 0 => Ok(Some(n.min(u64::MAX as i128) as u64)),
+                    Some(n) => Err(bad(k, format!("{{value_negative,{n}}}"))),
+                    None => Err(bad(k, format!("{{unacceptable_type,{}}}", type_name(v)))),
+                },
+            }
+        };
+        let text = |k: &str| -> AmqpResult<Option<Arc<str>>> {
+            match get(k) {
+                None => Ok(None),
+                Some(v) => string_value(v)
+                    .map(|s| Some(s.into()))
+                    .ok_or_else(|| bad(k, format!("{{unacceptable_type,{}}}", type_name(v)))),
+            }
+        };
+        let expires = non_negative("x-expires")?;
+        if expires == Some(0) {
+            return Err(bad("x-expires", "{value_zero,0}".into()));
+        }
+        let max_priority = match non_negative("x-max-priority")? {
+            None => None,
+            Some(n) if n <= 255 => Some(n as u8),
+            Some(n) => {
+                return Err(bad(
+                    "x-max-priority",
+                    format!("{{value_too_large,{n},255}}"),
+                ))
+            }
+        };
+        let overflow = match text("x-overflow")?.as_deref() {
+            None | Some("drop-head") => Overflow::DropHead,
+            Some("reject-publish") => Overflow::RejectPublish,
+            Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
+            Some(other) => {
+                return Err(bad(
+                    "x-overflow",
+                    format!("{{unknown_value,<<\"{other}\">>}}"),
+                ))
+            }
+        };
+        Ok(QueueArgs {
+            message_ttl: non_negative("x-message-ttl")?,
+            expires,
+            max_length: non_negative("x-max-length")?,
+            max_length_bytes: non_negative("x-max-length-bytes")?,
+            overflow,
+            max_priority,
+            dead_letter_exchange: text("x-dead-letter-exchange")?,
+            dead_letter_routing_key: text("x-dead-letter-routing-key")?,
+        })
+    }
+}
+
+fn type_name(v: &AMQPValue) -> &'static str {
+    match v {
+        AMQPValue::ShortString(_) | AMQPValue::LongString(_) => "longstr",
+        AMQPValue::Boolean(_) => "bool",
+        AMQPValue::FieldTable(_) => "table",
+        AMQPValue::FieldArray(_) => "array",
+        AMQPValue::Float(_) | AMQPValue::Double(_) => "double",
+        AMQPValue::Void => "void",
+        _ => "signedint",
+    }
+}
+
+/// Work for the vhost's housekeeping task.
+pub enum Housekeeping {
+    /// Route this message to the queue's dead-letter exchange.
+    DeadLetter(DeadLetter),
+    /// Look at this queue again at `now_ms()` = the given time (TTL and x-expires).
+    Wake(Weak<Queue>, u64),
+}
+
+pub struct DeadLetter {
+    pub msg: Arc<Message>,
+    pub queue: Arc<str>,
+    pub reason: &'static str,
+    pub exchange: Arc<str>,
+    pub routing_key: Option<Arc<str>>,
+}
+
 pub struct Queue {
     pub name: Arc<str>,
     pub durable: bool,
@@ -48,17 +193,76 @@ pub struct Queue {
     /// Connection id of the owner of an exclusive queue.
     pub exclusive_owner: Option<u64>,
     pub arguments: FieldTable,
+    pub args: QueueArgs,
+    housekeeping: UnboundedSender<Housekeeping>,
+    me: Weak<Queue>,
     state: Mutex<QueueState>,
 }
 
-#[derive(Default)]
+/// Ready messages, one FIFO per priority level (a single level without x-max-priority).
+struct Ready {
+    levels: Vec<VecDeque<QueuedMessage>>,
+    len: usize,
+    bytes: usize,
+}
+
+impl Ready {
+    fn new(levels: usize) -> Ready {
+        Ready {
+            levels: (0..levels).map(|_| VecDeque::new()).collect(),
+            len: 0,
+            bytes: 0,
+        }
+    }
+
+    fn push_back(&mut self, m: QueuedMessage) {
+        self.len += 1;
+        self.bytes += m.msg.body.len();
+        self.levels[m.level as usize].push_back(m);
+    }
+
+    fn push_front(&mut self, m: QueuedMessage) {
+        self.len += 1;
+        self.bytes += m.msg.body.len();
+        self.levels[m.level as usize].push_front(m);
+    }
+
+    fn insert_by_seq(&mut self, m: QueuedMessage) {
+        self.len += 1;
+        self.bytes += m.msg.body.len();
+        let level = &mut self.levels[m.level as usize];
+        let pos = level.partition_point(|r| r.seq < m.seq);
+        level.insert(pos, m);
+    }
+
+    fn front(&self) -> Option<&QueuedMessage> {
+        self.levels.iter().rev().find_map(|l| l.front())
+    }
+
+    fn pop_front(&mut self) -> Option<QueuedMessage> {
+        let m = self.levels.iter_mut().rev().find_map(|l| l.pop_front())?;
+        self.len -= 1;
+        self.bytes -= m.msg.body.len();
+        Some(m)
+    }
+
+    fn clear(&mut self) -> Vec<QueuedMessage> {
+        self.len = 0;
+        self.bytes = 0;
+        self.levels.iter_mut().flat_map(|l| l.drain(..)).collect()
+    }
+}
+
 struct QueueState {
-    ready: VecDeque<QueuedMessage>,
+    ready: Ready,
     next_seq: u64,
     consumers: Vec<Arc<Consumer>>,
     next_consumer: usize,
     had_consumer: bool,
     deleted: bool,
+    /// Earliest wake-up already asked of the housekeeper.
+    wake_at: Option<u64>,
+    last_used: u64,
 }
 
 /// Why a consumer could not be added.
@@ -67,80 +271,200 @@ pub enum ConsumeRefused {
     Deleted,
 }
 
+/// What became of a message offered to a queue.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Enqueued {
+    Accepted,
+    /// x-overflow=reject-publish and the queue is full: the publisher gets a nack.
+    Rejected,
+    /// The queue was deleted meanwhile.
+    Gone,
+}
+
 impl Queue {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: Arc<str>,
         durable: bool,
         auto_delete: bool,
         exclusive_owner: Option<u64>,
         arguments: FieldTable,
-    ) -> Queue {
-        Queue {
+        args: QueueArgs,
+        housekeeping: UnboundedSender<Housekeeping>,
+    ) -> Arc<Queue> {
+        let levels = args.max_priority.map(|p| p as usize + 1).unwrap_or(1);
+        let q = Arc::new_cyclic(|me| Queue {
             name,
             durable,
             auto_delete,
             exclusive_owner,
             arguments,
-            state: Mutex::new(QueueState::default()),
+            args,
+            housekeeping,
+            me: me.clone(),
+            state: Mutex::new(QueueState {
+                ready: Ready::new(levels),
+                next_seq: 0,
+                consumers: Vec::new(),
+                next_consumer: 0,
+                had_consumer: false,
+                deleted: false,
+                wake_at: None,
+                last_used: now_ms(),
+            }),
+        });
+        if let Some(ms) = q.args.expires {
+            let mut st = q.lock();
+            q.wake(&mut st, now_ms() + ms);
         }
+        q
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a routed message and delivers what can be delivered. False if the queue is gone.
-    pub fn publish(self: &Arc<Self>, msg: Arc<Message>) -> bool {
+    /// Asks the housekeeper to look at this queue again at `at`, unless it already will sooner.
+    fn wake(&self, st: &mut QueueState, at: u64) {
+        if st.wake_at.is_some_and(|w| w <= at) {
+            return;
+        }
+        st.wake_at = Some(at);
+        let _ = self
+            .housekeeping
+            .send(Housekeeping::Wake(self.me.clone(), at));
+    }
+
+    fn dead_letter(&self, m: QueuedMessage, reason: &'static str) {
+        if let Some(exchange) = &self.args.dead_letter_exchange {
+            let _ = self.housekeeping.send(Housekeeping::DeadLetter(DeadLetter {
+                msg: m.msg,
+                queue: self.name.clone(),
+                reason,
+                exchange: exchange.clone(),
+                routing_key: self.args.dead_letter_routing_key.clone(),
+            }));
+        }
+    }
+
+    /// Drops (or dead-letters) expired messages at the head; schedules the next expiry.
+    fn expire_head(&self, st: &mut QueueState, now: u64) {
+        while let Some(head) = st.ready.front() {
+            if !head.expired(now) {
+                if let Some(t) = head.expires {
+                    self.wake(st, t + 1);
+                }
+                return;
+            }
+            if let Some(m) = st.ready.pop_front() {
+                self.dead_letter(m, "expired");
+            }
+        }
+    }
+
+    /// Adds a routed message and delivers what can be delivered.
+    pub fn publish(self: &Arc<Self>, msg: Arc<Message>) -> Enqueued {
         let mut st = self.lock();
         if st.deleted {
-            return false;
+            return Enqueued::Gone;
         }
+        let size = msg.body.len() as u64;
+        let full = self
+            .args
+            .max_length
+            .is_some_and(|max| st.ready.len as u64 >= max)
+            || self
+                .args
+                .max_length_bytes
+                .is_some_and(|max| st.ready.bytes as u64 + size > max);
+        if full && self.args.overflow != Overflow::DropHead {
+            if self.args.overflow == Overflow::RejectPublishDlx {
+                let m = self.queued(&mut st, msg);
+                self.dead_letter(m, "maxlen");
+            }
+            return Enqueued::Rejected;
+        }
+        let m = self.queued(&mut st, msg);
+        let had_expiry = m.expires.is_some();
+        st.ready.push_back(m);
+        self.enforce_length(&mut st);
+        self.drain(&mut st);
+        if had_expiry {
+            self.expire_head(&mut st, now_ms());
+        }
+        Enqueued::Accepted
+    }
+
+    fn queued(&self, st: &mut QueueState, msg: Arc<Message>) -> QueuedMessage {
         let seq = st.next_seq;
         st.next_seq += 1;
-        st.ready.push_back(QueuedMessage {
+        let ttl = match (self.args.message_ttl, msg.ttl) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let level = match self.args.max_priority {
+            Some(max) => msg.properties.priority().unwrap_or(0).min(max),
+            None => 0,
+        };
+        QueuedMessage {
             msg,
             seq,
             redelivered: false,
-        });
-        self.drain(&mut st);
-        true
+            level,
+            expires: ttl.map(|t| now_ms() + t),
+        }
+    }
+
+    /// x-max-length and x-max-length-bytes with drop-head: the oldest go first.
+    fn enforce_length(&self, st: &mut QueueState) {
+        loop {
+            let over = self
+                .args
+                .max_length
+                .is_some_and(|max| st.ready.len as u64 > max)
+                || self
+                    .args
+                    .max_length_bytes
+                    .is_some_and(|max| st.ready.bytes as u64 > max);
+            if !over {
+                return;
+            }
+            match st.ready.pop_front() {
+                Some(m) => self.dead_letter(m, "maxlen"),
+                None => return,
+            }
+        }
     }
 
     /// Puts messages back at their original positions, marked redelivered.
-    pub fn requeue(self: &Arc<Self>, mut msgs: Vec<QueuedMessage>) {
+    pub fn requeue(self: &Arc<Self>, msgs: Vec<QueuedMessage>) {
         let mut st = self.lock();
         if st.deleted {
             return;
         }
-        msgs.sort_by_key(|m| m.seq);
-        for mut m in msgs.into_iter().rev() {
+        for mut m in msgs {
             m.redelivered = true;
-            let pos = st.ready.partition_point(|r| r.seq < m.seq);
-            st.ready.insert(pos, m);
+            st.ready.insert_by_seq(m);
         }
         self.drain(&mut st);
     }
 
-    /// A consumer settled a delivery: give it credit and deliver more.
-    pub fn settled(self: &Arc<Self>, consumer: Option<&Arc<Consumer>>) {
-        if let Some(c) = consumer {
-            let _ = c
-                .unacked
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-        }
-        self.kick();
+    /// A message rejected without requeue: dead-lettered if the queue says so.
+    pub fn rejected(&self, m: QueuedMessage) {
+        self.dead_letter(m, "rejected");
     }
 
     /// Tries to deliver again (after an ack, a qos change, a flow change or a drained socket).
     pub fn kick(self: &Arc<Self>) {
         let mut st = self.lock();
-        if !st.ready.is_empty() && !st.consumers.is_empty() {
+        if st.ready.len > 0 && !st.consumers.is_empty() {
             self.drain(&mut st);
         }
     }
 
     fn drain(self: &Arc<Self>, st: &mut QueueState) {
-        while !st.ready.is_empty() && !st.consumers.is_empty() {
+        let now = now_ms();
+        while st.ready.len > 0 && !st.consumers.is_empty() {
             let n = st.consumers.len();
             let mut delivered = false;
             for i in 0..n {
@@ -149,11 +473,11 @@ impl Queue {
                 if !consumer.has_credit() {
                     continue;
                 }
+                self.expire_head(st, now);
                 let Some(m) = st.ready.pop_front() else {
                     return;
                 };
-                let remaining = st.ready.len() as u32;
-                match consumer.channel.deliver(self, &consumer, m, remaining) {
+                match consumer.channel.deliver(self, &consumer, m) {
                     Ok(()) => {
                         st.next_consumer = (idx + 1) % n;
                         delivered = true;
@@ -171,8 +495,10 @@ impl Queue {
     /// basic.get: the next ready message, if any, with the count left behind it.
     pub fn get(&self) -> Option<(QueuedMessage, u32)> {
         let mut st = self.lock();
+        st.last_used = now_ms();
+        self.expire_head(&mut st, now_ms());
         let m = st.ready.pop_front()?;
-        Some((m, st.ready.len() as u32))
+        Some((m, st.ready.len as u32))
     }
 
     /// Adds a consumer; `on_added` runs before the first delivery (it sends consume-ok).
@@ -205,36 +531,62 @@ impl Queue {
         if st.next_consumer >= st.consumers.len() {
             st.next_consumer = 0;
         }
+        if st.consumers.is_empty() {
+            st.last_used = now_ms();
+            if let Some(ms) = self.args.expires {
+                let at = st.last_used + ms;
+                self.wake(&mut st, at);
+            }
+        }
         self.auto_delete && st.had_consumer && st.consumers.is_empty() && !st.deleted
     }
 
-    pub fn message_count(&self) -> u32 {
-        self.lock().ready.len() as u32
-    }
-
-    pub fn consumer_count(&self) -> u32 {
-        self.lock().consumers.len() as u32
-    }
-
+    /// Ready and consumer counts, as declare-ok reports them.
     pub fn counts(&self) -> (u32, u32) {
-        let st = self.lock();
-        (st.ready.len() as u32, st.consumers.len() as u32)
+        let mut st = self.lock();
+        self.expire_head(&mut st, now_ms());
+        (st.ready.len as u32, st.consumers.len() as u32)
+    }
+
+    /// A redeclare or passive declare counts as use for x-expires.
+    pub fn touch(&self) {
+        self.lock().last_used = now_ms();
+    }
+
+    /// The housekeeper's wake-up: expire messages; true if x-expires says the queue should go.
+    pub fn on_wake(&self, at: u64) -> bool {
+        let mut st = self.lock();
+        if st.wake_at == Some(at) {
+            st.wake_at = None;
+        }
+        if st.deleted {
+            return false;
+        }
+        let now = now_ms();
+        self.expire_head(&mut st, now);
+        if let Some(ms) = self.args.expires {
+            if st.consumers.is_empty() {
+                if now >= st.last_used + ms {
+                    return true;
+                }
+                let at = st.last_used + ms;
+                self.wake(&mut st, at);
+            }
+        }
+        false
     }
 
     /// Drops the ready messages; unacked ones are untouched, as in RabbitMQ.
     pub fn purge(&self) -> u32 {
         let mut st = self.lock();
-        let n = st.ready.len() as u32;
-        st.ready.clear();
-        n
+        st.ready.clear().len() as u32
     }
 
     /// Marks the queue deleted; returns its ready count and its consumers, to be told.
     pub fn delete(&self) -> (u32, Vec<Arc<Consumer>>) {
         let mut st = self.lock();
         st.deleted = true;
-        let n = st.ready.len() as u32;
-        st.ready.clear();
+        let n = st.ready.clear().len() as u32;
         (n, std::mem::take(&mut st.consumers))
     }
 

@@ -14,12 +14,20 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 
 use crate::error::{exchange_name, queue_name, AmqpError, AmqpResult};
 use crate::exchange::{Binding, Destination, ExchangeDef, ExchangeKind, Router};
-use crate::queue::{Consumer, Queue};
+use crate::queue::{at_instant, Consumer, DeadLetter, Housekeeping, Queue, QueueArgs};
+use amq_protocol::protocol::BasicProperties;
+use amq_protocol::types::{FieldArray, LongString, ShortString};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Weak;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 pub struct Vhost {
     pub name: Arc<str>,
     topology: Mutex<Topology>,
     version: AtomicU64,
+    housekeeping: UnboundedSender<Housekeeping>,
+    housekeeping_rx: Mutex<Option<UnboundedReceiver<Housekeeping>>>,
 }
 
 struct Topology {
@@ -114,7 +122,10 @@ fn default_exchange_refused() -> AmqpError {
 
 impl Vhost {
     pub fn new(name: &str) -> Vhost {
+        let (housekeeping, rx) = unbounded_channel();
         let vhost = Vhost {
+            housekeeping,
+            housekeeping_rx: Mutex::new(Some(rx)),
             name: name.into(),
             topology: Mutex::new(Topology {
                 exchanges: HashMap::new(),
@@ -148,6 +159,18 @@ impl Vhost {
             }
         }
         vhost
+    }
+
+    /// Starts the task that routes dead letters and runs TTL and x-expires timers.
+    pub fn start_housekeeping(self: &Arc<Self>) {
+        let rx = self
+            .housekeeping_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(rx) = rx {
+            tokio::spawn(housekeeper(Arc::downgrade(self), rx));
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Topology> {
@@ -339,6 +362,7 @@ impl Vhost {
                 }
                 check_queue_arguments(&what, d.arguments, &q.arguments)?;
             }
+            q.touch();
             let (m, c) = q.counts();
             return Ok((q, m, c));
         }
@@ -361,30 +385,34 @@ impl Vhost {
         } else {
             d.name.into()
         };
-        let q = Arc::new(Queue::new(
+        let args = QueueArgs::parse(d.arguments, &name, &self.name)?;
+        let q = Queue::new(
             name.clone(),
             d.durable,
             d.auto_delete,
             d.exclusive.then_some(d.connection),
             d.arguments.clone(),
-        ));
+            args,
+            self.housekeeping.clone(),
+        );
         t.queues.insert(name, q.clone());
         self.changed(&mut t);
         Ok((q, 0, 0))
     }
 
-    /// Deletes a queue; its consumers are returned so their channels can be told.
+    /// Deletes a queue. Its consumers are told through the returned `Cancellations`,
+    /// which the caller fires after delete-ok, the order RabbitMQ's clients see.
     pub fn delete_queue(
         &self,
         name: &str,
         if_unused: bool,
         if_empty: bool,
         connection: u64,
-    ) -> AmqpResult<u32> {
+    ) -> AmqpResult<(u32, Cancellations)> {
         let mut t = self.lock();
         let Some(q) = t.queues.get(name).cloned() else {
             // Deleting a queue that is not there succeeds, as in RabbitMQ 3.x.
-            return Ok(0);
+            return Ok((0, Cancellations(Vec::new())));
         };
         self.check_owner(&q, connection)?;
         let (messages, consumers) = q.counts();
@@ -400,16 +428,21 @@ impl Vhost {
                 queue_name(name, &self.name)
             )));
         }
-        Ok(self.remove_queue(&mut t, &q))
+        let (count, consumers) = self.unlink_queue(&mut t, &q);
+        Ok((count, Cancellations(consumers)))
     }
 
     fn remove_queue(&self, t: &mut Topology, q: &Arc<Queue>) -> u32 {
+        let (count, consumers) = self.unlink_queue(t, q);
+        notify_cancelled(consumers);
+        count
+    }
+
+    fn unlink_queue(&self, t: &mut Topology, q: &Arc<Queue>) -> (u32, Vec<Arc<Consumer>>) {
         t.queues.remove(&q.name);
         self.remove_bindings_to(t, &Destination::Queue(q.name.clone()));
         self.changed(t);
-        let (count, consumers) = q.delete();
-        notify_cancelled(consumers);
-        count
+        q.delete()
     }
 
     /// Deletes a queue if it is still this one (auto-delete after its last consumer).
@@ -523,6 +556,15 @@ impl Vhost {
     }
 }
 
+/// Consumers of a deleted queue, to be told once the deleting channel has replied.
+pub struct Cancellations(Vec<Arc<Consumer>>);
+
+impl Cancellations {
+    pub fn notify(self) {
+        notify_cancelled(self.0);
+    }
+}
+
 /// Tells each consumer's channel that its queue is gone (consumer cancel notify).
 fn notify_cancelled(consumers: Vec<Arc<Consumer>>) {
     for c in consumers {
@@ -560,7 +602,7 @@ fn check_queue_arguments(what: &str, got: &FieldTable, cur: &FieldTable) -> Amqp
         if !same {
             let show = |v: Option<&AMQPValue>| match v {
                 None => "none".to_string(),
-                Some(v) => format!("the value '{}'", display_value(v)),
+                Some(v) => format!("'{}'", display_value(v)),
             };
             return Err(AmqpError::precondition_failed(format!(
                 "inequivalent arg '{key}' for {what}: received {} but current is {}",
@@ -609,4 +651,219 @@ fn generated_name() -> String {
         bits >>= 6;
     }
     s
+}
+
+/// Dead letters and timers for one vhost, off every publisher's and queue's path.
+async fn housekeeper(vhost: Weak<Vhost>, mut rx: UnboundedReceiver<Housekeeping>) {
+    let mut timers: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
+    let mut waiting: HashMap<u64, Weak<Queue>> = HashMap::new();
+    let mut next_id = 0u64;
+    loop {
+        let next = timers.peek().map(|Reverse((at, _))| *at);
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                None => return,
+                Some(Housekeeping::DeadLetter(dl)) => {
+                    let Some(v) = vhost.upgrade() else { return };
+                    v.route_dead_letter(dl);
+                }
+                Some(Housekeeping::Wake(q, at)) => {
+                    next_id += 1;
+                    waiting.insert(next_id, q);
+                    timers.push(Reverse((at, next_id)));
+                }
+            },
+            _ = tokio::time::sleep_until(at_instant(next.unwrap_or(0)).into()), if next.is_some() => {
+                let now = crate::queue::now_ms();
+                while let Some(Reverse((at, id))) = timers.peek().copied() {
+                    if at > now {
+                        break;
+                    }
+                    timers.pop();
+                    let Some(q) = waiting.remove(&id).and_then(|w| w.upgrade()) else { continue };
+                    if q.on_wake(at) {
+                        let Some(v) = vhost.upgrade() else { return };
+                        v.delete_queue_instance(&q);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Vhost {
+    fn route_dead_letter(&self, dl: DeadLetter) {
+        let routing_key: Arc<str> = dl
+            .routing_key
+            .clone()
+            .unwrap_or_else(|| dl.msg.routing_key.clone());
+        let properties = with_x_death(&dl);
+        let deaths = x_deaths(&properties);
+        let msg = Arc::new(
+            dl.msg
+                .republish(dl.exchange.clone(), routing_key.clone(), properties),
+        );
+        let Routed::Queues(queues) = self.routing().route(
+            &dl.exchange,
+            &routing_key,
+            msg.properties.headers().as_ref(),
+        ) else {
+            return;
+        };
+        for q in queues {
+            // RabbitMQ drops a dead letter that would cycle back without any rejection in between.
+            let cycles = deaths.iter().any(|(queue, _)| queue == &*q.name)
+                && deaths.iter().all(|(_, reason)| reason != "rejected");
+            if !cycles {
+                q.publish(msg.clone());
+            }
+        }
+    }
+}
+
+/// (queue, reason) of each x-death entry.
+fn x_deaths(p: &BasicProperties) -> Vec<(String, String)> {
+    let Some(headers) = p.headers() else {
+        return Vec::new();
+    };
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        return Vec::new();
+    };
+    deaths
+        .as_slice()
+        .iter()
+        .filter_map(|d| match d {
+            AMQPValue::FieldTable(t) => Some((
+                t.inner()
+                    .get("queue")
+                    .and_then(crate::exchange::string_value)?,
+                t.inner()
+                    .get("reason")
+                    .and_then(crate::exchange::string_value)?,
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The message's properties with RabbitMQ's x-death bookkeeping updated.
+fn with_x_death(dl: &DeadLetter) -> BasicProperties {
+    let old = &dl.msg.properties;
+    let mut headers = old.headers().clone().unwrap_or_default();
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+    let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
+        Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
+        _ => Vec::new(),
+    };
+    let same = |v: &AMQPValue| match v {
+        AMQPValue::FieldTable(t) => {
+            t.inner()
+                .get("queue")
+                .and_then(crate::exchange::string_value)
+                .as_deref()
+                == Some(&*dl.queue)
+                && t.inner()
+                    .get("reason")
+                    .and_then(crate::exchange::string_value)
+                    .as_deref()
+                    == Some(dl.reason)
+        }
+        _ => false,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let entry = match deaths.iter().position(same) {
+        Some(i) => {
+            let mut t = match deaths.remove(i) {
+                AMQPValue::FieldTable(t) => t,
+                _ => FieldTable::default(),
+            };
+            let count = t
+                .inner()
+                .get("count")
+                .and_then(crate::exchange::int_value)
+                .unwrap_or(0);
+            t.insert(
+                ShortString::from("count"),
+                AMQPValue::LongLongInt(count as i64 + 1),
+            );
+            t.insert(ShortString::from("time"), AMQPValue::Timestamp(now));
+            t
+        }
+        None => {
+            let mut t = FieldTable::default();
+            t.insert(ShortString::from("count"), AMQPValue::LongLongInt(1));
+            t.insert(ShortString::from("reason"), text(dl.reason));
+            t.insert(ShortString::from("queue"), text(&dl.queue));
+            t.insert(ShortString::from("time"), AMQPValue::Timestamp(now));
+            t.insert(ShortString::from("exchange"), text(&dl.msg.exchange));
+            let mut keys = FieldArray::default();
+            keys.push(text(&dl.msg.routing_key));
+            t.insert(
+                ShortString::from("routing-keys"),
+                AMQPValue::FieldArray(keys),
+            );
+            if let Some(e) = old.expiration() {
+                t.insert(ShortString::from("original-expiration"), text(e.as_str()));
+            }
+            t
+        }
+    };
+    deaths.insert(0, AMQPValue::FieldTable(entry));
+    let mut array = FieldArray::default();
+    for d in deaths {
+        array.push(d);
+    }
+    headers.insert(ShortString::from("x-death"), AMQPValue::FieldArray(array));
+    for (key, value) in [
+        ("x-first-death-reason", dl.reason),
+        ("x-first-death-queue", &*dl.queue),
+        ("x-first-death-exchange", &*dl.msg.exchange),
+    ] {
+        if !headers.contains_key(key) {
+            headers.insert(ShortString::from(key), text(value));
+        }
+    }
+    // The expiration goes: a dead letter must not expire again for the same reason.
+    let mut p = BasicProperties::default();
+    if let Some(v) = old.content_type() {
+        p = p.with_content_type(v.clone());
+    }
+    if let Some(v) = old.content_encoding() {
+        p = p.with_content_encoding(v.clone());
+    }
+    p = p.with_headers(headers);
+    if let Some(v) = old.delivery_mode() {
+        p = p.with_delivery_mode(*v);
+    }
+    if let Some(v) = old.priority() {
+        p = p.with_priority(*v);
+    }
+    if let Some(v) = old.correlation_id() {
+        p = p.with_correlation_id(v.clone());
+    }
+    if let Some(v) = old.reply_to() {
+        p = p.with_reply_to(v.clone());
+    }
+    if let Some(v) = old.message_id() {
+        p = p.with_message_id(v.clone());
+    }
+    if let Some(v) = old.timestamp() {
+        p = p.with_timestamp(*v);
+    }
+    if let Some(v) = old.kind() {
+        p = p.with_type(v.clone());
+    }
+    if let Some(v) = old.user_id() {
+        p = p.with_user_id(v.clone());
+    }
+    if let Some(v) = old.app_id() {
+        p = p.with_app_id(v.clone());
+    }
+    if let Some(v) = old.cluster_id() {
+        p = p.with_cluster_id(v.clone());
+    }
+    p
 }

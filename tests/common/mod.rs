@@ -38,8 +38,10 @@ pub async fn start() -> TestBroker {
             .expect("WARRENMQ_TEST_EXTERNAL must be host:port");
         return TestBroker { addr, handle: None };
     }
-    let mut config = Config::default();
-    config.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let config = Config {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        ..Config::default()
+    };
     let handle = warrenmq::start(config).await.expect("broker starts");
     TestBroker {
         addr: handle.local_addr(),
