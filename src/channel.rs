@@ -597,6 +597,14 @@ impl Channel {
         Ok(After::Nothing)
     }
 
+    /// Under a channel-wide prefetch, credit freed by one queue's ack may let any
+    /// of the channel's consumers go on, not only that queue's.
+    fn after_settle(&self) {
+        if self.shared.lock().prefetch != 0 {
+            self.kick_consumers();
+        }
+    }
+
     fn kick_consumers(&self) {
         for q in self.consumers.values() {
             q.kick();
@@ -769,6 +777,8 @@ impl Channel {
                 if q.global {
                     self.shared.lock().prefetch = q.prefetch_count as u32;
                 } else {
+                    // As RabbitMQ does: a per-consumer qos also lifts the channel-wide limit.
+                    self.shared.lock().prefetch = 0;
                     self.consumer_prefetch = q.prefetch_count as u32;
                 }
                 self.reply(AMQPClass::Basic(M::QosOk(basic::QosOk {})));
@@ -801,6 +811,7 @@ impl Channel {
                     tx.acks.push(TxOp::Ack(a.delivery_tag, a.multiple));
                 } else {
                     settle(self.shared.take(a.delivery_tag, a.multiple)?);
+                    self.after_settle();
                 }
             }
             M::Nack(n) => {
@@ -809,6 +820,7 @@ impl Channel {
                         .push(TxOp::Nack(n.delivery_tag, n.multiple, n.requeue));
                 } else {
                     self.nack(n.delivery_tag, n.multiple, n.requeue)?;
+                    self.after_settle();
                 }
             }
             M::Reject(r) => {
@@ -816,6 +828,7 @@ impl Channel {
                     tx.acks.push(TxOp::Nack(r.delivery_tag, false, r.requeue));
                 } else {
                     self.nack(r.delivery_tag, false, r.requeue)?;
+                    self.after_settle();
                 }
             }
             M::Recover(r) => {
@@ -929,6 +942,7 @@ impl Channel {
                         TxOp::Nack(tag, multiple, rq) => self.nack(tag, multiple, rq)?,
                     }
                 }
+                self.after_settle();
                 self.reply(AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
             }
             M::Rollback(_) => {
