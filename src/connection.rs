@@ -66,8 +66,10 @@ enum End {
     Error(AmqpError),
     /// The handshake or heartbeat deadline passed.
     Timeout,
-    /// Closed cleanly (close/close-ok exchanged).
+    /// Closed cleanly (close/close-ok exchanged), or refused before the handshake.
     Done,
+    /// The client sent connection.close and we answered close-ok.
+    ClientClosed,
 }
 
 impl From<AmqpError> for End {
@@ -183,6 +185,7 @@ impl Connection {
                 self.close_with(e).await;
             }
             End::Timeout => warn!("closing connection: timed out"),
+            End::ClientClosed => self.linger().await,
             End::Gone | End::Done => {}
         }
     }
@@ -611,12 +614,12 @@ impl Connection {
                     text = c.reply_text.as_str(),
                     "client closed connection"
                 );
-                self.release_channels();
+                self.cleanup();
                 self.send(
                     0,
                     &AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
                 );
-                Err(End::Done)
+                Err(End::ClientClosed)
             }
             AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) => Err(End::Done),
             AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(_)) => {
@@ -675,6 +678,18 @@ impl Connection {
                     return;
                 }
             }
+            if self.input.fill(Some(deadline)).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// After close-ok, leave closing the socket to the client, as RabbitMQ does, so
+    /// that clients see a clean end rather than a reset; give up after a second.
+    async fn linger(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            self.input.buf.clear();
             if self.input.fill(Some(deadline)).await.is_err() {
                 return;
             }
