@@ -82,7 +82,9 @@ struct Conn {
 
 impl Conn {
     async fn open(o: &Opts) -> Conn {
-        let mut stream = TcpStream::connect((o.host.as_str(), o.port)).await.expect("connect");
+        let mut stream = TcpStream::connect((o.host.as_str(), o.port))
+            .await
+            .expect("connect");
         stream.set_nodelay(true).unwrap();
         stream.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
         let mut c = Conn {
@@ -120,8 +122,11 @@ impl Conn {
         )
         .await;
         c.expect_method().await; // open-ok
-        c.send(1, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})))
-            .await;
+        c.send(
+            1,
+            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+        )
+        .await;
         c.expect_method().await;
         c
     }
@@ -195,22 +200,37 @@ async fn main() {
     let mut tasks = Vec::new();
     for _ in 0..o.consumers {
         let (o, stop, consumed, e2e) = (o.clone(), stop.clone(), consumed.clone(), e2e_lat.clone());
-        tasks.push(tokio::spawn(async move { consume(o, start, stop, consumed, e2e).await }));
+        tasks.push(tokio::spawn(async move {
+            consume(o, start, stop, consumed, e2e).await
+        }));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     for _ in 0..o.publishers {
-        let (o, stop, published, lat) = (o.clone(), stop.clone(), published.clone(), confirm_lat.clone());
-        tasks.push(tokio::spawn(async move { publish(o, start, stop, published, lat).await }));
+        let (o, stop, published, lat) = (
+            o.clone(),
+            stop.clone(),
+            published.clone(),
+            confirm_lat.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            publish(o, start, stop, published, lat).await
+        }));
     }
     // Skip a warm-up second, then measure.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (p0, c0) = (published.load(Ordering::Relaxed), consumed.load(Ordering::Relaxed));
+    let (p0, c0) = (
+        published.load(Ordering::Relaxed),
+        consumed.load(Ordering::Relaxed),
+    );
     confirm_lat.lock().unwrap().clear();
     e2e_lat.lock().unwrap().clear();
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(o.seconds)).await;
     let secs = t0.elapsed().as_secs_f64();
-    let (p1, c1) = (published.load(Ordering::Relaxed), consumed.load(Ordering::Relaxed));
+    let (p1, c1) = (
+        published.load(Ordering::Relaxed),
+        consumed.load(Ordering::Relaxed),
+    );
     stop.store(true, Ordering::Relaxed);
     let mut cl = confirm_lat.lock().unwrap().clone();
     let mut el = e2e_lat.lock().unwrap().clone();
@@ -253,7 +273,9 @@ async fn publish(
     if window > 0 {
         c.send(
             1,
-            AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select { nowait: false })),
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+                nowait: false,
+            })),
         )
         .await;
         c.expect_method().await;
@@ -263,14 +285,23 @@ async fn publish(
     let permits = Arc::new(Semaphore::new(window.max(1)));
     let sent: Arc<Mutex<VecDeque<Instant>>> = Arc::new(Mutex::new(VecDeque::new()));
     if window > 0 {
-        let (permits, sent, lat, published) = (permits.clone(), sent.clone(), lat.clone(), published.clone());
+        let (permits, sent, lat, published) = (
+            permits.clone(),
+            sent.clone(),
+            lat.clone(),
+            published.clone(),
+        );
         tokio::spawn(async move {
             let mut confirmed = 0u64;
             loop {
                 while let Some(f) = read_frame(&mut buf, 131072).expect("frame") {
                     if let Frame::Method(_, m) = f {
                         if let AMQPClass::Basic(basic::AMQPMethod::Ack(a)) = *m {
-                            let upto = if a.multiple { a.delivery_tag } else { confirmed + 1 };
+                            let upto = if a.multiple {
+                                a.delivery_tag
+                            } else {
+                                confirmed + 1
+                            };
                             let now = Instant::now();
                             let mut s = sent.lock().unwrap();
                             let mut l = lat.lock().unwrap();
@@ -321,7 +352,9 @@ async fn publish(
         let n = if window > 0 {
             let p = permits.acquire_many(1).await.unwrap();
             p.forget();
-            1 + (0..63).take_while(|_| permits.try_acquire().map(|p| p.forget()).is_ok()).count()
+            1 + (0..63)
+                .take_while(|_| permits.try_acquire().map(|p| p.forget()).is_ok())
+                .count()
         } else {
             64
         };
@@ -428,7 +461,8 @@ async fn consume(
         if samples.len() > 64 {
             lat.lock().unwrap().append(&mut samples);
         }
-        let read = tokio::time::timeout(Duration::from_millis(200), c.stream.read_buf(&mut c.buf)).await;
+        let read =
+            tokio::time::timeout(Duration::from_millis(200), c.stream.read_buf(&mut c.buf)).await;
         if let Ok(Ok(0)) | Ok(Err(_)) = read {
             return;
         }

@@ -570,8 +570,8 @@ impl Connection {
         };
         if !matches!(*class, AMQPClass::Channel(channel::AMQPMethod::Open(_))) {
             return Err(AmqpError::channel_error("expected 'channel.open'".into())
-            .with_method(class.get_amqp_class_id(), class.get_amqp_method_id())
-            .into());
+                .with_method(class.get_amqp_class_id(), class.get_amqp_method_id())
+                .into());
         }
         if id > self.channel_max {
             return Err(AmqpError::not_allowed(format!(
