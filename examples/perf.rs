@@ -160,6 +160,7 @@ impl Conn {
     }
 }
 
+/// The p-th percentile of microsecond samples, in milliseconds.
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -240,10 +241,10 @@ async fn main() {
         "publish_rate={:.0} consume_rate={:.0} confirm_p50_ms={:.2} confirm_p99_ms={:.2} e2e_p50_ms={:.2} e2e_p99_ms={:.2}",
         (p1 - p0) as f64 / secs,
         (c1 - c0) as f64 / secs,
-        percentile(&cl, 0.5) / 1000.0,
-        percentile(&cl, 0.99) / 1000.0,
-        percentile(&el, 0.5) / 1000.0,
-        percentile(&el, 0.99) / 1000.0,
+        percentile(&cl, 0.5),
+        percentile(&cl, 0.99),
+        percentile(&el, 0.5),
+        percentile(&el, 0.99),
     );
     // Clean up: delete the queue so repeated runs start empty.
     let mut c = Conn::open(&o).await;

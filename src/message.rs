@@ -9,6 +9,10 @@ use amq_protocol::protocol::BasicProperties;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+/// What a message costs beyond its content: this struct, its Arc and the queue
+/// entries that point at it, so that the watermark tracks real memory.
+const PER_MESSAGE: usize = std::mem::size_of::<Message>() + 128;
+
 pub struct Message {
     pub exchange: Arc<str>,
     pub routing_key: Arc<str>,
@@ -30,7 +34,7 @@ impl Message {
         body: Bytes,
         gauge: Arc<MemoryGauge>,
     ) -> Message {
-        gauge.add(body.len() + header.len());
+        gauge.add(body.len() + header.len() + PER_MESSAGE);
         let ttl = properties
             .expiration()
             .as_ref()
@@ -95,7 +99,8 @@ pub fn valid_expiration(properties: &BasicProperties) -> Result<(), String> {
 
 impl Drop for Message {
     fn drop(&mut self) {
-        self.gauge.sub(self.body.len() + self.header.len());
+        self.gauge
+            .sub(self.body.len() + self.header.len() + PER_MESSAGE);
     }
 }
 

@@ -25,6 +25,8 @@ pub const FRAME_HEADER_SIZE: usize = 7;
 /// Header plus end octet: what a frame costs beyond its payload.
 pub const FRAME_OVERHEAD: usize = 8;
 pub const PROTOCOL_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
+/// Body frames at least this large are kept as slices of the read buffer.
+const SHARE_BODY_FROM: usize = 32 * 1024;
 
 /// One frame read from a client.
 #[derive(Debug)]
@@ -113,7 +115,8 @@ pub fn read_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, A
         FRAME_HEADER => match parse_content_header(&payload[..]) {
             Ok(([], header)) => Ok(Some(Frame::Header {
                 channel,
-                raw: payload,
+                // Copied for the same reason as small bodies: it lives as long as the message.
+                raw: Bytes::copy_from_slice(&payload),
                 body_size: header.body_size,
                 properties: Box::new(header.properties),
             })),
@@ -121,6 +124,11 @@ pub fn read_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, A
                 "malformed content header".to_string(),
             )),
         },
+        // A small body is copied out once, so that a message left in a queue does
+        // not pin the whole read buffer it arrived in; a large one is the buffer.
+        FRAME_BODY if payload.len() < SHARE_BODY_FROM => {
+            Ok(Some(Frame::Body(channel, Bytes::copy_from_slice(&payload))))
+        }
         FRAME_BODY => Ok(Some(Frame::Body(channel, payload))),
         _ => {
             if size != 0 {
