@@ -285,7 +285,8 @@ impl Vhost {
         }
         let mut t = self.lock();
         let Some(x) = t.exchanges.get(name) else {
-            return Err(self.not_found_exchange(name));
+            // Deleting an exchange that is not there succeeds, as in RabbitMQ 3.x.
+            return Ok(());
         };
         if if_unused && !x.bindings.is_empty() {
             return Err(AmqpError::precondition_failed(format!(

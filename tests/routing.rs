@@ -811,3 +811,20 @@ async fn auto_delete_exchange_goes_away_with_last_binding() {
     .await;
     assert!(!exchange_exists(&b, &x).await, "exchange auto-deleted");
 }
+
+/// Deleting an exchange that does not exist succeeds, as in RabbitMQ 3.x: the
+/// channel stays open and goes on working.
+#[tokio::test]
+async fn delete_of_missing_exchange_is_ok() {
+    let b = common::start().await;
+    let (_conn, ch) = open(&b).await;
+    let name = common::unique("no-such-exchange");
+    ok(
+        "exchange.delete",
+        ch.exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default()),
+    )
+    .await;
+    let q = temp_queue(&ch, "after-delete").await;
+    publish(&ch, "", &q, b"still open").await;
+    assert_eq!(get_body(&ch, &q).await.as_deref(), Some(&b"still open"[..]));
+}
