@@ -435,7 +435,7 @@ async fn consume(
                 Frame::Body(_, b) if b.len() >= 8 => {
                     n += 1;
                     consumed.fetch_add(1, Ordering::Relaxed);
-                    if n % 16 == 0 {
+                    if n.is_multiple_of(16) {
                         let sent = u64::from_be_bytes(b[..8].try_into().unwrap());
                         let now = start.elapsed().as_nanos() as u64;
                         samples.push(now.saturating_sub(sent) / 1000);

@@ -16,7 +16,10 @@ use tracing::{error, info};
 use crate::config::Config;
 use crate::connection;
 use crate::message::MemoryGauge;
+use crate::store::{Store, StoreError};
 use crate::vhost::Vhost;
+use std::time::Instant;
+use tracing::warn;
 
 /// State every connection shares. Only read on the publish path.
 pub struct BrokerState {
@@ -58,6 +61,8 @@ impl BrokerHandle {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -66,6 +71,35 @@ pub enum StartError {
 }
 
 pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
+    // Recover before listening, so that no client sees a half-loaded broker.
+    let gauge = Arc::new(MemoryGauge::new(
+        config.limits.memory_high_watermark as usize,
+    ));
+    let store = Store::open(&config.data_dir)?;
+    let started = Instant::now();
+    let (exchanges, queues, bindings) = (store.exchanges()?, store.queues()?, store.bindings()?);
+    let mut vhosts = HashMap::new();
+    let (mut nq, mut nm) = (0, 0);
+    for v in &config.vhosts {
+        let vhost = Arc::new(Vhost::new(&v.name, Some(store.clone())));
+        let (q, m) = vhost.recover(&exchanges, &queues, &bindings, &gauge)?;
+        nq += q;
+        nm += m;
+        vhost.start_housekeeping();
+        vhosts.insert(v.name.clone(), vhost);
+    }
+    for q in queues.iter().filter(|q| !vhosts.contains_key(&q.vhost)) {
+        warn!(
+            "queue '{}' is stored for vhost '{}', which is not configured: left on disk",
+            q.name, q.vhost
+        );
+    }
+    info!(
+        "recovered {nq} durable queues and {nm} messages from {} in {:.3}s",
+        config.data_dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+
     let mut listeners = Vec::new();
     let mut addrs = Vec::new();
     for addr in &config.listen {
@@ -83,19 +117,8 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         addrs.push(local);
         listeners.push(l);
     }
-    let vhosts = config
-        .vhosts
-        .iter()
-        .map(|v| {
-            let vhost = Arc::new(Vhost::new(&v.name));
-            vhost.start_housekeeping();
-            (v.name.clone(), vhost)
-        })
-        .collect();
     let state = Arc::new(BrokerState {
-        gauge: Arc::new(MemoryGauge::new(
-            config.limits.memory_high_watermark as usize,
-        )),
+        gauge,
         config,
         vhosts,
         next_connection: AtomicU64::new(0),

@@ -18,7 +18,7 @@ use crate::exchange::Destination;
 use crate::message::{valid_expiration, MemoryGauge, Message};
 use crate::protocol::{short, write_get_ok, write_method, write_return};
 use crate::queue::{ConsumeRefused, Consumer, Enqueued, Queue, QueuedMessage};
-use crate::vhost::{ExchangeDeclare, QueueDeclare, Routed, Routing, Vhost};
+use crate::vhost::{Cancellations, ExchangeDeclare, QueueDeclare, Routed, Routing, Vhost};
 
 /// A delivery awaiting ack.
 struct Unacked {
@@ -40,6 +40,9 @@ pub struct ChannelShared {
     pub conn: Arc<ConnShared>,
     open: AtomicBool,
     flow: AtomicBool,
+    /// A persisted message was acked, nacked or rejected: its deletion should be
+    /// synced soon rather than left to sled's periodic flush.
+    settled_persistent: AtomicBool,
     state: Mutex<DeliveryState>,
 }
 
@@ -88,6 +91,8 @@ impl ChannelShared {
                     consumer: Some(consumer.clone()),
                 },
             );
+        } else {
+            queue.forget(&m);
         }
         Ok(())
     }
@@ -118,6 +123,8 @@ impl ChannelShared {
                     consumer: None,
                 },
             );
+        } else {
+            queue.forget(&m);
         }
     }
 
@@ -146,6 +153,14 @@ impl ChannelShared {
 
     /// Removes deliveries by tag (with `multiple`, every tag up to it; tag 0 means all).
     fn take(&self, tag: u64, multiple: bool) -> AmqpResult<Vec<Unacked>> {
+        let taken = self.take_inner(tag, multiple)?;
+        if taken.iter().any(|u| u.msg.is_persisted()) {
+            self.settled_persistent.store(true, Ordering::Release);
+        }
+        Ok(taken)
+    }
+
+    fn take_inner(&self, tag: u64, multiple: bool) -> AmqpResult<Vec<Unacked>> {
         let mut st = self.lock();
         if multiple {
             let upto = if tag == 0 { u64::MAX } else { tag };
@@ -181,6 +196,7 @@ fn unknown_tag(tag: u64) -> AmqpError {
 fn settle(done: Vec<Unacked>) {
     let mut queues: Vec<Arc<Queue>> = Vec::new();
     for u in &done {
+        u.queue.forget(&u.msg);
         if let Some(c) = &u.consumer {
             let _ = c
                 .unacked
@@ -257,6 +273,10 @@ pub struct Channel {
     publish_seq: u64,
     /// Highest publish sequence number not yet confirmed to the publisher.
     confirm_due: Option<u64>,
+    /// A persistent message reached a durable queue since the last confirm was sent.
+    sync_needed: bool,
+    /// Confirms handed to the store's committer and not yet sent.
+    syncs_pending: usize,
     tx: Option<Tx>,
     consumer_prefetch: u32,
     last_queue: Option<Arc<str>>,
@@ -270,6 +290,9 @@ pub enum After {
     Nothing,
     /// channel.close-ok was received or sent: the channel number is free again.
     Closed,
+    /// A durable change was made: send this reply (then tell these consumers their
+    /// queue is gone) only once the store has synced it.
+    SyncThenReply(AMQPClass, Option<Cancellations>),
 }
 
 impl Channel {
@@ -286,6 +309,7 @@ impl Channel {
                 conn,
                 open: AtomicBool::new(true),
                 flow: AtomicBool::new(true),
+                settled_persistent: AtomicBool::new(false),
                 state: Mutex::new(DeliveryState::default()),
             }),
             vhost,
@@ -296,6 +320,8 @@ impl Channel {
             confirm: false,
             publish_seq: 0,
             confirm_due: None,
+            sync_needed: false,
+            syncs_pending: 0,
             tx: None,
             consumer_prefetch: 0,
             last_queue: None,
@@ -327,12 +353,59 @@ impl Channel {
 
     /// Sends the confirms that became due while handling the last batch of frames.
     pub fn flush_confirms(&mut self) {
-        if let Some(tag) = self.confirm_due.take() {
+        let settled = self.shared.settled_persistent.swap(false, Ordering::AcqRel);
+        let Some(tag) = self.confirm_due.take() else {
+            // Acks of persistent messages join the next group commit; ask for one.
+            if let (true, Some(store)) = (settled, &self.vhost.store) {
+                store.sync(Box::new(|_| {}));
+            }
+            return;
+        };
+        // Confirms leave in order: once one waits for a flush, later ones wait behind it.
+        let store = self
+            .vhost
+            .store
+            .as_ref()
+            .filter(|_| self.sync_needed || self.syncs_pending > 0);
+        let Some(store) = store else {
             self.reply(AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
                 delivery_tag: tag,
                 multiple: true,
             })));
+            return;
+        };
+        self.sync_needed = false;
+        self.syncs_pending += 1;
+        let conn = self.shared.conn.clone();
+        let channel = self.shared.id;
+        store.sync(Box::new(move |result| {
+            conn.event(ConnEvent::Synced {
+                channel,
+                confirm_upto: tag,
+                ok: result.is_ok(),
+            })
+        }));
+    }
+
+    /// The flush that publisher confirms up to `upto` waited for has finished.
+    pub fn synced(&mut self, upto: u64, ok: bool) {
+        self.syncs_pending = self.syncs_pending.saturating_sub(1);
+        if !self.shared.open.load(Ordering::Acquire) {
+            return;
         }
+        let class = if ok {
+            basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: upto,
+                multiple: true,
+            })
+        } else {
+            basic::AMQPMethod::Nack(basic::Nack {
+                delivery_tag: upto,
+                multiple: true,
+                requeue: false,
+            })
+        };
+        self.reply(AMQPClass::Basic(class));
     }
 
     pub fn consumer_gone(&mut self, tag: &str) {
@@ -504,7 +577,11 @@ impl Channel {
             ));
             let mut rejected = false;
             for q in &queues {
-                rejected |= q.publish(msg.clone()) == Enqueued::Rejected;
+                match q.publish(msg.clone()) {
+                    Enqueued::Rejected => rejected = true,
+                    Enqueued::Persisted => self.sync_needed = true,
+                    Enqueued::Accepted | Enqueued::Gone => {}
+                }
             }
             if rejected && self.confirm {
                 // A nack cannot ride on a multiple=true ack: send what is due first.
@@ -574,8 +651,8 @@ impl Channel {
                     ),
                 ));
             }
-            C::Exchange(m) => self.exchange_method(m)?,
-            C::Queue(m) => self.queue_method(m)?,
+            C::Exchange(m) => return self.exchange_method(m),
+            C::Queue(m) => return self.queue_method(m),
             C::Basic(m) => self.basic_method(m)?,
             C::Confirm(confirm::AMQPMethod::Select(s)) => {
                 if self.tx.is_some() {
@@ -590,7 +667,7 @@ impl Channel {
                     )));
                 }
             }
-            C::Tx(m) => self.tx_method(m)?,
+            C::Tx(m) => return self.tx_method(m),
             // connection.* on a channel other than 0
             _ => return Err(AmqpError::command_invalid("unimplemented method".into())),
         }
@@ -616,13 +693,38 @@ impl Channel {
         self.kick_consumers();
     }
 
-    fn exchange_method(&mut self, m: exchange::AMQPMethod) -> AmqpResult<()> {
+    /// Replies now, or once the store has synced a durable change. With nowait
+    /// there is no reply, but a durable change still goes into the next flush.
+    fn answer(
+        &self,
+        durable: bool,
+        nowait: bool,
+        reply: AMQPClass,
+        cancel: Option<Cancellations>,
+    ) -> After {
+        if nowait {
+            if let Some(c) = cancel {
+                c.notify();
+            }
+            return After::Nothing;
+        }
+        if durable && self.vhost.store.is_some() {
+            return After::SyncThenReply(reply, cancel);
+        }
+        self.reply(reply);
+        if let Some(c) = cancel {
+            c.notify();
+        }
+        After::Nothing
+    }
+
+    fn exchange_method(&mut self, m: exchange::AMQPMethod) -> AmqpResult<After> {
         use exchange::AMQPMethod as M;
         let vhost = self.vhost.clone();
         let conn = self.conn_id();
-        match m {
+        Ok(match m {
             M::Declare(d) => {
-                vhost.declare_exchange(ExchangeDeclare {
+                let durable = vhost.declare_exchange(ExchangeDeclare {
                     name: d.exchange.as_str(),
                     kind: d.kind.as_str(),
                     passive: d.passive,
@@ -631,39 +733,35 @@ impl Channel {
                     internal: d.internal,
                     arguments: &d.arguments,
                 })?;
-                if !d.nowait {
-                    self.reply(AMQPClass::Exchange(M::DeclareOk(exchange::DeclareOk {})));
-                }
+                let ok = AMQPClass::Exchange(M::DeclareOk(exchange::DeclareOk {}));
+                self.answer(durable, d.nowait, ok, None)
             }
             M::Delete(d) => {
-                vhost.delete_exchange(d.exchange.as_str(), d.if_unused)?;
-                if !d.nowait {
-                    self.reply(AMQPClass::Exchange(M::DeleteOk(exchange::DeleteOk {})));
-                }
+                let durable = vhost.delete_exchange(d.exchange.as_str(), d.if_unused)?;
+                let ok = AMQPClass::Exchange(M::DeleteOk(exchange::DeleteOk {}));
+                self.answer(durable, d.nowait, ok, None)
             }
             M::Bind(b) => {
-                vhost.bind(
+                let durable = vhost.bind(
                     b.source.as_str(),
                     Destination::Exchange(b.destination.as_str().into()),
                     b.routing_key.as_str(),
                     &b.arguments,
                     conn,
                 )?;
-                if !b.nowait {
-                    self.reply(AMQPClass::Exchange(M::BindOk(exchange::BindOk {})));
-                }
+                let ok = AMQPClass::Exchange(M::BindOk(exchange::BindOk {}));
+                self.answer(durable, b.nowait, ok, None)
             }
             M::Unbind(b) => {
-                vhost.unbind(
+                let durable = vhost.unbind(
                     b.source.as_str(),
                     Destination::Exchange(b.destination.as_str().into()),
                     b.routing_key.as_str(),
                     &b.arguments,
                     conn,
                 )?;
-                if !b.nowait {
-                    self.reply(AMQPClass::Exchange(M::UnbindOk(exchange::UnbindOk {})));
-                }
+                let ok = AMQPClass::Exchange(M::UnbindOk(exchange::UnbindOk {}));
+                self.answer(durable, b.nowait, ok, None)
             }
             other => {
                 return Err(AmqpError::command_invalid(format!(
@@ -671,22 +769,21 @@ impl Channel {
                     class_name(&AMQPClass::Exchange(other))
                 )))
             }
-        }
-        Ok(())
+        })
     }
 
-    fn queue_method(&mut self, m: queue::AMQPMethod) -> AmqpResult<()> {
+    fn queue_method(&mut self, m: queue::AMQPMethod) -> AmqpResult<After> {
         use queue::AMQPMethod as M;
         let vhost = self.vhost.clone();
         let conn = self.conn_id();
-        match m {
+        Ok(match m {
             M::Declare(d) => {
                 let name = if d.passive && d.queue.as_str().is_empty() {
                     self.resolve_queue("")?.to_string()
                 } else {
                     d.queue.as_str().to_string()
                 };
-                let (q, messages, consumers) = vhost.declare_queue(QueueDeclare {
+                let (q, messages, consumers, durable) = vhost.declare_queue(QueueDeclare {
                     name: &name,
                     passive: d.passive,
                     durable: d.durable,
@@ -696,56 +793,50 @@ impl Channel {
                     connection: conn,
                 })?;
                 self.last_queue = Some(q.name.clone());
-                if !d.nowait {
-                    self.reply(AMQPClass::Queue(M::DeclareOk(queue::DeclareOk {
-                        queue: short(&*q.name),
-                        message_count: messages,
-                        consumer_count: consumers,
-                    })));
-                }
+                let ok = AMQPClass::Queue(M::DeclareOk(queue::DeclareOk {
+                    queue: short(&*q.name),
+                    message_count: messages,
+                    consumer_count: consumers,
+                }));
+                self.answer(durable, d.nowait, ok, None)
             }
             M::Bind(b) => {
                 let q = self.resolve_queue(b.queue.as_str())?;
-                vhost.bind(
+                let durable = vhost.bind(
                     b.exchange.as_str(),
                     Destination::Queue(q),
                     b.routing_key.as_str(),
                     &b.arguments,
                     conn,
                 )?;
-                if !b.nowait {
-                    self.reply(AMQPClass::Queue(M::BindOk(queue::BindOk {})));
-                }
+                let ok = AMQPClass::Queue(M::BindOk(queue::BindOk {}));
+                self.answer(durable, b.nowait, ok, None)
             }
             M::Unbind(b) => {
                 let q = self.resolve_queue(b.queue.as_str())?;
-                vhost.unbind(
+                let durable = vhost.unbind(
                     b.exchange.as_str(),
                     Destination::Queue(q),
                     b.routing_key.as_str(),
                     &b.arguments,
                     conn,
                 )?;
-                self.reply(AMQPClass::Queue(M::UnbindOk(queue::UnbindOk {})));
+                let ok = AMQPClass::Queue(M::UnbindOk(queue::UnbindOk {}));
+                self.answer(durable, false, ok, None)
             }
             M::Purge(p) => {
                 let q = self.resolve_queue(p.queue.as_str())?;
-                let n = vhost.purge_queue(&q, conn)?;
-                if !p.nowait {
-                    self.reply(AMQPClass::Queue(M::PurgeOk(queue::PurgeOk {
-                        message_count: n,
-                    })));
-                }
+                let queue = vhost.queue(&q, conn)?;
+                let n = queue.purge();
+                let ok = AMQPClass::Queue(M::PurgeOk(queue::PurgeOk { message_count: n }));
+                self.answer(queue.store.is_some() && n > 0, p.nowait, ok, None)
             }
             M::Delete(d) => {
                 let q = self.resolve_queue(d.queue.as_str())?;
-                let (n, cancellations) = vhost.delete_queue(&q, d.if_unused, d.if_empty, conn)?;
-                if !d.nowait {
-                    self.reply(AMQPClass::Queue(M::DeleteOk(queue::DeleteOk {
-                        message_count: n,
-                    })));
-                }
-                cancellations.notify();
+                let (n, cancellations, durable) =
+                    vhost.delete_queue(&q, d.if_unused, d.if_empty, conn)?;
+                let ok = AMQPClass::Queue(M::DeleteOk(queue::DeleteOk { message_count: n }));
+                self.answer(durable, d.nowait, ok, Some(cancellations))
             }
             other => {
                 return Err(AmqpError::command_invalid(format!(
@@ -753,8 +844,7 @@ impl Channel {
                     class_name(&AMQPClass::Queue(other))
                 )))
             }
-        }
-        Ok(())
+        })
     }
 
     fn basic_method(&mut self, m: basic::AMQPMethod) -> AmqpResult<()> {
@@ -913,7 +1003,7 @@ impl Channel {
         }
     }
 
-    fn tx_method(&mut self, m: tx::AMQPMethod) -> AmqpResult<()> {
+    fn tx_method(&mut self, m: tx::AMQPMethod) -> AmqpResult<After> {
         use tx::AMQPMethod as M;
         match m {
             M::Select(_) => {
@@ -933,9 +1023,13 @@ impl Channel {
                         "channel is not transactional".into(),
                     ));
                 };
+                self.sync_needed = false;
                 for p in tx.publishes {
                     self.route(p)?;
                 }
+                // Acks and persistent publishes are on disk before commit-ok.
+                let durable = self.sync_needed || !tx.acks.is_empty();
+                self.sync_needed = false;
                 for op in tx.acks {
                     match op {
                         TxOp::Ack(tag, multiple) => settle(self.shared.take(tag, multiple)?),
@@ -943,7 +1037,12 @@ impl Channel {
                     }
                 }
                 self.after_settle();
-                self.reply(AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
+                return Ok(self.answer(
+                    durable,
+                    false,
+                    AMQPClass::Tx(M::CommitOk(tx::CommitOk {})),
+                    None,
+                ));
             }
             M::Rollback(_) => {
                 if self.tx.replace(Tx::default()).is_none() {
@@ -960,7 +1059,7 @@ impl Channel {
                 )))
             }
         }
-        Ok(())
+        Ok(After::Nothing)
     }
 }
 

@@ -29,10 +29,19 @@ use crate::protocol::{
 };
 use crate::vhost::Vhost;
 
+/// A reply held back until the store has synced: channel, method, cancellations.
+type Deferred = (u16, AMQPClass, Option<crate::vhost::Cancellations>);
+
 /// Things other tasks tell a connection.
 pub enum ConnEvent {
     /// A consumer's queue was deleted; the channel forgets the consumer.
     ConsumerGone { channel: u16, tag: Arc<str> },
+    /// The store flushed what publisher confirms up to `confirm_upto` waited for.
+    Synced {
+        channel: u16,
+        confirm_upto: u64,
+        ok: bool,
+    },
 }
 
 /// The parts of a connection that queues and channels reach from other tasks.
@@ -376,7 +385,7 @@ impl Connection {
         let mut last_read = Instant::now();
         loop {
             // Frames that arrived together may hold more than one full frame.
-            if let Err(e) = self.process_frames() {
+            if let Err(e) = self.process_frames().await {
                 return e;
             }
             if self.published && self.broker.gauge.over() {
@@ -464,14 +473,39 @@ impl Connection {
                     ch.consumer_gone(&tag);
                 }
             }
+            ConnEvent::Synced {
+                channel,
+                confirm_upto,
+                ok,
+            } => {
+                if let Some(ch) = self.channels.get_mut(&channel) {
+                    ch.synced(confirm_upto, ok);
+                }
+            }
         }
     }
 
-    fn process_frames(&mut self) -> Result<(), End> {
+    async fn process_frames(&mut self) -> Result<(), End> {
         let mut any = false;
         while let Some(frame) = read_frame(&mut self.input.buf, self.frame_max)? {
             any = true;
-            self.handle_frame(frame)?;
+            if let Some((channel, reply, cancel)) = self.handle_frame(frame)? {
+                // A durable change: the reply waits for the store, and so does the
+                // rest of this connection's input, which keeps replies in order.
+                let synced = match self.vhost.as_ref().and_then(|v| v.store.clone()) {
+                    Some(store) => store.synced().await,
+                    None => Ok(()),
+                };
+                if let Err(e) = synced {
+                    return Err(AmqpError::internal_error(format!("store sync failed: {e}")).into());
+                }
+                if self.channels.get(&channel).is_some_and(|c| !c.closing) {
+                    self.send(channel, &reply);
+                }
+                if let Some(c) = cancel {
+                    c.notify();
+                }
+            }
         }
         if any {
             for ch in self.channels.values_mut() {
@@ -481,20 +515,21 @@ impl Connection {
         Ok(())
     }
 
-    fn handle_frame(&mut self, frame: Frame) -> Result<(), End> {
+    /// Handles one frame; returns a reply that must wait for a store sync, if any.
+    fn handle_frame(&mut self, frame: Frame) -> Result<Option<Deferred>, End> {
         tracing::trace!(?frame, "frame");
         let channel_id = match &frame {
             Frame::Method(c, _) | Frame::Body(c, _) | Frame::Heartbeat(c) => *c,
             Frame::Header { channel, .. } => *channel,
         };
         if channel_id == 0 {
-            return self.connection_frame(frame);
+            return self.connection_frame(frame).map(|_| None);
         }
         if let Frame::Heartbeat(_) = frame {
             return Err(AmqpError::unexpected_frame("type 8, all octets = <<>>".into()).into());
         }
         let Some(ch) = self.channels.get_mut(&channel_id) else {
-            return self.open_channel(channel_id, frame);
+            return self.open_channel(channel_id, frame).map(|_| None);
         };
         if ch.closing {
             // After channel.close, RabbitMQ discards all but close and close-ok.
@@ -512,7 +547,7 @@ impl Connection {
                     _ => {}
                 }
             }
-            return Ok(());
+            return Ok(None);
         }
         let result = match frame {
             Frame::Method(_, class) => {
@@ -539,10 +574,11 @@ impl Connection {
             Frame::Heartbeat(_) => Ok(After::Nothing),
         };
         match result {
-            Ok(After::Nothing) => Ok(()),
+            Ok(After::Nothing) => Ok(None),
+            Ok(After::SyncThenReply(reply, cancel)) => Ok(Some((channel_id, reply, cancel))),
             Ok(After::Closed) => {
                 self.channels.remove(&channel_id);
-                Ok(())
+                Ok(None)
             }
             Err(e) if e.is_channel_error() => {
                 debug!(channel = channel_id, "closing channel: {e}");
@@ -558,7 +594,7 @@ impl Connection {
                         method_id: e.method_id,
                     })),
                 );
-                Ok(())
+                Ok(None)
             }
             Err(e) => Err(e.into()),
         }

@@ -11,6 +11,7 @@ pub mod message;
 pub mod outbox;
 pub mod protocol;
 pub mod queue;
+pub mod store;
 pub mod vhost;
 
 pub use broker::{start, BrokerHandle};

@@ -21,6 +21,7 @@ use crate::channel::ChannelShared;
 use crate::error::{queue_name, AmqpError, AmqpResult};
 use crate::exchange::{int_value, string_value};
 use crate::message::Message;
+use crate::store::Store;
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -46,9 +47,15 @@ pub struct QueuedMessage {
     level: u8,
     /// `now_ms()` after which the message is dead.
     expires: Option<u64>,
+    /// Written to the store: it must be deleted there when it leaves the queue.
+    persisted: bool,
 }
 
 impl QueuedMessage {
+    pub fn is_persisted(&self) -> bool {
+        self.persisted
+    }
+
     fn expired(&self, now: u64) -> bool {
         self.expires.is_some_and(|t| now > t)
     }
@@ -196,6 +203,8 @@ pub struct Queue {
     pub args: QueueArgs,
     housekeeping: UnboundedSender<Housekeeping>,
     me: Weak<Queue>,
+    /// For durable queues: the store and this queue's id in it.
+    pub store: Option<(Arc<Store>, u64)>,
     state: Mutex<QueueState>,
 }
 
@@ -275,8 +284,10 @@ pub enum ConsumeRefused {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Enqueued {
     Accepted,
-    /// x-overflow=reject-publish and the queue is full: the publisher gets a nack.
+    /// x-overflow=reject-publish and the queue is full, or the store failed: the publisher gets a nack.
     Rejected,
+    /// Accepted and written to the store: its confirm waits for the next flush.
+    Persisted,
     /// The queue was deleted meanwhile.
     Gone,
 }
@@ -291,6 +302,7 @@ impl Queue {
         arguments: FieldTable,
         args: QueueArgs,
         housekeeping: UnboundedSender<Housekeeping>,
+        store: Option<(Arc<Store>, u64)>,
     ) -> Arc<Queue> {
         let levels = args.max_priority.map(|p| p as usize + 1).unwrap_or(1);
         let q = Arc::new_cyclic(|me| Queue {
@@ -302,6 +314,7 @@ impl Queue {
             args,
             housekeeping,
             me: me.clone(),
+            store,
             state: Mutex::new(QueueState {
                 ready: Ready::new(levels),
                 next_seq: 0,
@@ -336,6 +349,7 @@ impl Queue {
     }
 
     fn dead_letter(&self, m: QueuedMessage, reason: &'static str) {
+        self.forget(&m);
         if let Some(exchange) = &self.args.dead_letter_exchange {
             let _ = self.housekeeping.send(Housekeeping::DeadLetter(DeadLetter {
                 msg: m.msg,
@@ -384,7 +398,17 @@ impl Queue {
             }
             return Enqueued::Rejected;
         }
-        let m = self.queued(&mut st, msg);
+        let mut m = self.queued(&mut st, msg);
+        if let Some((store, id)) = &self.store {
+            if m.msg.persistent() {
+                if let Err(e) = store.put_message(*id, m.seq, &m.msg) {
+                    tracing::error!(queue = %self.name, "cannot persist a message: {e}");
+                    return Enqueued::Rejected;
+                }
+                m.persisted = true;
+            }
+        }
+        let persisted = m.persisted;
         let had_expiry = m.expires.is_some();
         st.ready.push_back(m);
         self.enforce_length(&mut st);
@@ -392,7 +416,38 @@ impl Queue {
         if had_expiry {
             self.expire_head(&mut st, now_ms());
         }
-        Enqueued::Accepted
+        if persisted {
+            Enqueued::Persisted
+        } else {
+            Enqueued::Accepted
+        }
+    }
+
+    /// A message has left the queue for good (acked, dropped, dead-lettered):
+    /// its stored copy goes too, in the next group commit.
+    pub fn forget(&self, m: &QueuedMessage) {
+        if !m.persisted {
+            return;
+        }
+        if let Some((store, id)) = &self.store {
+            if let Err(e) = store.delete_message(*id, m.seq) {
+                tracing::error!(queue = %self.name, "cannot delete a settled message: {e}");
+            }
+        }
+    }
+
+    /// Puts back messages recovered from the store, in their order, marked redelivered:
+    /// whether they had been delivered before the restart is not recorded.
+    pub fn restore(&self, msgs: Vec<(u64, Arc<Message>)>) {
+        let mut st = self.lock();
+        for (seq, msg) in msgs {
+            let mut m = self.queued(&mut st, msg);
+            m.seq = seq;
+            m.redelivered = true;
+            m.persisted = true;
+            st.next_seq = st.next_seq.max(seq + 1);
+            st.ready.push_back(m);
+        }
     }
 
     fn queued(&self, st: &mut QueueState, msg: Arc<Message>) -> QueuedMessage {
@@ -412,6 +467,7 @@ impl Queue {
             redelivered: false,
             level,
             expires: ttl.map(|t| now_ms() + t),
+            persisted: false,
         }
     }
 
@@ -579,7 +635,11 @@ impl Queue {
     /// Drops the ready messages; unacked ones are untouched, as in RabbitMQ.
     pub fn purge(&self) -> u32 {
         let mut st = self.lock();
-        st.ready.clear().len() as u32
+        let gone = st.ready.clear();
+        for m in &gone {
+            self.forget(m);
+        }
+        gone.len() as u32
     }
 
     /// Marks the queue deleted; returns its ready count and its consumers, to be told.

@@ -14,7 +14,10 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 
 use crate::error::{exchange_name, queue_name, AmqpError, AmqpResult};
 use crate::exchange::{Binding, Destination, ExchangeDef, ExchangeKind, Router};
+use crate::message::Message;
 use crate::queue::{at_instant, Consumer, DeadLetter, Housekeeping, Queue, QueueArgs};
+use crate::store::{Store, StoreError, StoredBinding, StoredExchange, StoredQueue};
+use amq_protocol::frame::parsing::parse_content_header;
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{FieldArray, LongString, ShortString};
 use std::cmp::Reverse;
@@ -28,6 +31,8 @@ pub struct Vhost {
     version: AtomicU64,
     housekeeping: UnboundedSender<Housekeeping>,
     housekeeping_rx: Mutex<Option<UnboundedReceiver<Housekeeping>>>,
+    /// Where durable entities and persistent messages go; None runs purely in memory.
+    pub store: Option<Arc<Store>>,
 }
 
 struct Topology {
@@ -121,9 +126,10 @@ fn default_exchange_refused() -> AmqpError {
 }
 
 impl Vhost {
-    pub fn new(name: &str) -> Vhost {
+    pub fn new(name: &str, store: Option<Arc<Store>>) -> Vhost {
         let (housekeeping, rx) = unbounded_channel();
         let vhost = Vhost {
+            store,
             housekeeping,
             housekeeping_rx: Mutex::new(Some(rx)),
             name: name.into(),
@@ -159,6 +165,98 @@ impl Vhost {
             }
         }
         vhost
+    }
+
+    /// Rebuilds this vhost's durable entities and messages from the store.
+    /// Returns how many queues and messages came back.
+    pub fn recover(
+        &self,
+        exchanges: &[StoredExchange],
+        queues: &[StoredQueue],
+        bindings: &[StoredBinding],
+        gauge: &Arc<crate::message::MemoryGauge>,
+    ) -> Result<(usize, usize), StoreError> {
+        let Some(store) = self.store.clone() else {
+            return Ok((0, 0));
+        };
+        let mine = |v: &str| v == &*self.name;
+        let mut t = self.lock();
+        for x in exchanges.iter().filter(|x| mine(&x.vhost)) {
+            t.exchanges.insert(
+                x.name.as_str().into(),
+                ExchangeDef {
+                    name: x.name.as_str().into(),
+                    kind: x.kind,
+                    durable: true,
+                    auto_delete: x.auto_delete,
+                    internal: x.internal,
+                    arguments: x.arguments.clone(),
+                    bindings: Vec::new(),
+                },
+            );
+        }
+        let (mut nq, mut nm) = (0, 0);
+        for sq in queues.iter().filter(|q| mine(&q.vhost)) {
+            let args = QueueArgs::parse(&sq.arguments, &sq.name, &self.name).map_err(|e| {
+                StoreError::Corrupt {
+                    dir: Default::default(),
+                    key: format!("queue '{}'", sq.name),
+                    why: e.text,
+                }
+            })?;
+            let q = Queue::new(
+                sq.name.as_str().into(),
+                true,
+                sq.auto_delete,
+                None,
+                sq.arguments.clone(),
+                args,
+                self.housekeeping.clone(),
+                Some((store.clone(), sq.id)),
+            );
+            let mut msgs = Vec::new();
+            for m in store.messages(sq.id) {
+                let m = m?;
+                let properties = match parse_content_header(&m.header[..]) {
+                    Ok((_, h)) => h.properties,
+                    Err(_) => {
+                        return Err(StoreError::Corrupt {
+                            dir: Default::default(),
+                            key: format!("message {} of queue '{}'", m.seq, sq.name),
+                            why: "unreadable content header".into(),
+                        })
+                    }
+                };
+                let msg = Message::new(
+                    m.exchange.into(),
+                    m.routing_key.into(),
+                    m.header,
+                    properties,
+                    m.body,
+                    gauge.clone(),
+                );
+                msgs.push((m.seq, Arc::new(msg)));
+            }
+            nm += msgs.len();
+            nq += 1;
+            q.restore(msgs);
+            t.queues.insert(q.name.clone(), q);
+        }
+        for b in bindings.iter().filter(|b| mine(&b.vhost)) {
+            let dest_exists = match &b.destination {
+                Destination::Queue(q) => t.queues.contains_key(q),
+                Destination::Exchange(x) => t.exchanges.contains_key(x),
+            };
+            if let (true, Some(x)) = (dest_exists, t.exchanges.get_mut(b.source.as_str())) {
+                x.bindings.push(Binding {
+                    destination: b.destination.clone(),
+                    routing_key: b.routing_key.clone(),
+                    arguments: b.arguments.clone(),
+                });
+            }
+        }
+        self.changed(&mut t);
+        Ok((nq, nm))
     }
 
     /// Starts the task that routes dead letters and runs TTL and x-expires timers.
@@ -213,11 +311,12 @@ impl Vhost {
         AmqpError::not_found(format!("no {}", queue_name(name, &self.name)))
     }
 
-    pub fn declare_exchange(&self, d: ExchangeDeclare<'_>) -> AmqpResult<()> {
+    /// Declares an exchange; true when a durable one was created (the reply waits for a sync).
+    pub fn declare_exchange(&self, d: ExchangeDeclare<'_>) -> AmqpResult<bool> {
         let mut t = self.lock();
         if d.passive {
             if d.name.is_empty() || t.exchanges.contains_key(d.name) {
-                return Ok(());
+                return Ok(false);
             }
             return Err(self.not_found_exchange(d.name));
         }
@@ -249,7 +348,7 @@ impl Vhost {
                 x.auto_delete.to_string(),
             )?;
             check("internal", d.internal.to_string(), x.internal.to_string())?;
-            return Ok(());
+            return Ok(false);
         }
         if d.name.starts_with("amq.") {
             return Err(AmqpError::access_refused(format!(
@@ -270,10 +369,28 @@ impl Vhost {
             },
         );
         self.changed(&mut t);
-        Ok(())
+        let mut durable = false;
+        if let (Some(store), true) = (&self.store, d.durable) {
+            store
+                .put_exchange(
+                    &self.name,
+                    &StoredExchange {
+                        vhost: self.name.to_string(),
+                        name: d.name.to_string(),
+                        kind,
+                        auto_delete: d.auto_delete,
+                        internal: d.internal,
+                        arguments: d.arguments.clone(),
+                    },
+                )
+                .map_err(internal)?;
+            durable = true;
+        }
+        Ok(durable)
     }
 
-    pub fn delete_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<()> {
+    /// Deletes an exchange; true when it was durable.
+    pub fn delete_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<bool> {
         if name.is_empty() {
             return Err(default_exchange_refused());
         }
@@ -286,8 +403,9 @@ impl Vhost {
         let mut t = self.lock();
         let Some(x) = t.exchanges.get(name) else {
             // Deleting an exchange that is not there succeeds, as in RabbitMQ 3.x.
-            return Ok(());
+            return Ok(false);
         };
+        let durable = x.durable && self.store.is_some();
         if if_unused && !x.bindings.is_empty() {
             return Err(AmqpError::precondition_failed(format!(
                 "{} in use",
@@ -296,12 +414,21 @@ impl Vhost {
         }
         self.remove_exchange(&mut t, name);
         self.changed(&mut t);
-        Ok(())
+        Ok(durable)
     }
 
     /// Removes an exchange and every binding it is the destination of.
     fn remove_exchange(&self, t: &mut Topology, name: &str) {
-        t.exchanges.remove(name);
+        if let Some(x) = t.exchanges.remove(name) {
+            if let Some(store) = &self.store {
+                if let Err(e) = store.delete_exchange(&self.name, name) {
+                    tracing::error!("cannot delete exchange '{name}' from the store: {e}");
+                }
+                for b in &x.bindings {
+                    self.unstore_binding(name, b);
+                }
+            }
+        }
         let dest = Destination::Exchange(name.into());
         self.remove_bindings_to(t, &dest);
     }
@@ -311,6 +438,11 @@ impl Vhost {
         let mut emptied = Vec::new();
         for x in t.exchanges.values_mut() {
             let before = x.bindings.len();
+            if self.store.is_some() {
+                for b in x.bindings.iter().filter(|b| &b.destination == dest) {
+                    self.unstore_binding(&x.name, b);
+                }
+            }
             x.bindings.retain(|b| &b.destination != dest);
             if x.auto_delete && before > 0 && x.bindings.is_empty() {
                 emptied.push(x.name.clone());
@@ -319,6 +451,35 @@ impl Vhost {
         for name in emptied {
             self.remove_exchange(t, &name);
         }
+    }
+
+    fn stored_binding(&self, source: &str, b: &Binding) -> StoredBinding {
+        StoredBinding {
+            vhost: self.name.to_string(),
+            source: source.to_string(),
+            destination: b.destination.clone(),
+            routing_key: b.routing_key.clone(),
+            arguments: b.arguments.clone(),
+        }
+    }
+
+    /// Forgets a binding on disk; a binding that was never stored costs one lookup.
+    fn unstore_binding(&self, source: &str, b: &Binding) {
+        if let Some(store) = &self.store {
+            if let Err(e) = store.delete_binding(&self.stored_binding(source, b)) {
+                tracing::error!("cannot delete a binding from the store: {e}");
+            }
+        }
+    }
+
+    /// A binding survives a restart when both its ends do.
+    fn binding_is_durable(&self, t: &Topology, source: &str, dest: &Destination) -> bool {
+        let source_durable = t.exchanges.get(source).is_some_and(|x| x.durable);
+        let dest_durable = match dest {
+            Destination::Queue(q) => t.queues.get(q).is_some_and(|q| q.store.is_some()),
+            Destination::Exchange(x) => t.exchanges.get(x).is_some_and(|x| x.durable),
+        };
+        self.store.is_some() && source_durable && dest_durable
     }
 
     fn check_owner(&self, q: &Queue, connection: u64) -> AmqpResult<()> {
@@ -344,7 +505,9 @@ impl Vhost {
     }
 
     /// Declares a queue; returns it with its message and consumer counts.
-    pub fn declare_queue(&self, d: QueueDeclare<'_>) -> AmqpResult<(Arc<Queue>, u32, u32)> {
+    /// Declares a queue: the queue, its message and consumer counts, and whether a
+    /// durable queue was created (the reply then waits for a sync).
+    pub fn declare_queue(&self, d: QueueDeclare<'_>) -> AmqpResult<(Arc<Queue>, u32, u32, bool)> {
         let mut t = self.lock();
         if let Some(q) = t.queues.get(d.name).cloned() {
             self.check_owner(&q, d.connection)?;
@@ -365,7 +528,7 @@ impl Vhost {
             }
             q.touch();
             let (m, c) = q.counts();
-            return Ok((q, m, c));
+            return Ok((q, m, c, false));
         }
         if d.passive {
             return Err(self.not_found_queue(d.name));
@@ -387,6 +550,24 @@ impl Vhost {
             d.name.into()
         };
         let args = QueueArgs::parse(d.arguments, &name, &self.name)?;
+        // Exclusive queues die with their connection, so they are never stored.
+        let store = match &self.store {
+            Some(store) if d.durable && !d.exclusive => {
+                let id = store.new_queue_id().map_err(internal)?;
+                store
+                    .put_queue(&StoredQueue {
+                        vhost: self.name.to_string(),
+                        name: name.to_string(),
+                        id,
+                        auto_delete: d.auto_delete,
+                        arguments: d.arguments.clone(),
+                    })
+                    .map_err(internal)?;
+                Some((store.clone(), id))
+            }
+            _ => None,
+        };
+        let durable = store.is_some();
         let q = Queue::new(
             name.clone(),
             d.durable,
@@ -395,10 +576,11 @@ impl Vhost {
             d.arguments.clone(),
             args,
             self.housekeeping.clone(),
+            store,
         );
         t.queues.insert(name, q.clone());
         self.changed(&mut t);
-        Ok((q, 0, 0))
+        Ok((q, 0, 0, durable))
     }
 
     /// Deletes a queue. Its consumers are told through the returned `Cancellations`,
@@ -409,11 +591,11 @@ impl Vhost {
         if_unused: bool,
         if_empty: bool,
         connection: u64,
-    ) -> AmqpResult<(u32, Cancellations)> {
+    ) -> AmqpResult<(u32, Cancellations, bool)> {
         let mut t = self.lock();
         let Some(q) = t.queues.get(name).cloned() else {
             // Deleting a queue that is not there succeeds, as in RabbitMQ 3.x.
-            return Ok((0, Cancellations(Vec::new())));
+            return Ok((0, Cancellations(Vec::new()), false));
         };
         self.check_owner(&q, connection)?;
         let (messages, consumers) = q.counts();
@@ -430,7 +612,7 @@ impl Vhost {
             )));
         }
         let (count, consumers) = self.unlink_queue(&mut t, &q);
-        Ok((count, Cancellations(consumers)))
+        Ok((count, Cancellations(consumers), q.store.is_some()))
     }
 
     fn remove_queue(&self, t: &mut Topology, q: &Arc<Queue>) -> u32 {
@@ -441,6 +623,11 @@ impl Vhost {
 
     fn unlink_queue(&self, t: &mut Topology, q: &Arc<Queue>) -> (u32, Vec<Arc<Consumer>>) {
         t.queues.remove(&q.name);
+        if let Some((store, id)) = &q.store {
+            if let Err(e) = store.delete_queue(&self.name, &q.name, *id) {
+                tracing::error!(queue = %q.name, "cannot delete the queue from the store: {e}");
+            }
+        }
         self.remove_bindings_to(t, &Destination::Queue(q.name.clone()));
         self.changed(t);
         q.delete()
@@ -468,10 +655,6 @@ impl Vhost {
         }
     }
 
-    pub fn purge_queue(&self, name: &str, connection: u64) -> AmqpResult<u32> {
-        Ok(self.queue(name, connection)?.purge())
-    }
-
     pub fn bind(
         &self,
         source: &str,
@@ -479,9 +662,10 @@ impl Vhost {
         routing_key: &str,
         arguments: &FieldTable,
         connection: u64,
-    ) -> AmqpResult<()> {
+    ) -> AmqpResult<bool> {
         let mut t = self.lock();
         self.check_binding(&t, source, &destination, connection)?;
+        let durable = self.binding_is_durable(&t, source, &destination);
         let binding = Binding {
             destination,
             routing_key: routing_key.to_string(),
@@ -490,11 +674,17 @@ impl Vhost {
         let Some(x) = t.exchanges.get_mut(source) else {
             return Err(self.not_found_exchange(source));
         };
-        if !x.bindings.contains(&binding) {
-            x.bindings.push(binding);
-            self.changed(&mut t);
+        if x.bindings.contains(&binding) {
+            return Ok(false);
         }
-        Ok(())
+        if let (true, Some(store)) = (durable, &self.store) {
+            store
+                .put_binding(&self.stored_binding(source, &binding))
+                .map_err(internal)?;
+        }
+        x.bindings.push(binding);
+        self.changed(&mut t);
+        Ok(durable)
     }
 
     pub fn unbind(
@@ -504,26 +694,36 @@ impl Vhost {
         routing_key: &str,
         arguments: &FieldTable,
         connection: u64,
-    ) -> AmqpResult<()> {
+    ) -> AmqpResult<bool> {
         let mut t = self.lock();
         self.check_binding(&t, source, &destination, connection)?;
+        let durable = self.binding_is_durable(&t, source, &destination);
         let Some(x) = t.exchanges.get_mut(source) else {
             return Err(self.not_found_exchange(source));
         };
         let before = x.bindings.len();
-        x.bindings.retain(|b| {
-            !(b.destination == destination
+        let matches = |b: &Binding| {
+            b.destination == destination
                 && b.routing_key == routing_key
-                && &b.arguments == arguments)
-        });
-        if x.bindings.len() != before {
+                && &b.arguments == arguments
+        };
+        if let Some(b) = x.bindings.iter().find(|b| matches(b)) {
+            if let Some(store) = &self.store {
+                store
+                    .delete_binding(&self.stored_binding(source, b))
+                    .map_err(internal)?;
+            }
+        }
+        x.bindings.retain(|b| !matches(b));
+        let removed = x.bindings.len() != before;
+        if removed {
             if x.auto_delete && x.bindings.is_empty() {
                 let name = x.name.clone();
                 self.remove_exchange(&mut t, &name);
             }
             self.changed(&mut t);
         }
-        Ok(())
+        Ok(removed && durable)
     }
 
     fn check_binding(
@@ -555,6 +755,11 @@ impl Vhost {
         }
         Ok(())
     }
+}
+
+fn internal(e: crate::store::StoreError) -> AmqpError {
+    tracing::error!("{e}");
+    AmqpError::internal_error(format!("store failure: {e}"))
 }
 
 /// Consumers of a deleted queue, to be told once the deleting channel has replied.

@@ -14,11 +14,19 @@ use warrenmq::Config;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn config() -> Config {
+    let data_dir = std::env::temp_dir().join(format!(
+        "warrenmq-lifecycle-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     Config {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
+        data_dir,
         ..Config::default()
     }
 }
+
+static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A bare AMQP client: enough to drive the broker where a library would hide the detail.
 struct Raw {
@@ -278,8 +286,16 @@ fn version_flag_prints_version() {
 /// SIGTERM stops the real binary gracefully: it exits 0.
 #[test]
 fn sigterm_exits_cleanly() {
+    let dir = std::env::temp_dir().join(format!("warrenmq-sigterm-{}", std::process::id()));
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_warrenmq"))
-        .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+            "--data-dir",
+        ])
+        .arg(&dir)
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));

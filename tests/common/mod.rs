@@ -12,6 +12,22 @@ use warrenmq::{BrokerHandle, Config};
 pub struct TestBroker {
     pub addr: SocketAddr,
     handle: Option<BrokerHandle>,
+    data_dir: Option<std::path::PathBuf>,
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.data_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A fresh data directory under the system temp dir, unique to this test.
+pub fn temp_data_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(unique("warrenmq-test"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 impl TestBroker {
@@ -36,16 +52,23 @@ pub async fn start() -> TestBroker {
         let addr = ext
             .parse()
             .expect("WARRENMQ_TEST_EXTERNAL must be host:port");
-        return TestBroker { addr, handle: None };
+        return TestBroker {
+            addr,
+            handle: None,
+            data_dir: None,
+        };
     }
+    let data_dir = temp_data_dir();
     let config = Config {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
+        data_dir: data_dir.clone(),
         ..Config::default()
     };
     let handle = warrenmq::start(config).await.expect("broker starts");
     TestBroker {
         addr: handle.local_addr(),
         handle: Some(handle),
+        data_dir: Some(data_dir),
     }
 }
 

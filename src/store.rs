@@ -1,0 +1,516 @@
+//! Durable state on sled: durable exchanges, queues and bindings, and persistent
+//! messages in durable queues.
+//!
+//! Writes go into sled's in-memory tree as they happen (publish, ack, declare), so
+//! their order is the order the broker acted in. Nothing is promised to a client
+//! until a flush covers the write: one committer task gathers every waiter (a
+//! publisher confirm, a tx.commit-ok, a declare-ok), runs one `flush_async` (one
+//! fsync for all of them) and then releases them all. Under load one fsync covers
+//! thousands of messages; alone, a publisher waits about one fsync.
+//!
+//! Layout: two trees. `meta` holds one key per entity; `messages` holds one key
+//! per (queue id, sequence number), both big-endian so a prefix scan reads a queue
+//! in order. Few trees, because many trees inflate sled's disk use.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use amq_protocol::frame::WriteContext;
+use amq_protocol::types::generation::gen_field_table;
+use amq_protocol::types::parsing::parse_field_table;
+use amq_protocol::types::FieldTable;
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::exchange::{Destination, ExchangeKind};
+use crate::message::Message;
+
+/// Called once the writes made before it are on disk (Ok) or could not be (Err).
+pub type SyncWaiter = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data directory {dir}: {what}: {source}")]
+    Io {
+        dir: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("data directory {0} is in use by another WarrenMQ process (lock file {0}/warrenmq.lock is held); stop that broker or choose another --data-dir")]
+    Locked(PathBuf),
+    #[error("data directory {dir}: cannot open the database: {source}. If the data is corrupt, move the directory aside (the broker starts empty) and keep it for inspection")]
+    Open { dir: PathBuf, source: sled::Error },
+    #[error("data directory {dir}: unreadable record {key}: {why}. Move the directory aside to start empty, and keep it for inspection")]
+    Corrupt {
+        dir: PathBuf,
+        key: String,
+        why: String,
+    },
+    #[error("store write failed: {0}")]
+    Write(#[from] sled::Error),
+}
+
+pub struct Store {
+    dir: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    messages: sled::Tree,
+    syncs: mpsc::UnboundedSender<SyncWaiter>,
+    next_queue_id: AtomicU64,
+    _lock: File,
+}
+
+pub struct StoredExchange {
+    pub vhost: String,
+    pub name: String,
+    pub kind: ExchangeKind,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+}
+
+pub struct StoredQueue {
+    pub vhost: String,
+    pub name: String,
+    pub id: u64,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+}
+
+pub struct StoredBinding {
+    pub vhost: String,
+    pub source: String,
+    pub destination: Destination,
+    pub routing_key: String,
+    pub arguments: FieldTable,
+}
+
+/// What a durable queue's messages looked like on disk.
+pub struct StoredMessage {
+    pub seq: u64,
+    pub exchange: String,
+    pub routing_key: String,
+    pub header: Bytes,
+    pub body: Bytes,
+}
+
+const EXCHANGE: u8 = b'x';
+const QUEUE: u8 = b'q';
+const BINDING: u8 = b'b';
+const NEXT_QUEUE_ID: &[u8] = b"next-queue-id";
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let b = s.as_bytes();
+    out.extend_from_slice(&(b.len() as u16).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+fn encode_table(t: &FieldTable) -> Vec<u8> {
+    gen_field_table(t)(WriteContext::from(Vec::new()))
+        .map(|c| c.write)
+        .unwrap_or_default()
+}
+
+/// Reads back what `put_str` and friends wrote; every read is checked.
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.b.len() < n {
+            return Err("record is truncated".into());
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        let b = self.take(8)?;
+        Ok(u64::from_be_bytes(b.try_into().map_err(|_| "bad u64")?))
+    }
+    fn str(&mut self) -> Result<String, String> {
+        let n = self.take(2)?;
+        let n = u16::from_be_bytes([n[0], n[1]]) as usize;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "name is not UTF-8".to_string())
+    }
+    fn table(&mut self) -> Result<FieldTable, String> {
+        match parse_field_table(self.b) {
+            Ok((rest, t)) => {
+                self.b = rest;
+                Ok(t)
+            }
+            Err(_) => Err("unreadable arguments table".into()),
+        }
+    }
+}
+
+fn exchange_key(vhost: &str, name: &str) -> Vec<u8> {
+    let mut k = vec![EXCHANGE];
+    put_str(&mut k, vhost);
+    put_str(&mut k, name);
+    k
+}
+
+fn queue_key(vhost: &str, name: &str) -> Vec<u8> {
+    let mut k = vec![QUEUE];
+    put_str(&mut k, vhost);
+    put_str(&mut k, name);
+    k
+}
+
+fn binding_key(
+    vhost: &str,
+    source: &str,
+    dest: &Destination,
+    rk: &str,
+    args: &FieldTable,
+) -> Vec<u8> {
+    let mut k = vec![BINDING];
+    put_str(&mut k, vhost);
+    put_str(&mut k, source);
+    match dest {
+        Destination::Queue(q) => {
+            k.push(b'q');
+            put_str(&mut k, q);
+        }
+        Destination::Exchange(x) => {
+            k.push(b'x');
+            put_str(&mut k, x);
+        }
+    }
+    put_str(&mut k, rk);
+    k.extend_from_slice(&encode_table(args));
+    k
+}
+
+fn message_key(queue: u64, seq: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&queue.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+impl Store {
+    /// Opens (creating if needed) the data directory and starts the committer.
+    pub fn open(dir: &Path) -> Result<Arc<Store>, StoreError> {
+        let io = |what: &'static str| {
+            let dir = dir.to_path_buf();
+            move |source| StoreError::Io { dir, what, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io("cannot create it"))?;
+        let lock =
+            File::create(dir.join("warrenmq.lock")).map_err(io("cannot create the lock file"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked(dir.to_path_buf()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io("cannot lock the lock file")(e)),
+        }
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(64 * 1024 * 1024)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|source| StoreError::Open {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+        let open = |name: &str| {
+            db.open_tree(name).map_err(|source| StoreError::Open {
+                dir: dir.to_path_buf(),
+                source,
+            })
+        };
+        let meta = open("meta")?;
+        let messages = open("messages")?;
+        let next = match meta.get(NEXT_QUEUE_ID)? {
+            Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
+            _ => 1,
+        };
+        let (syncs, rx) = mpsc::unbounded_channel();
+        tokio::spawn(committer(db.clone(), rx));
+        Ok(Arc::new(Store {
+            dir: dir.to_path_buf(),
+            db,
+            meta,
+            messages,
+            syncs,
+            next_queue_id: AtomicU64::new(next),
+            _lock: lock,
+        }))
+    }
+
+    fn corrupt(&self, key: &[u8], why: String) -> StoreError {
+        StoreError::Corrupt {
+            dir: self.dir.clone(),
+            key: format!("{key:?}"),
+            why,
+        }
+    }
+
+    /// Runs `waiter` once everything written so far is on disk.
+    pub fn sync(&self, waiter: SyncWaiter) {
+        if let Err(e) = self.syncs.send(waiter) {
+            (e.0)(Err("the store is shut down".into()));
+        }
+    }
+
+    /// Waits until everything written so far is on disk.
+    pub async fn synced(&self) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.sync(Box::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        rx.await
+            .unwrap_or_else(|_| Err("the store is shut down".into()))
+    }
+
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    pub fn new_queue_id(&self) -> Result<u64, StoreError> {
+        let id = self.next_queue_id.fetch_add(1, Ordering::Relaxed);
+        self.meta.insert(NEXT_QUEUE_ID, &(id + 1).to_be_bytes())?;
+        Ok(id)
+    }
+
+    pub fn put_exchange(&self, vhost: &str, x: &StoredExchange) -> Result<(), StoreError> {
+        let mut v = vec![
+            1u8,
+            kind_byte(x.kind),
+            x.auto_delete as u8,
+            x.internal as u8,
+        ];
+        v.extend_from_slice(&encode_table(&x.arguments));
+        self.meta.insert(exchange_key(vhost, &x.name), v)?;
+        Ok(())
+    }
+
+    pub fn delete_exchange(&self, vhost: &str, name: &str) -> Result<(), StoreError> {
+        self.meta.remove(exchange_key(vhost, name))?;
+        Ok(())
+    }
+
+    pub fn put_queue(&self, q: &StoredQueue) -> Result<(), StoreError> {
+        let mut v = vec![1u8];
+        v.extend_from_slice(&q.id.to_be_bytes());
+        v.push(q.auto_delete as u8);
+        v.extend_from_slice(&encode_table(&q.arguments));
+        self.meta.insert(queue_key(&q.vhost, &q.name), v)?;
+        Ok(())
+    }
+
+    /// Removes a queue and every message it held.
+    pub fn delete_queue(&self, vhost: &str, name: &str, id: u64) -> Result<(), StoreError> {
+        self.meta.remove(queue_key(vhost, name))?;
+        let mut batch = sled::Batch::default();
+        for kv in self.messages.scan_prefix(id.to_be_bytes()).keys() {
+            batch.remove(kv?);
+        }
+        self.messages.apply_batch(batch)?;
+        Ok(())
+    }
+
+    pub fn put_binding(&self, b: &StoredBinding) -> Result<(), StoreError> {
+        self.meta.insert(
+            binding_key(
+                &b.vhost,
+                &b.source,
+                &b.destination,
+                &b.routing_key,
+                &b.arguments,
+            ),
+            &[1u8][..],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_binding(&self, b: &StoredBinding) -> Result<(), StoreError> {
+        self.meta.remove(binding_key(
+            &b.vhost,
+            &b.source,
+            &b.destination,
+            &b.routing_key,
+            &b.arguments,
+        ))?;
+        Ok(())
+    }
+
+    pub fn put_message(&self, queue: u64, seq: u64, m: &Message) -> Result<(), StoreError> {
+        let mut v = Vec::with_capacity(
+            16 + m.exchange.len() + m.routing_key.len() + m.header.len() + m.body.len(),
+        );
+        v.push(1u8);
+        put_str(&mut v, &m.exchange);
+        put_str(&mut v, &m.routing_key);
+        v.extend_from_slice(&(m.header.len() as u32).to_be_bytes());
+        v.extend_from_slice(&m.header);
+        v.extend_from_slice(&m.body);
+        self.messages.insert(message_key(queue, seq), v)?;
+        Ok(())
+    }
+
+    pub fn delete_message(&self, queue: u64, seq: u64) -> Result<(), StoreError> {
+        self.messages.remove(message_key(queue, seq))?;
+        Ok(())
+    }
+
+    pub fn exchanges(&self) -> Result<Vec<StoredExchange>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.meta.scan_prefix([EXCHANGE]) {
+            let (k, v) = kv?;
+            let parsed = (|| {
+                let mut kr = Reader { b: &k[1..] };
+                let (vhost, name) = (kr.str()?, kr.str()?);
+                let mut r = Reader { b: &v };
+                if r.u8()? != 1 {
+                    return Err("unknown record version".to_string());
+                }
+                let kind = kind_from(r.u8()?).ok_or("unknown exchange type")?;
+                Ok(StoredExchange {
+                    vhost,
+                    name,
+                    kind,
+                    auto_delete: r.u8()? != 0,
+                    internal: r.u8()? != 0,
+                    arguments: r.table()?,
+                })
+            })();
+            out.push(parsed.map_err(|why| self.corrupt(&k, why))?);
+        }
+        Ok(out)
+    }
+
+    pub fn queues(&self) -> Result<Vec<StoredQueue>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.meta.scan_prefix([QUEUE]) {
+            let (k, v) = kv?;
+            let parsed = (|| {
+                let mut kr = Reader { b: &k[1..] };
+                let (vhost, name) = (kr.str()?, kr.str()?);
+                let mut r = Reader { b: &v };
+                if r.u8()? != 1 {
+                    return Err("unknown record version".to_string());
+                }
+                Ok(StoredQueue {
+                    vhost,
+                    name,
+                    id: r.u64()?,
+                    auto_delete: r.u8()? != 0,
+                    arguments: r.table()?,
+                })
+            })();
+            out.push(parsed.map_err(|why| self.corrupt(&k, why))?);
+        }
+        Ok(out)
+    }
+
+    pub fn bindings(&self) -> Result<Vec<StoredBinding>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.meta.scan_prefix([BINDING]) {
+            let (k, _) = kv?;
+            let parsed = (|| {
+                let mut r = Reader { b: &k[1..] };
+                let vhost = r.str()?;
+                let source = r.str()?;
+                let destination = match r.u8()? {
+                    b'q' => Destination::Queue(r.str()?.into()),
+                    b'x' => Destination::Exchange(r.str()?.into()),
+                    _ => return Err("unknown binding destination".to_string()),
+                };
+                Ok(StoredBinding {
+                    vhost,
+                    source,
+                    destination,
+                    routing_key: r.str()?,
+                    arguments: r.table()?,
+                })
+            })();
+            out.push(parsed.map_err(|why| self.corrupt(&k, why))?);
+        }
+        Ok(out)
+    }
+
+    /// A durable queue's messages, in order.
+    pub fn messages(
+        &self,
+        queue: u64,
+    ) -> impl Iterator<Item = Result<StoredMessage, StoreError>> + '_ {
+        self.messages
+            .scan_prefix(queue.to_be_bytes())
+            .map(move |kv| {
+                let (k, v) = kv?;
+                let parsed = (|| {
+                    if k.len() != 16 {
+                        return Err("bad message key".to_string());
+                    }
+                    let seq = u64::from_be_bytes(k[8..16].try_into().map_err(|_| "bad key")?);
+                    let all = Bytes::copy_from_slice(&v);
+                    let mut r = Reader { b: &v };
+                    if r.u8()? != 1 {
+                        return Err("unknown record version".to_string());
+                    }
+                    let exchange = r.str()?;
+                    let routing_key = r.str()?;
+                    let n = r.take(4)?;
+                    let n = u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize;
+                    let start = v.len() - r.b.len();
+                    if r.b.len() < n {
+                        return Err("record is truncated".to_string());
+                    }
+                    Ok(StoredMessage {
+                        seq,
+                        exchange,
+                        routing_key,
+                        header: all.slice(start..start + n),
+                        body: all.slice(start + n..),
+                    })
+                })();
+                parsed.map_err(|why| self.corrupt(&k, why))
+            })
+    }
+}
+
+fn kind_byte(k: ExchangeKind) -> u8 {
+    match k {
+        ExchangeKind::Direct => 1,
+        ExchangeKind::Fanout => 2,
+        ExchangeKind::Topic => 3,
+        ExchangeKind::Headers => 4,
+    }
+}
+
+fn kind_from(b: u8) -> Option<ExchangeKind> {
+    Some(match b {
+        1 => ExchangeKind::Direct,
+        2 => ExchangeKind::Fanout,
+        3 => ExchangeKind::Topic,
+        4 => ExchangeKind::Headers,
+        _ => return None,
+    })
+}
+
+/// Gathers waiters, flushes once for all of them, releases them.
+async fn committer(db: sled::Db, mut rx: mpsc::UnboundedReceiver<SyncWaiter>) {
+    while let Some(first) = rx.recv().await {
+        let mut waiters = vec![first];
+        while let Ok(w) = rx.try_recv() {
+            waiters.push(w);
+        }
+        let result = db.flush_async().await.map(|_| ()).map_err(|e| {
+            tracing::error!("flushing the store failed: {e}");
+            e.to_string()
+        });
+        for w in waiters {
+            w(result.clone());
+        }
+    }
+}
