@@ -370,7 +370,7 @@ impl Vhost {
         );
         self.changed(&mut t);
         let mut durable = false;
-        if let (Some(store), true) = (&self.store, d.durable) {
+        if let (Some(store), true) = (&self.store, d.durable && !d.auto_delete) {
             store
                 .put_exchange(
                     &self.name,
@@ -405,7 +405,7 @@ impl Vhost {
             // Deleting an exchange that is not there succeeds, as in RabbitMQ 3.x.
             return Ok(false);
         };
-        let durable = x.durable && self.store.is_some();
+        let durable = x.durable && !x.auto_delete && self.store.is_some();
         if if_unused && !x.bindings.is_empty() {
             return Err(AmqpError::precondition_failed(format!(
                 "{} in use",
@@ -474,10 +474,11 @@ impl Vhost {
 
     /// A binding survives a restart when both its ends do.
     fn binding_is_durable(&self, t: &Topology, source: &str, dest: &Destination) -> bool {
-        let source_durable = t.exchanges.get(source).is_some_and(|x| x.durable);
+        let stored = |x: &ExchangeDef| x.durable && !x.auto_delete;
+        let source_durable = t.exchanges.get(source).is_some_and(stored);
         let dest_durable = match dest {
             Destination::Queue(q) => t.queues.get(q).is_some_and(|q| q.store.is_some()),
-            Destination::Exchange(x) => t.exchanges.get(x).is_some_and(|x| x.durable),
+            Destination::Exchange(x) => t.exchanges.get(x).is_some_and(stored),
         };
         self.store.is_some() && source_durable && dest_durable
     }
@@ -550,9 +551,9 @@ impl Vhost {
             d.name.into()
         };
         let args = QueueArgs::parse(d.arguments, &name, &self.name)?;
-        // Exclusive queues die with their connection, so they are never stored.
+        // Exclusive and auto-delete queues are gone after a restart, so they are never stored.
         let store = match &self.store {
-            Some(store) if d.durable && !d.exclusive => {
+            Some(store) if d.durable && !d.exclusive && !d.auto_delete => {
                 let id = store.new_queue_id().map_err(internal)?;
                 store
                     .put_queue(&StoredQueue {

@@ -1,0 +1,510 @@
+//! Durability through crashes of the real binary: what a confirm or a tx.commit-ok
+//! promised survives `kill -9`, and a restart brings back exactly the durable state.
+//!
+//! One crash round runs by default. For many rounds (outside CI's fast path):
+//!   WARRENMQ_CRASH_ROUNDS=50 cargo test --release --test durability -- --nocapture
+
+mod common;
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Confirmation, ExchangeKind};
+use support::{channel, connect_url, ok};
+
+/// The real `warrenmq` process on a data directory.
+struct Broker {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Broker {
+    fn start(dir: &Path) -> Broker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_warrenmq"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--log-level",
+                "info",
+                "--data-dir",
+            ])
+            .arg(dir)
+            .env("RUST_LOG_STYLE", "never")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn warrenmq");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Keep reading the log so the broker never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in out.lines().map_while(Result::ok) {
+                if !sent {
+                    if let Some(rest) = line.split("listening for AMQP 0-9-1 on ").nth(1) {
+                        let addr: String = rest.chars().filter(|c| !c.is_control()).collect();
+                        let addr = addr.trim_end_matches("[0m").trim().to_string();
+                        let _ = tx.send(addr);
+                        sent = true;
+                    }
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the broker logs where it listens");
+        let addr = addr
+            .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
+            .find(|s| s.contains(':'))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("cannot read the address from {addr:?}"));
+        Broker { child, addr }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn data_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("warrenmq-dur-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn persistent(publisher: usize, seq: u64) -> BasicProperties {
+    let mut h = FieldTable::default();
+    h.insert("publisher".into(), AMQPValue::LongLongInt(publisher as i64));
+    h.insert("seq".into(), AMQPValue::LongLongInt(seq as i64));
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(h)
+}
+
+fn header(d: &FieldTable, k: &str) -> u64 {
+    match d.inner().get(k) {
+        Some(AMQPValue::LongLongInt(n)) => *n as u64,
+        other => panic!("header {k}: {other:?}"),
+    }
+}
+
+/// Publishes persistent messages with confirms until the broker dies; returns the
+/// sequence numbers the broker confirmed.
+async fn publish_until_killed(url: String, publisher: usize, queue: String) -> Vec<u64> {
+    let conn = connect_url(&url).await;
+    let ch = channel(&conn).await;
+    ok(
+        "confirm.select",
+        ch.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await;
+    let mut confirmed = Vec::new();
+    let mut seq = 0u64;
+    loop {
+        // A window of 64 publishes in flight, then collect their confirms.
+        let mut pending = Vec::new();
+        for _ in 0..64 {
+            let body = format!("p{publisher}-{seq}");
+            let sent = ch
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    persistent(publisher, seq),
+                )
+                .await;
+            match sent {
+                Ok(confirm) => pending.push((seq, confirm)),
+                Err(_) => return confirmed,
+            }
+            seq += 1;
+        }
+        for (s, confirm) in pending {
+            match tokio::time::timeout(Duration::from_secs(10), confirm).await {
+                Ok(Ok(Confirmation::Ack(_))) => confirmed.push(s),
+                _ => return confirmed,
+            }
+        }
+    }
+}
+
+/// Consumes with acks in transactions. Returns the (publisher, seq) of messages
+/// whose ack was committed (tx.commit-ok received) before the broker died, and of
+/// those whose commit was in flight when it died: those may or may not be gone.
+async fn consume_until_killed(
+    url: String,
+    queue: String,
+) -> (Vec<(usize, u64)>, Vec<(usize, u64)>) {
+    let conn = connect_url(&url).await;
+    let ch = channel(&conn).await;
+    ok("tx.select", ch.tx_select()).await;
+    let mut committed = Vec::new();
+    loop {
+        let mut batch = Vec::new();
+        for _ in 0..20 {
+            match tokio::time::timeout(
+                Duration::from_secs(10),
+                ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }),
+            )
+            .await
+            {
+                Ok(Ok(Some(m))) => {
+                    let h = m.delivery.properties.headers().clone().unwrap_or_default();
+                    let id = (header(&h, "publisher") as usize, header(&h, "seq"));
+                    batch.push(id);
+                    if ch
+                        .basic_ack(m.delivery.delivery_tag, BasicAckOptions::default())
+                        .await
+                        .is_err()
+                    {
+                        return (committed, batch);
+                    }
+                }
+                Ok(Ok(None)) => break,
+                _ => return (committed, batch),
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(10), ch.tx_commit()).await {
+            Ok(Ok(())) => committed.extend(batch),
+            _ => return (committed, batch),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn crash_round(round: usize) {
+    let dir = data_dir(&format!("crash{round}"));
+    let queue = "crash-test".to_string();
+    let broker = Broker::start(&dir);
+    {
+        let conn = connect_url(&broker.url()).await;
+        let ch = channel(&conn).await;
+        ok(
+            "queue.declare",
+            ch.queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await;
+    }
+    let publishers: Vec<_> = (0..3)
+        .map(|p| tokio::spawn(publish_until_killed(broker.url(), p, queue.clone())))
+        .collect();
+    let consumer = tokio::spawn(consume_until_killed(broker.url(), queue.clone()));
+    tokio::time::sleep(Duration::from_millis(700 + 97 * (round as u64 % 7))).await;
+    broker.kill9();
+
+    let mut confirmed: HashMap<usize, Vec<u64>> = HashMap::new();
+    for (p, h) in publishers.into_iter().enumerate() {
+        confirmed.insert(p, h.await.unwrap());
+    }
+    let (acked, in_doubt) = consumer.await.unwrap();
+    let acked: HashSet<(usize, u64)> = acked.into_iter().collect();
+    let in_doubt: HashSet<(usize, u64)> = in_doubt.into_iter().collect();
+    let total_confirmed: usize = confirmed.values().map(|v| v.len()).sum();
+    assert!(
+        total_confirmed > 0,
+        "the publishers got confirms before the crash"
+    );
+
+    // Restart on the same data and drain.
+    let broker = Broker::start(&dir);
+    let conn = connect_url(&broker.url()).await;
+    let ch = channel(&conn).await;
+    let mut seen: HashMap<(usize, u64), usize> = HashMap::new();
+    let mut last_seq: HashMap<usize, u64> = HashMap::new();
+    while let Some(m) = ok(
+        "basic.get",
+        ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }),
+    )
+    .await
+    {
+        let h = m.delivery.properties.headers().clone().unwrap_or_default();
+        let id = (header(&h, "publisher") as usize, header(&h, "seq"));
+        assert!(!acked.contains(&id), "acked message {id:?} came back");
+        let n = seen.entry(id).or_default();
+        *n += 1;
+        if *n > 1 {
+            assert!(
+                m.delivery.redelivered,
+                "duplicate {id:?} without redelivered"
+            );
+        }
+        let last = last_seq.entry(id.0).or_insert(0);
+        assert!(
+            id.1 >= *last,
+            "publisher {} out of order: {} after {}",
+            id.0,
+            id.1,
+            last
+        );
+        *last = id.1;
+    }
+    for (p, seqs) in &confirmed {
+        for s in seqs {
+            let id = (*p, *s);
+            assert!(
+                seen.contains_key(&id) || acked.contains(&id) || in_doubt.contains(&id),
+                "confirmed message {id:?} was lost"
+            );
+        }
+    }
+    println!(
+        "crash round {round}: {total_confirmed} confirmed, {} acked in committed transactions, {} recovered, none lost",
+        acked.len(),
+        seen.len()
+    );
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Confirmed persistent messages survive kill -9, in order per publisher, and no
+/// message whose ack was committed comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_messages_survive_kill_9() {
+    let rounds: usize = std::env::var("WARRENMQ_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for round in 0..rounds {
+        crash_round(round).await;
+    }
+}
+
+/// A restart brings back durable exchanges, queues and bindings and persistent
+/// messages; non-durable, exclusive and auto-delete entities and transient
+/// messages are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_durable_state_only() {
+    let dir = data_dir("meta");
+    let broker = Broker::start(&dir);
+    {
+        let conn = connect_url(&broker.url()).await;
+        let ch = channel(&conn).await;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let dq = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ok(
+            "x",
+            ch.exchange_declare(
+                "d.x".into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        ok(
+            "x",
+            ch.exchange_declare(
+                "t.x".into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        ok(
+            "q",
+            ch.queue_declare("d.q".into(), dq, FieldTable::default()),
+        )
+        .await;
+        ok(
+            "q",
+            ch.queue_declare(
+                "t.q".into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        ok(
+            "q",
+            ch.queue_declare(
+                "ad.q".into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        ok(
+            "q",
+            ch.queue_declare(
+                "ex.q".into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        ok(
+            "bind",
+            ch.queue_bind(
+                "d.q".into(),
+                "d.x".into(),
+                "a.*".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        ok(
+            "confirm.select",
+            ch.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await;
+        for (body, mode) in [("kept", 2u8), ("dropped", 1u8)] {
+            let c = ok(
+                "publish",
+                ch.basic_publish(
+                    "d.x".into(),
+                    "a.b".into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    BasicProperties::default().with_delivery_mode(mode),
+                ),
+            )
+            .await;
+            assert_eq!(ok("confirm", c).await, Confirmation::Ack(None));
+        }
+        broker.kill9();
+    }
+    let broker = Broker::start(&dir);
+    let conn = connect_url(&broker.url()).await;
+    let passive_q = |name: &'static str| {
+        let conn = &conn;
+        async move {
+            let ch = channel(conn).await;
+            ch.queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count())
+        }
+    };
+    assert_eq!(passive_q("d.q").await.expect("durable queue is back"), 1);
+    assert!(passive_q("t.q").await.is_err(), "non-durable queue is gone");
+    assert!(
+        passive_q("ad.q").await.is_err(),
+        "auto-delete queue is gone"
+    );
+    assert!(passive_q("ex.q").await.is_err(), "exclusive queue is gone");
+    let ch = channel(&conn).await;
+    let passive_x = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ok(
+        "durable exchange is back",
+        ch.exchange_declare(
+            "d.x".into(),
+            ExchangeKind::Topic,
+            passive_x,
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert!(ch
+        .exchange_declare(
+            "t.x".into(),
+            ExchangeKind::Fanout,
+            passive_x,
+            FieldTable::default()
+        )
+        .await
+        .is_err());
+    // The binding came back too: routing through d.x still reaches d.q.
+    let ch = channel(&conn).await;
+    ok(
+        "publish",
+        ch.basic_publish(
+            "d.x".into(),
+            "a.c".into(),
+            BasicPublishOptions::default(),
+            b"routed",
+            BasicProperties::default(),
+        ),
+    )
+    .await;
+    let mut bodies = Vec::new();
+    while let Some(m) = ok(
+        "get",
+        ch.basic_get("d.q".into(), BasicGetOptions { no_ack: true }),
+    )
+    .await
+    {
+        bodies.push((
+            String::from_utf8(m.delivery.data).unwrap(),
+            m.delivery.redelivered,
+        ));
+    }
+    assert_eq!(
+        bodies,
+        vec![("kept".to_string(), true), ("routed".to_string(), false)]
+    );
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A second broker on the same data directory refuses to start, saying why.
+#[test]
+fn second_broker_on_same_data_dir_refuses_to_start() {
+    let dir = data_dir("lock");
+    let _first = Broker::start(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_warrenmq"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("in use by another WarrenMQ process"),
+        "{text}"
+    );
+}
