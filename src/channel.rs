@@ -503,6 +503,16 @@ impl Channel {
                 all.freeze()
             }
         };
+        if let Some(uid) = properties.user_id() {
+            let user = self.shared.conn.user();
+            if uid.as_str() != user {
+                return Err(AmqpError::precondition_failed(format!(
+                    "user_id property set to '{}' but authenticated user was '{user}'",
+                    uid.as_str()
+                ))
+                .with_method(60, 40));
+            }
+        }
         if let Err(bad) = valid_expiration(&properties) {
             return Err(
                 AmqpError::precondition_failed(format!("invalid expiration '{bad}'"))
@@ -977,6 +987,13 @@ impl Channel {
             exclusive: c.exclusive,
             prefetch: self.consumer_prefetch,
             unacked: Default::default(),
+            priority: c
+                .arguments
+                .inner()
+                .get("x-priority")
+                .and_then(crate::exchange::int_value)
+                .map(|p| p.clamp(i64::MIN as i128, i64::MAX as i128) as i64)
+                .unwrap_or(0),
         });
         let nowait = c.nowait;
         let shared = self.shared.clone();

@@ -51,6 +51,8 @@ pub struct ConnShared {
     frame_max: AtomicU32,
     cancel_notify: AtomicBool,
     events: mpsc::UnboundedSender<ConnEvent>,
+    /// The authenticated user, once the handshake got that far.
+    user: std::sync::OnceLock<String>,
 }
 
 impl ConnShared {
@@ -60,6 +62,10 @@ impl ConnShared {
 
     pub fn consumer_cancel_notify(&self) -> bool {
         self.cancel_notify.load(Ordering::Relaxed)
+    }
+
+    pub fn user(&self) -> &str {
+        self.user.get().map(|s| s.as_str()).unwrap_or("")
     }
 
     pub fn event(&self, e: ConnEvent) {
@@ -105,6 +111,7 @@ pub async fn serve(
             frame_max: AtomicU32::new(broker.config.limits.frame_max),
             cancel_notify: AtomicBool::new(false),
             events: tx,
+            user: std::sync::OnceLock::new(),
         });
         let writer_shared = shared.clone();
         let writer_task = tokio::spawn(
@@ -296,6 +303,7 @@ impl Connection {
                 .into());
             }
         };
+        let _ = self.shared.user.set(user.name.clone());
         self.send(
             0,
             &AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {

@@ -65,6 +65,8 @@ pub struct ExchangeDef {
 pub struct Router {
     pub name: Arc<str>,
     pub internal: bool,
+    /// The `alternate-exchange` argument: where messages this exchange cannot route go.
+    pub alternate: Option<Arc<str>>,
     rules: Rules,
 }
 
@@ -106,6 +108,12 @@ impl Router {
         Router {
             name: def.name.clone(),
             internal: def.internal,
+            alternate: def
+                .arguments
+                .inner()
+                .get("alternate-exchange")
+                .and_then(string_value)
+                .map(Arc::from),
             rules,
         }
     }

@@ -69,6 +69,8 @@ pub struct Consumer {
     /// Per-consumer prefetch (basic.qos global=false) in force when it started; 0 is unlimited.
     pub prefetch: u32,
     pub unacked: AtomicU32,
+    /// The x-priority consume argument: higher-priority consumers with room get messages first.
+    pub priority: i64,
 }
 
 impl Consumer {
@@ -98,6 +100,7 @@ pub struct QueueArgs {
     pub max_priority: Option<u8>,
     pub dead_letter_exchange: Option<Arc<str>>,
     pub dead_letter_routing_key: Option<Arc<str>>,
+    pub single_active_consumer: bool,
 }
 
 impl QueueArgs {
@@ -152,6 +155,42 @@ impl QueueArgs {
                 ))
             }
         };
+        let dead_letter_exchange = text("x-dead-letter-exchange")?;
+        let dead_letter_routing_key = text("x-dead-letter-routing-key")?;
+        if dead_letter_routing_key.is_some() && dead_letter_exchange.is_none() {
+            return Err(bad(
+                "x-dead-letter-routing-key",
+                "routing_key_but_no_dlx_defined".into(),
+            ));
+        }
+        let single_active_consumer = match get("x-single-active-consumer") {
+            None => false,
+            Some(AMQPValue::Boolean(b)) => *b,
+            Some(v) => {
+                return Err(bad(
+                    "x-single-active-consumer",
+                    format!("{{unacceptable_type,{}}}", type_name(v)),
+                ))
+            }
+        };
+        match text("x-queue-type")?.as_deref() {
+            None | Some("classic") | Some("quorum") => {}
+            Some(other) => {
+                return Err(bad(
+                    "x-queue-type",
+                    format!("unsupported queue type '{other}'"),
+                ))
+            }
+        }
+        match text("x-queue-mode")?.as_deref() {
+            None | Some("default") | Some("lazy") => {}
+            Some(other) => {
+                return Err(bad(
+                    "x-queue-mode",
+                    format!("unsupported queue mode '{other}'"),
+                ))
+            }
+        }
         Ok(QueueArgs {
             message_ttl: non_negative("x-message-ttl")?,
             expires,
@@ -159,8 +198,9 @@ impl QueueArgs {
             max_length_bytes: non_negative("x-max-length-bytes")?,
             overflow,
             max_priority,
-            dead_letter_exchange: text("x-dead-letter-exchange")?,
-            dead_letter_routing_key: text("x-dead-letter-routing-key")?,
+            dead_letter_exchange,
+            dead_letter_routing_key,
+            single_active_consumer,
         })
     }
 }
@@ -520,30 +560,42 @@ impl Queue {
 
     fn drain(self: &Arc<Self>, st: &mut QueueState) {
         let now = now_ms();
+        // Consumers whose channel refused a delivery (channel-wide prefetch) in this pass.
+        let mut refused: Vec<usize> = Vec::new();
         while st.ready.len > 0 && !st.consumers.is_empty() {
             let n = st.consumers.len();
-            let mut delivered = false;
-            for i in 0..n {
-                let idx = (st.next_consumer + i) % n;
-                let consumer = st.consumers[idx].clone();
-                if !consumer.has_credit() {
+            // With x-single-active-consumer only the oldest consumer gets messages.
+            let candidates = if self.args.single_active_consumer {
+                1
+            } else {
+                n
+            };
+            let mut best: Option<(i64, usize)> = None;
+            for i in 0..candidates {
+                let idx = (st.next_consumer + i) % candidates;
+                let c = &st.consumers[idx];
+                if refused.contains(&idx) || !c.has_credit() {
                     continue;
                 }
-                self.expire_head(st, now);
-                let Some(m) = st.ready.pop_front() else {
-                    return;
-                };
-                match consumer.channel.deliver(self, &consumer, m) {
-                    Ok(()) => {
-                        st.next_consumer = (idx + 1) % n;
-                        delivered = true;
-                        break;
-                    }
-                    Err(m) => st.ready.push_front(m),
+                // Highest priority wins; among equals, the next in round-robin order.
+                if best.is_none_or(|(p, _)| c.priority > p) {
+                    best = Some((c.priority, idx));
                 }
             }
-            if !delivered {
+            let Some((_, idx)) = best else {
                 return;
+            };
+            let consumer = st.consumers[idx].clone();
+            self.expire_head(st, now);
+            let Some(m) = st.ready.pop_front() else {
+                return;
+            };
+            match consumer.channel.deliver(self, &consumer, m) {
+                Ok(()) => st.next_consumer = (idx + 1) % n,
+                Err(m) => {
+                    st.ready.push_front(m);
+                    refused.push(idx);
+                }
             }
         }
     }

@@ -80,6 +80,16 @@ impl Routing {
             visited.push(&router.name);
             dests.clear();
             router.route(routing_key, headers, &mut dests);
+            if dests.is_empty() {
+                // Unroutable here: the exchange's alternate-exchange gets it.
+                if let Some(ae) = router
+                    .alternate
+                    .as_ref()
+                    .and_then(|a| self.exchanges.get(a))
+                {
+                    pending.push(ae);
+                }
+            }
             for d in dests.drain(..) {
                 match d {
                     Destination::Queue(name) => {
@@ -348,6 +358,7 @@ impl Vhost {
                 x.auto_delete.to_string(),
             )?;
             check("internal", d.internal.to_string(), x.internal.to_string())?;
+            check_arguments(&what, EXCHANGE_CHECKED, d.arguments, &x.arguments)?;
             return Ok(false);
         }
         if d.name.starts_with("amq.") {
@@ -396,7 +407,7 @@ impl Vhost {
         }
         if name.starts_with("amq.") {
             return Err(AmqpError::access_refused(format!(
-                "deletion of system {} refused",
+                "deletion of system {} not allowed",
                 exchange_name(name, &self.name)
             )));
         }
@@ -483,12 +494,16 @@ impl Vhost {
         self.store.is_some() && source_durable && dest_durable
     }
 
+    fn locked(&self, q: &Queue) -> AmqpError {
+        AmqpError::resource_locked(format!(
+            "cannot obtain exclusive access to locked {}. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+            queue_name(&q.name, &self.name)
+        ))
+    }
+
     fn check_owner(&self, q: &Queue, connection: u64) -> AmqpResult<()> {
         match q.exclusive_owner {
-            Some(owner) if owner != connection => Err(AmqpError::resource_locked(format!(
-                "cannot obtain exclusive access to locked {}. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
-                queue_name(&q.name, &self.name)
-            ))),
+            Some(owner) if owner != connection => Err(self.locked(q)),
             _ => Ok(()),
         }
     }
@@ -512,6 +527,10 @@ impl Vhost {
         let mut t = self.lock();
         if let Some(q) = t.queues.get(d.name).cloned() {
             self.check_owner(&q, d.connection)?;
+            if d.exclusive && !d.passive && q.exclusive_owner.is_none() {
+                // RabbitMQ refuses exclusive access to a shared queue as a lock, not a mismatch.
+                return Err(self.locked(&q));
+            }
             if !d.passive {
                 let what = queue_name(d.name, &self.name);
                 for (arg, got, cur) in [
@@ -551,6 +570,25 @@ impl Vhost {
             d.name.into()
         };
         let args = QueueArgs::parse(d.arguments, &name, &self.name)?;
+        let quorum = d
+            .arguments
+            .inner()
+            .get("x-queue-type")
+            .and_then(crate::exchange::string_value)
+            .is_some_and(|t| t == "quorum");
+        if quorum && (!d.durable || d.exclusive || d.auto_delete) {
+            let prop = if !d.durable {
+                "non-durable"
+            } else if d.exclusive {
+                "exclusive"
+            } else {
+                "auto-delete"
+            };
+            return Err(AmqpError::precondition_failed(format!(
+                "invalid property '{prop}' for {}",
+                queue_name(&name, &self.name)
+            )));
+        }
         // Exclusive and auto-delete queues are gone after a restart, so they are never stored.
         let store = match &self.store {
             Some(store) if d.durable && !d.exclusive && !d.auto_delete => {
@@ -666,6 +704,12 @@ impl Vhost {
     ) -> AmqpResult<bool> {
         let mut t = self.lock();
         self.check_binding(&t, source, &destination, connection)?;
+        if t.exchanges
+            .get(source)
+            .is_some_and(|x| x.kind == ExchangeKind::Headers)
+        {
+            check_x_match(arguments)?;
+        }
         let durable = self.binding_is_durable(&t, source, &destination);
         let binding = Binding {
             destination,
@@ -758,6 +802,21 @@ impl Vhost {
     }
 }
 
+/// A headers binding's x-match must be one RabbitMQ knows.
+fn check_x_match(arguments: &FieldTable) -> AmqpResult<()> {
+    let Some(v) = arguments.inner().get("x-match") else {
+        return Ok(());
+    };
+    let text = crate::exchange::string_value(v);
+    match text.as_deref() {
+        Some("all" | "any" | "all-with-x" | "any-with-x") => Ok(()),
+        _ => Err(AmqpError::precondition_failed(format!(
+            "Invalid x-match field value <<\"{}\">>; expected all, any, all-with-x, or any-with-x",
+            text.unwrap_or_default()
+        ))),
+    }
+}
+
 fn internal(e: crate::store::StoreError) -> AmqpError {
     tracing::error!("{e}");
     AmqpError::internal_error(format!("store failure: {e}"))
@@ -781,20 +840,34 @@ fn notify_cancelled(consumers: Vec<Arc<Consumer>>) {
 
 /// The queue arguments RabbitMQ checks for equivalence on redeclare.
 fn check_queue_arguments(what: &str, got: &FieldTable, cur: &FieldTable) -> AmqpResult<()> {
-    const CHECKED: &[&str] = &[
-        "x-expires",
-        "x-message-ttl",
-        "x-dead-letter-exchange",
-        "x-dead-letter-routing-key",
-        "x-max-length",
-        "x-max-length-bytes",
-        "x-max-priority",
-        "x-overflow",
-        "x-queue-mode",
-        "x-queue-type",
-        "x-single-active-consumer",
-    ];
-    for key in CHECKED {
+    check_arguments(what, QUEUE_CHECKED, got, cur)
+}
+
+/// The queue arguments RabbitMQ compares on redeclare.
+const QUEUE_CHECKED: &[&str] = &[
+    "x-expires",
+    "x-message-ttl",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-priority",
+    "x-overflow",
+    "x-queue-mode",
+    "x-queue-type",
+    "x-single-active-consumer",
+];
+
+/// The exchange arguments RabbitMQ compares on redeclare.
+const EXCHANGE_CHECKED: &[&str] = &["alternate-exchange"];
+
+fn check_arguments(
+    what: &str,
+    keys: &[&str],
+    got: &FieldTable,
+    cur: &FieldTable,
+) -> AmqpResult<()> {
+    for key in keys {
         let a = got.inner().get(*key);
         let b = cur.inner().get(*key);
         let same = match (a, b) {
@@ -807,9 +880,17 @@ fn check_queue_arguments(what: &str, got: &FieldTable, cur: &FieldTable) -> Amqp
             _ => false,
         };
         if !same {
+            // RabbitMQ's form: `'20'` when both sides have a value, otherwise
+            // `the value '20' of type 'signedint'` against `none`.
+            let both = a.is_some() && b.is_some();
             let show = |v: Option<&AMQPValue>| match v {
                 None => "none".to_string(),
-                Some(v) => format!("'{}'", display_value(v)),
+                Some(v) if both => format!("'{}'", display_value(v)),
+                Some(v) => format!(
+                    "the value '{}' of type '{}'",
+                    display_value(v),
+                    type_name(v)
+                ),
             };
             return Err(AmqpError::precondition_failed(format!(
                 "inequivalent arg '{key}' for {what}: received {} but current is {}",
@@ -819,6 +900,29 @@ fn check_queue_arguments(what: &str, got: &FieldTable, cur: &FieldTable) -> Amqp
         }
     }
     Ok(())
+}
+
+/// RabbitMQ's names for field table value types.
+fn type_name(v: &AMQPValue) -> &'static str {
+    match v {
+        AMQPValue::Boolean(_) => "bool",
+        AMQPValue::ShortShortInt(_) => "byte",
+        AMQPValue::ShortShortUInt(_) => "unsignedbyte",
+        AMQPValue::ShortInt(_) => "short",
+        AMQPValue::ShortUInt(_) => "unsignedshort",
+        AMQPValue::LongInt(_) => "signedint",
+        AMQPValue::LongUInt(_) => "unsignedint",
+        AMQPValue::LongLongInt(_) => "long",
+        AMQPValue::Float(_) => "float",
+        AMQPValue::Double(_) => "double",
+        AMQPValue::DecimalValue(_) => "decimal",
+        AMQPValue::ShortString(_) | AMQPValue::LongString(_) => "longstr",
+        AMQPValue::FieldArray(_) => "array",
+        AMQPValue::Timestamp(_) => "timestamp",
+        AMQPValue::FieldTable(_) => "table",
+        AMQPValue::ByteArray(_) => "binary",
+        AMQPValue::Void => "void",
+    }
 }
 
 fn value_eq(a: &AMQPValue, b: &AMQPValue) -> bool {
