@@ -18,7 +18,9 @@ use crate::exchange::Destination;
 use crate::message::{valid_expiration, MemoryGauge, Message};
 use crate::protocol::{short, write_get_ok, write_method, write_return};
 use crate::queue::{ConsumeRefused, Consumer, Enqueued, Queue, QueuedMessage};
-use crate::vhost::{Cancellations, ExchangeDeclare, QueueDeclare, Routed, Routing, Vhost};
+use crate::vhost::{
+    Cancellations, ExchangeDeclare, QueueDeclare, Routed, Routing, Vhost, REPLY_TO,
+};
 
 /// A delivery awaiting ack.
 struct Unacked {
@@ -280,6 +282,8 @@ pub struct Channel {
     tx: Option<Tx>,
     consumer_prefetch: u32,
     last_queue: Option<Arc<str>>,
+    /// The direct reply-to pseudo-queue this channel consumes from, if any.
+    reply_queue: Option<Arc<Queue>>,
     max_message_size: u64,
     /// channel.close sent after an error: discard everything until close-ok.
     pub closing: bool,
@@ -325,6 +329,7 @@ impl Channel {
             tx: None,
             consumer_prefetch: 0,
             last_queue: None,
+            reply_queue: None,
             max_message_size,
             closing: false,
         }
@@ -341,14 +346,24 @@ impl Channel {
     /// Releases what the channel holds: consumers are cancelled, unacked messages requeued.
     pub fn release(&mut self) {
         self.shared.open.store(false, Ordering::Release);
-        for (tag, q) in self.consumers.drain() {
-            if q.remove_consumer(&self.shared, &tag) {
-                self.vhost.delete_queue_instance(&q);
-            }
+        for (tag, q) in std::mem::take(&mut self.consumers) {
+            self.drop_consumer(&tag, &q);
         }
         requeue(self.shared.take_all());
         self.incoming = None;
         self.tx = None;
+    }
+
+    /// Detaches a consumer from its queue; an auto-delete queue may go with it,
+    /// and a direct reply-to pseudo-queue always does.
+    fn drop_consumer(&mut self, tag: &str, q: &Arc<Queue>) {
+        if q.remove_consumer(&self.shared, tag) {
+            self.vhost.delete_queue_instance(q);
+        }
+        if self.reply_queue.as_ref().is_some_and(|r| Arc::ptr_eq(r, q)) {
+            self.vhost.drop_reply_queue(&q.name);
+            self.reply_queue = None;
+        }
     }
 
     /// Sends the confirms that became due while handling the last batch of frames.
@@ -513,6 +528,26 @@ impl Channel {
                 .with_method(60, 40));
             }
         }
+        let (header, properties) = if properties
+            .reply_to()
+            .as_ref()
+            .is_some_and(|r| r.as_str() == REPLY_TO)
+        {
+            // Direct reply-to: the reply address becomes this channel's pseudo-queue.
+            let Some(q) = &self.reply_queue else {
+                return Err(AmqpError::precondition_failed(
+                    "fast reply consumer does not exist".into(),
+                )
+                .with_method(60, 40));
+            };
+            let properties = properties.with_reply_to(short(&*q.name));
+            (
+                crate::message::encode_header(inc.received, &properties),
+                properties,
+            )
+        } else {
+            (header, properties)
+        };
         if let Err(bad) = valid_expiration(&properties) {
             return Err(
                 AmqpError::precondition_failed(format!("invalid expiration '{bad}'"))
@@ -547,7 +582,10 @@ impl Channel {
 
     fn route(&mut self, p: Publish) -> AmqpResult<()> {
         let routing = self.routing();
-        let queues =
+        let reply = p.exchange.is_empty() && p.routing_key.starts_with(REPLY_TO);
+        let queues = if reply {
+            self.vhost.reply_queue(&p.routing_key).into_iter().collect()
+        } else {
             match routing.route(&p.exchange, &p.routing_key, p.properties.headers().as_ref()) {
                 Routed::NoExchange => return Err(self.vhost.not_found_exchange(&p.exchange)),
                 Routed::Internal => {
@@ -557,7 +595,8 @@ impl Channel {
                     )))
                 }
                 Routed::Queues(q) => q,
-            };
+            }
+        };
         if queues.is_empty() {
             if p.mandatory {
                 let mut out = self.shared.conn.outbox.append();
@@ -793,6 +832,18 @@ impl Channel {
                 } else {
                     d.queue.as_str().to_string()
                 };
+                // Direct reply-to names exist for passive declares, as in RabbitMQ.
+                if d.passive
+                    && (name == REPLY_TO
+                        || (name.starts_with(REPLY_TO) && vhost.reply_queue(&name).is_some()))
+                {
+                    let ok = AMQPClass::Queue(M::DeclareOk(queue::DeclareOk {
+                        queue: short(name.as_str()),
+                        message_count: 0,
+                        consumer_count: self.reply_queue.is_some() as u32,
+                    }));
+                    return Ok(self.answer(false, d.nowait, ok, None));
+                }
                 let (q, messages, consumers, durable) = vhost.declare_queue(QueueDeclare {
                     name: &name,
                     passive: d.passive,
@@ -888,9 +939,7 @@ impl Channel {
             M::Cancel(c) => {
                 let tag = c.consumer_tag.as_str();
                 if let Some(q) = self.consumers.remove(tag) {
-                    if q.remove_consumer(&self.shared, tag) {
-                        self.vhost.delete_queue_instance(&q);
-                    }
+                    self.drop_consumer(tag, &q);
                 }
                 if !c.nowait {
                     self.reply(AMQPClass::Basic(M::CancelOk(basic::CancelOk {
@@ -969,7 +1018,23 @@ impl Channel {
 
     fn consume(&mut self, c: basic::Consume) -> AmqpResult<()> {
         let name = self.resolve_queue(c.queue.as_str())?;
-        let q = self.vhost.queue(&name, self.conn_id())?;
+        let q = if &*name == REPLY_TO {
+            if !c.no_ack {
+                return Err(AmqpError::precondition_failed(
+                    "reply consumer cannot acknowledge".into(),
+                ));
+            }
+            if self.reply_queue.is_some() {
+                return Err(AmqpError::precondition_failed(
+                    "reply consumer already set".into(),
+                ));
+            }
+            let q = self.vhost.new_reply_queue();
+            self.reply_queue = Some(q.clone());
+            q
+        } else {
+            self.vhost.queue(&name, self.conn_id())?
+        };
         let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
             generated_tag().into()
         } else {

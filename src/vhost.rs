@@ -33,7 +33,13 @@ pub struct Vhost {
     housekeeping_rx: Mutex<Option<UnboundedReceiver<Housekeeping>>>,
     /// Where durable entities and persistent messages go; None runs purely in memory.
     pub store: Option<Arc<Store>>,
+    /// Direct reply-to: the pseudo-queue behind each `amq.rabbitmq.reply-to.*` name.
+    /// Only replies to such names look here, never ordinary publishes.
+    reply_to: Mutex<HashMap<Arc<str>, Weak<Queue>>>,
 }
+
+/// The queue name RPC clients consume from and put in reply_to (direct reply-to).
+pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 struct Topology {
     exchanges: HashMap<Arc<str>, ExchangeDef>,
@@ -140,6 +146,7 @@ impl Vhost {
         let (housekeeping, rx) = unbounded_channel();
         let vhost = Vhost {
             store,
+            reply_to: Mutex::new(HashMap::new()),
             housekeeping,
             housekeeping_rx: Mutex::new(Some(rx)),
             name: name.into(),
@@ -267,6 +274,41 @@ impl Vhost {
         }
         self.changed(&mut t);
         Ok((nq, nm))
+    }
+
+    /// A pseudo-queue for a direct reply-to consumer, reachable only by its name.
+    pub fn new_reply_queue(&self) -> Arc<Queue> {
+        let name: Arc<str> = format!("{REPLY_TO}.{}", &generated_name()["amq.gen-".len()..]).into();
+        let args = QueueArgs::parse(&FieldTable::default(), &name, &self.name)
+            .expect("empty arguments are valid");
+        let q = Queue::new(
+            name.clone(),
+            false,
+            false,
+            None,
+            FieldTable::default(),
+            args,
+            self.housekeeping.clone(),
+            None,
+        );
+        self.reply_to
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, Arc::downgrade(&q));
+        q
+    }
+
+    /// The reply pseudo-queue behind an `amq.rabbitmq.reply-to.*` routing key, if its consumer is still there.
+    pub fn reply_queue(&self, name: &str) -> Option<Arc<Queue>> {
+        let map = self.reply_to.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(name).and_then(|w| w.upgrade())
+    }
+
+    pub fn drop_reply_queue(&self, name: &str) {
+        self.reply_to
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
     }
 
     /// Starts the task that routes dead letters and runs TTL and x-expires timers.
