@@ -26,6 +26,7 @@ pub struct BrokerState {
     pub config: Config,
     pub vhosts: HashMap<String, Arc<Vhost>>,
     pub gauge: Arc<MemoryGauge>,
+    pub store: Arc<Store>,
     next_connection: AtomicU64,
 }
 
@@ -40,6 +41,8 @@ pub struct BrokerHandle {
     addrs: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    store: std::sync::Weak<Store>,
+    committer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl BrokerHandle {
@@ -53,9 +56,21 @@ impl BrokerHandle {
     }
 
     /// Stops accepting, closes every connection with 320 CONNECTION_FORCED and waits for them.
+    /// When it returns, the data directory is released and may be opened again.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        // The store goes once the last connection and queue let go of it; its
+        // committer then ends and with it the database.
+        for _ in 0..500 {
+            if self.store.strong_count() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some(c) = self.committer {
+            let _ = tokio::time::timeout(Duration::from_secs(5), c).await;
+        }
     }
 }
 
@@ -81,7 +96,12 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let mut vhosts = HashMap::new();
     let (mut nq, mut nm) = (0, 0);
     for v in &config.vhosts {
-        let vhost = Arc::new(Vhost::new(&v.name, Some(store.clone())));
+        let vhost = Arc::new(Vhost::new(
+            &v.name,
+            Some(store.clone()),
+            gauge.clone(),
+            config.limits.queue_memory_budget as usize,
+        ));
         let (q, m) = vhost.recover(&exchanges, &queues, &bindings, &gauge)?;
         nq += q;
         nm += m;
@@ -118,14 +138,24 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         listeners.push(l);
     }
     let state = Arc::new(BrokerState {
+        store: store.clone(),
         gauge,
         config,
         vhosts,
         next_connection: AtomicU64::new(0),
     });
     let (stop, stop_rx) = watch::channel(false);
+    let committer = store.take_committer();
+    let weak_store = Arc::downgrade(&store);
+    drop(store);
     let task = tokio::spawn(accept_all(listeners, state, stop_rx));
-    Ok(BrokerHandle { addrs, stop, task })
+    Ok(BrokerHandle {
+        addrs,
+        stop,
+        task,
+        store: weak_store,
+        committer,
+    })
 }
 
 async fn accept_all(
@@ -171,6 +201,10 @@ async fn accept_all(
         .is_err()
     {
         error!("some connections did not close within 10s of shutdown");
+    }
+    // Whatever the connections did last is on disk before the process goes.
+    if let Err(e) = state.store.synced().await {
+        error!("final flush of the store failed: {e}");
     }
     info!("broker stopped");
 }

@@ -34,6 +34,7 @@ pub struct Limits {
     pub handshake_timeout: u64,
     pub max_message_size: u64,
     pub memory_high_watermark: u64,
+    pub queue_memory_budget: u64,
 }
 
 impl Default for Limits {
@@ -45,6 +46,7 @@ impl Default for Limits {
             handshake_timeout: 10,
             max_message_size: 128 * 1024 * 1024,
             memory_high_watermark: 1024 * 1024 * 1024,
+            queue_memory_budget: 64 * 1024 * 1024,
         }
     }
 }

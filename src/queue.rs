@@ -20,7 +20,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::channel::ChannelShared;
 use crate::error::{queue_name, AmqpError, AmqpResult};
 use crate::exchange::{int_value, string_value};
-use crate::message::Message;
+use crate::message::{MemoryGauge, Message};
 use crate::store::Store;
 
 fn epoch() -> Instant {
@@ -54,10 +54,6 @@ pub struct QueuedMessage {
 impl QueuedMessage {
     pub fn is_persisted(&self) -> bool {
         self.persisted
-    }
-
-    fn expired(&self, now: u64) -> bool {
-        self.expires.is_some_and(|t| now > t)
     }
 }
 
@@ -245,14 +241,69 @@ pub struct Queue {
     me: Weak<Queue>,
     /// For durable queues: the store and this queue's id in it.
     pub store: Option<(Arc<Store>, u64)>,
+    /// Bytes of persisted bodies kept in memory; beyond, they stay on disk only.
+    memory_budget: usize,
+    gauge: Arc<MemoryGauge>,
     state: Mutex<QueueState>,
+}
+
+/// A message read back from the store at start-up.
+pub struct Restored {
+    pub seq: u64,
+    pub priority: u8,
+    pub ttl: Option<u64>,
+    pub size: usize,
+    /// None: leave it on disk until it is needed.
+    pub msg: Option<Arc<Message>>,
+}
+
+/// A ready message as the queue holds it. A persisted message may be paged out:
+/// then only what is needed to order, expire and find it on disk stays in memory.
+struct Entry {
+    seq: u64,
+    redelivered: bool,
+    level: u8,
+    expires: Option<u64>,
+    persisted: bool,
+    size: usize,
+    /// None when paged out: the body is read back from the store for delivery.
+    msg: Option<Arc<Message>>,
+}
+
+impl Entry {
+    fn resident(m: QueuedMessage) -> Entry {
+        Entry {
+            seq: m.seq,
+            redelivered: m.redelivered,
+            level: m.level,
+            expires: m.expires,
+            persisted: m.persisted,
+            size: m.msg.body.len(),
+            msg: Some(m.msg),
+        }
+    }
+
+    fn expired(&self, now: u64) -> bool {
+        self.expires.is_some_and(|t| now > t)
+    }
+
+    fn resident_bytes(&self) -> usize {
+        if self.msg.is_some() {
+            self.size
+        } else {
+            0
+        }
+    }
 }
 
 /// Ready messages, one FIFO per priority level (a single level without x-max-priority).
 struct Ready {
-    levels: Vec<VecDeque<QueuedMessage>>,
+    levels: Vec<VecDeque<Entry>>,
     len: usize,
+    /// Body bytes of every ready message (x-max-length-bytes counts these).
     bytes: usize,
+    /// Body bytes held in memory (the paging budget counts these).
+    resident: usize,
 }
 
 impl Ready {
@@ -261,43 +312,49 @@ impl Ready {
             levels: (0..levels).map(|_| VecDeque::new()).collect(),
             len: 0,
             bytes: 0,
+            resident: 0,
         }
     }
 
-    fn push_back(&mut self, m: QueuedMessage) {
+    fn added(&mut self, e: &Entry) {
         self.len += 1;
-        self.bytes += m.msg.body.len();
-        self.levels[m.level as usize].push_back(m);
+        self.bytes += e.size;
+        self.resident += e.resident_bytes();
     }
 
-    fn push_front(&mut self, m: QueuedMessage) {
-        self.len += 1;
-        self.bytes += m.msg.body.len();
-        self.levels[m.level as usize].push_front(m);
+    fn push_back(&mut self, e: Entry) {
+        self.added(&e);
+        self.levels[e.level as usize].push_back(e);
     }
 
-    fn insert_by_seq(&mut self, m: QueuedMessage) {
-        self.len += 1;
-        self.bytes += m.msg.body.len();
-        let level = &mut self.levels[m.level as usize];
-        let pos = level.partition_point(|r| r.seq < m.seq);
-        level.insert(pos, m);
+    fn push_front(&mut self, e: Entry) {
+        self.added(&e);
+        self.levels[e.level as usize].push_front(e);
     }
 
-    fn front(&self) -> Option<&QueuedMessage> {
+    fn insert_by_seq(&mut self, e: Entry) {
+        self.added(&e);
+        let level = &mut self.levels[e.level as usize];
+        let pos = level.partition_point(|r| r.seq < e.seq);
+        level.insert(pos, e);
+    }
+
+    fn front(&self) -> Option<&Entry> {
         self.levels.iter().rev().find_map(|l| l.front())
     }
 
-    fn pop_front(&mut self) -> Option<QueuedMessage> {
-        let m = self.levels.iter_mut().rev().find_map(|l| l.pop_front())?;
+    fn pop_front(&mut self) -> Option<Entry> {
+        let e = self.levels.iter_mut().rev().find_map(|l| l.pop_front())?;
         self.len -= 1;
-        self.bytes -= m.msg.body.len();
-        Some(m)
+        self.bytes -= e.size;
+        self.resident -= e.resident_bytes();
+        Some(e)
     }
 
-    fn clear(&mut self) -> Vec<QueuedMessage> {
+    fn clear(&mut self) -> Vec<Entry> {
         self.len = 0;
         self.bytes = 0;
+        self.resident = 0;
         self.levels.iter_mut().flat_map(|l| l.drain(..)).collect()
     }
 }
@@ -343,6 +400,7 @@ impl Queue {
         args: QueueArgs,
         housekeeping: UnboundedSender<Housekeeping>,
         store: Option<(Arc<Store>, u64)>,
+        memory: (usize, Arc<MemoryGauge>),
     ) -> Arc<Queue> {
         let levels = args.max_priority.map(|p| p as usize + 1).unwrap_or(1);
         let q = Arc::new_cyclic(|me| Queue {
@@ -355,6 +413,8 @@ impl Queue {
             housekeeping,
             me: me.clone(),
             store,
+            memory_budget: memory.0,
+            gauge: memory.1,
             state: Mutex::new(QueueState {
                 ready: Ready::new(levels),
                 next_seq: 0,
@@ -388,11 +448,25 @@ impl Queue {
             .send(Housekeeping::Wake(self.me.clone(), at));
     }
 
+    /// A ready message leaves without delivery: forgotten, and dead-lettered if configured.
+    fn drop_entry(&self, e: Entry, reason: &'static str) {
+        self.forget_stored(e.seq, e.persisted);
+        if self.args.dead_letter_exchange.is_some() {
+            if let Some(m) = self.resolve(e) {
+                self.dead_letter_message(m.msg, reason);
+            }
+        }
+    }
+
     fn dead_letter(&self, m: QueuedMessage, reason: &'static str) {
         self.forget(&m);
+        self.dead_letter_message(m.msg, reason);
+    }
+
+    fn dead_letter_message(&self, msg: Arc<Message>, reason: &'static str) {
         if let Some(exchange) = &self.args.dead_letter_exchange {
             let _ = self.housekeeping.send(Housekeeping::DeadLetter(DeadLetter {
-                msg: m.msg,
+                msg,
                 queue: self.name.clone(),
                 reason,
                 exchange: exchange.clone(),
@@ -410,8 +484,8 @@ impl Queue {
                 }
                 return;
             }
-            if let Some(m) = st.ready.pop_front() {
-                self.dead_letter(m, "expired");
+            if let Some(e) = st.ready.pop_front() {
+                self.drop_entry(e, "expired");
             }
         }
     }
@@ -450,9 +524,32 @@ impl Queue {
         }
         let persisted = m.persisted;
         let had_expiry = m.expires.is_some();
-        st.ready.push_back(m);
+        let (seq, level) = (m.seq, m.level);
+        let expires_now = self.ttl_of(&m.msg) == Some(0);
+        let mut e = Entry::resident(m);
+        if expires_now {
+            // Not subject to the clock during this delivery attempt; removed after it.
+            e.expires = None;
+        }
+        if persisted && st.ready.resident + e.size > self.memory_budget {
+            // Over budget: the stored copy is the only one this queue keeps.
+            e.msg = None;
+        }
+        st.ready.push_back(e);
         self.enforce_length(&mut st);
         self.drain(&mut st);
+        if expires_now {
+            // TTL 0: delivered right away to a waiting consumer, or gone.
+            let level = &mut st.ready.levels[level as usize];
+            if level.back().is_some_and(|e| e.seq == seq) {
+                if let Some(e) = level.pop_back() {
+                    st.ready.len -= 1;
+                    st.ready.bytes -= e.size;
+                    st.ready.resident -= e.resident_bytes();
+                    self.drop_entry(e, "expired");
+                }
+            }
+        }
         if had_expiry {
             self.expire_head(&mut st, now_ms());
         }
@@ -466,37 +563,94 @@ impl Queue {
     /// A message has left the queue for good (acked, dropped, dead-lettered):
     /// its stored copy goes too, in the next group commit.
     pub fn forget(&self, m: &QueuedMessage) {
-        if !m.persisted {
+        self.forget_stored(m.seq, m.persisted);
+    }
+
+    fn forget_stored(&self, seq: u64, persisted: bool) {
+        if !persisted {
             return;
         }
         if let Some((store, id)) = &self.store {
-            if let Err(e) = store.delete_message(*id, m.seq) {
+            if let Err(e) = store.delete_message(*id, seq) {
                 tracing::error!(queue = %self.name, "cannot delete a settled message: {e}");
             }
         }
     }
 
     /// Puts back messages recovered from the store, in their order, marked redelivered:
-    /// whether they had been delivered before the restart is not recorded.
-    pub fn restore(&self, msgs: Vec<(u64, Arc<Message>)>) {
+    /// whether they had been delivered before the restart is not recorded. A message
+    /// given without its `Message` stays paged out until it is about to be delivered.
+    pub fn restore(&self, msgs: Vec<Restored>) {
         let mut st = self.lock();
-        for (seq, msg) in msgs {
-            let mut m = self.queued(&mut st, msg);
-            m.seq = seq;
-            m.redelivered = true;
-            m.persisted = true;
-            st.next_seq = st.next_seq.max(seq + 1);
-            st.ready.push_back(m);
+        let now = now_ms();
+        for r in msgs {
+            let level = match self.args.max_priority {
+                Some(max) => r.priority.min(max),
+                None => 0,
+            };
+            let ttl = match (self.args.message_ttl, r.ttl) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            st.next_seq = st.next_seq.max(r.seq + 1);
+            st.ready.push_back(Entry {
+                seq: r.seq,
+                redelivered: true,
+                level,
+                expires: ttl.map(|t| now + t),
+                persisted: true,
+                size: r.size,
+                msg: r.msg,
+            });
+        }
+    }
+
+    /// Whether a recovered queue can keep another `size` bytes of bodies in memory.
+    pub fn has_budget_for(&self, resident: usize, size: usize) -> bool {
+        resident + size <= self.memory_budget
+    }
+
+    /// The message itself, read back from the store if it was paged out.
+    fn resolve(&self, e: Entry) -> Option<QueuedMessage> {
+        let msg = match e.msg {
+            Some(m) => m,
+            None => {
+                let (store, id) = self.store.as_ref()?;
+                match store.load_message(*id, e.seq, &self.gauge) {
+                    Ok(Some(m)) => Arc::new(m),
+                    Ok(None) => {
+                        tracing::error!(queue = %self.name, seq = e.seq, "a paged-out message is missing from the store");
+                        return None;
+                    }
+                    Err(err) => {
+                        tracing::error!(queue = %self.name, seq = e.seq, "cannot read a paged-out message: {err}");
+                        return None;
+                    }
+                }
+            }
+        };
+        Some(QueuedMessage {
+            msg,
+            seq: e.seq,
+            redelivered: e.redelivered,
+            level: e.level,
+            expires: e.expires,
+            persisted: e.persisted,
+        })
+    }
+
+    /// The message's effective TTL here: the lower of the queue's and its own.
+    fn ttl_of(&self, msg: &Message) -> Option<u64> {
+        match (self.args.message_ttl, msg.ttl) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
     fn queued(&self, st: &mut QueueState, msg: Arc<Message>) -> QueuedMessage {
         let seq = st.next_seq;
         st.next_seq += 1;
-        let ttl = match (self.args.message_ttl, msg.ttl) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let ttl = self.ttl_of(&msg);
         let level = match self.args.max_priority {
             Some(max) => msg.properties.priority().unwrap_or(0).min(max),
             None => 0,
@@ -526,7 +680,7 @@ impl Queue {
                 return;
             }
             match st.ready.pop_front() {
-                Some(m) => self.dead_letter(m, "maxlen"),
+                Some(e) => self.drop_entry(e, "maxlen"),
                 None => return,
             }
         }
@@ -540,7 +694,7 @@ impl Queue {
         }
         for mut m in msgs {
             m.redelivered = true;
-            st.ready.insert_by_seq(m);
+            st.ready.insert_by_seq(Entry::resident(m));
         }
         self.drain(&mut st);
     }
@@ -587,13 +741,16 @@ impl Queue {
             };
             let consumer = st.consumers[idx].clone();
             self.expire_head(st, now);
-            let Some(m) = st.ready.pop_front() else {
+            let Some(e) = st.ready.pop_front() else {
                 return;
+            };
+            let Some(m) = self.resolve(e) else {
+                continue;
             };
             match consumer.channel.deliver(self, &consumer, m) {
                 Ok(()) => st.next_consumer = (idx + 1) % n,
                 Err(m) => {
-                    st.ready.push_front(m);
+                    st.ready.push_front(Entry::resident(m));
                     refused.push(idx);
                 }
             }
@@ -605,8 +762,12 @@ impl Queue {
         let mut st = self.lock();
         st.last_used = now_ms();
         self.expire_head(&mut st, now_ms());
-        let m = st.ready.pop_front()?;
-        Some((m, st.ready.len as u32))
+        loop {
+            let e = st.ready.pop_front()?;
+            if let Some(m) = self.resolve(e) {
+                return Some((m, st.ready.len as u32));
+            }
+        }
     }
 
     /// Adds a consumer; `on_added` runs before the first delivery (it sends consume-ok).
@@ -688,8 +849,8 @@ impl Queue {
     pub fn purge(&self) -> u32 {
         let mut st = self.lock();
         let gone = st.ready.clear();
-        for m in &gone {
-            self.forget(m);
+        for e in &gone {
+            self.forget_stored(e.seq, e.persisted);
         }
         gone.len() as u32
     }

@@ -59,6 +59,7 @@ pub struct Store {
     messages: sled::Tree,
     syncs: mpsc::UnboundedSender<SyncWaiter>,
     next_queue_id: AtomicU64,
+    committer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     _lock: File,
 }
 
@@ -235,8 +236,9 @@ impl Store {
             _ => 1,
         };
         let (syncs, rx) = mpsc::unbounded_channel();
-        tokio::spawn(committer(db.clone(), rx));
+        let committer = tokio::spawn(committer(db.clone(), rx));
         Ok(Arc::new(Store {
+            committer: std::sync::Mutex::new(Some(committer)),
             dir: dir.to_path_buf(),
             db,
             meta,
@@ -253,6 +255,14 @@ impl Store {
             key: format!("{key:?}"),
             why,
         }
+    }
+
+    /// The committer task: it ends, releasing the database, once the store is dropped.
+    pub fn take_committer(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.committer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Runs `waiter` once everything written so far is on disk.
@@ -448,34 +458,64 @@ impl Store {
             .scan_prefix(queue.to_be_bytes())
             .map(move |kv| {
                 let (k, v) = kv?;
-                let parsed = (|| {
-                    if k.len() != 16 {
-                        return Err("bad message key".to_string());
-                    }
-                    let seq = u64::from_be_bytes(k[8..16].try_into().map_err(|_| "bad key")?);
-                    let all = Bytes::copy_from_slice(&v);
-                    let mut r = Reader { b: &v };
-                    if r.u8()? != 1 {
-                        return Err("unknown record version".to_string());
-                    }
-                    let exchange = r.str()?;
-                    let routing_key = r.str()?;
-                    let n = r.take(4)?;
-                    let n = u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize;
-                    let start = v.len() - r.b.len();
-                    if r.b.len() < n {
-                        return Err("record is truncated".to_string());
-                    }
-                    Ok(StoredMessage {
-                        seq,
-                        exchange,
-                        routing_key,
-                        header: all.slice(start..start + n),
-                        body: all.slice(start + n..),
-                    })
-                })();
-                parsed.map_err(|why| self.corrupt(&k, why))
+                self.parse_message(&k, &v)
             })
+    }
+
+    /// One message read back for delivery after it was paged out of memory.
+    pub fn load_message(
+        &self,
+        queue: u64,
+        seq: u64,
+        gauge: &Arc<crate::message::MemoryGauge>,
+    ) -> Result<Option<Message>, StoreError> {
+        let key = message_key(queue, seq);
+        let Some(v) = self.messages.get(key)? else {
+            return Ok(None);
+        };
+        let m = self.parse_message(&key, &v)?;
+        let properties = match amq_protocol::frame::parsing::parse_content_header(&m.header[..]) {
+            Ok((_, h)) => h.properties,
+            Err(_) => return Err(self.corrupt(&key, "unreadable content header".into())),
+        };
+        Ok(Some(Message::new(
+            m.exchange.into(),
+            m.routing_key.into(),
+            m.header,
+            properties,
+            m.body,
+            gauge.clone(),
+        )))
+    }
+
+    fn parse_message(&self, k: &[u8], v: &[u8]) -> Result<StoredMessage, StoreError> {
+        let parsed = (|| {
+            if k.len() != 16 {
+                return Err("bad message key".to_string());
+            }
+            let seq = u64::from_be_bytes(k[8..16].try_into().map_err(|_| "bad key")?);
+            let all = Bytes::copy_from_slice(v);
+            let mut r = Reader { b: v };
+            if r.u8()? != 1 {
+                return Err("unknown record version".to_string());
+            }
+            let exchange = r.str()?;
+            let routing_key = r.str()?;
+            let n = r.take(4)?;
+            let n = u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize;
+            let start = v.len() - r.b.len();
+            if r.b.len() < n {
+                return Err("record is truncated".to_string());
+            }
+            Ok(StoredMessage {
+                seq,
+                exchange,
+                routing_key,
+                header: all.slice(start..start + n),
+                body: all.slice(start + n..),
+            })
+        })();
+        parsed.map_err(|why| self.corrupt(k, why))
     }
 }
 

@@ -14,8 +14,9 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 
 use crate::error::{exchange_name, queue_name, AmqpError, AmqpResult};
 use crate::exchange::{Binding, Destination, ExchangeDef, ExchangeKind, Router};
+use crate::message::MemoryGauge;
 use crate::message::Message;
-use crate::queue::{at_instant, Consumer, DeadLetter, Housekeeping, Queue, QueueArgs};
+use crate::queue::{at_instant, Consumer, DeadLetter, Housekeeping, Queue, QueueArgs, Restored};
 use crate::store::{Store, StoreError, StoredBinding, StoredExchange, StoredQueue};
 use amq_protocol::frame::parsing::parse_content_header;
 use amq_protocol::protocol::BasicProperties;
@@ -33,6 +34,8 @@ pub struct Vhost {
     housekeeping_rx: Mutex<Option<UnboundedReceiver<Housekeeping>>>,
     /// Where durable entities and persistent messages go; None runs purely in memory.
     pub store: Option<Arc<Store>>,
+    gauge: Arc<MemoryGauge>,
+    queue_memory_budget: usize,
     /// Direct reply-to: the pseudo-queue behind each `amq.rabbitmq.reply-to.*` name.
     /// Only replies to such names look here, never ordinary publishes.
     reply_to: Mutex<HashMap<Arc<str>, Weak<Queue>>>,
@@ -142,10 +145,17 @@ fn default_exchange_refused() -> AmqpError {
 }
 
 impl Vhost {
-    pub fn new(name: &str, store: Option<Arc<Store>>) -> Vhost {
+    pub fn new(
+        name: &str,
+        store: Option<Arc<Store>>,
+        gauge: Arc<MemoryGauge>,
+        queue_memory_budget: usize,
+    ) -> Vhost {
         let (housekeeping, rx) = unbounded_channel();
         let vhost = Vhost {
             store,
+            gauge,
+            queue_memory_budget,
             reply_to: Mutex::new(HashMap::new()),
             housekeeping,
             housekeeping_rx: Mutex::new(Some(rx)),
@@ -230,8 +240,10 @@ impl Vhost {
                 args,
                 self.housekeeping.clone(),
                 Some((store.clone(), sq.id)),
+                (self.queue_memory_budget, self.gauge.clone()),
             );
             let mut msgs = Vec::new();
+            let mut resident = 0usize;
             for m in store.messages(sq.id) {
                 let m = m?;
                 let properties = match parse_content_header(&m.header[..]) {
@@ -244,15 +256,33 @@ impl Vhost {
                         })
                     }
                 };
-                let msg = Message::new(
-                    m.exchange.into(),
-                    m.routing_key.into(),
-                    m.header,
-                    properties,
-                    m.body,
-                    gauge.clone(),
-                );
-                msgs.push((m.seq, Arc::new(msg)));
+                let size = m.body.len();
+                let priority = properties.priority().unwrap_or(0);
+                let ttl = properties
+                    .expiration()
+                    .as_ref()
+                    .and_then(|e| e.as_str().parse::<u64>().ok());
+                // Only the head of a long backlog is loaded; the rest stays on disk.
+                let msg = if q.has_budget_for(resident, size) {
+                    resident += size;
+                    Some(Arc::new(Message::new(
+                        m.exchange.into(),
+                        m.routing_key.into(),
+                        m.header,
+                        properties,
+                        m.body,
+                        gauge.clone(),
+                    )))
+                } else {
+                    None
+                };
+                msgs.push(Restored {
+                    seq: m.seq,
+                    priority,
+                    ttl,
+                    size,
+                    msg,
+                });
             }
             nm += msgs.len();
             nq += 1;
@@ -290,6 +320,7 @@ impl Vhost {
             args,
             self.housekeeping.clone(),
             None,
+            (self.queue_memory_budget, self.gauge.clone()),
         );
         self.reply_to
             .lock()
@@ -658,6 +689,7 @@ impl Vhost {
             args,
             self.housekeeping.clone(),
             store,
+            (self.queue_memory_budget, self.gauge.clone()),
         );
         t.queues.insert(name, q.clone());
         self.changed(&mut t);
