@@ -101,6 +101,8 @@ const EXCHANGE: u8 = b'x';
 const QUEUE: u8 = b'q';
 const BINDING: u8 = b'b';
 const NEXT_QUEUE_ID: &[u8] = b"next-queue-id";
+const FORMAT: &[u8] = b"format";
+const FORMAT_VERSION: &[u8] = b"warrenmq-store-1";
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
     let b = s.as_bytes();
@@ -214,6 +216,7 @@ impl Store {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io("cannot lock the lock file")(e)),
         }
+        let existed = dir.join("db").join("db").exists();
         let db = sled::Config::new()
             .path(dir.join("db"))
             .cache_capacity(64 * 1024 * 1024)
@@ -231,6 +234,33 @@ impl Store {
         };
         let meta = open("meta")?;
         let messages = open("messages")?;
+        // sled drops what it cannot read as if it were a torn write. A database that
+        // was there but lost even its format record is corrupt, not empty: refuse it.
+        match meta.get(FORMAT)? {
+            Some(v) if v.as_ref() == FORMAT_VERSION => {}
+            Some(v) => {
+                return Err(StoreError::Corrupt {
+                    dir: dir.to_path_buf(),
+                    key: "format".into(),
+                    why: format!("unknown format {:?}", String::from_utf8_lossy(&v)),
+                })
+            }
+            None if existed => {
+                return Err(StoreError::Corrupt {
+                    dir: dir.to_path_buf(),
+                    key: "format".into(),
+                    why: "the database exists but its format record is missing or unreadable"
+                        .into(),
+                })
+            }
+            None => {
+                meta.insert(FORMAT, FORMAT_VERSION)?;
+                db.flush().map_err(|source| StoreError::Open {
+                    dir: dir.to_path_buf(),
+                    source,
+                })?;
+            }
+        }
         let next = match meta.get(NEXT_QUEUE_ID)? {
             Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
             _ => 1,
@@ -247,6 +277,10 @@ impl Store {
             next_queue_id: AtomicU64::new(next),
             _lock: lock,
         }))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn corrupt(&self, key: &[u8], why: String) -> StoreError {

@@ -226,7 +226,7 @@ impl Vhost {
         for sq in queues.iter().filter(|q| mine(&q.vhost)) {
             let args = QueueArgs::parse(&sq.arguments, &sq.name, &self.name).map_err(|e| {
                 StoreError::Corrupt {
-                    dir: Default::default(),
+                    dir: store.dir().to_path_buf(),
                     key: format!("queue '{}'", sq.name),
                     why: e.text,
                 }
@@ -250,7 +250,7 @@ impl Vhost {
                     Ok((_, h)) => h.properties,
                     Err(_) => {
                         return Err(StoreError::Corrupt {
-                            dir: Default::default(),
+                            dir: store.dir().to_path_buf(),
                             key: format!("message {} of queue '{}'", m.seq, sq.name),
                             why: "unreadable content header".into(),
                         })

@@ -593,3 +593,26 @@ async fn backlog_beyond_memory_budget_is_paged_and_delivered_in_order() {
     broker.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A data directory whose database cannot be read stops start-up with a message
+/// naming the directory and what to do, instead of starting empty.
+#[test]
+fn corrupt_data_directory_stops_start_up() {
+    let dir = data_dir("corrupt");
+    std::fs::create_dir_all(dir.join("db")).unwrap();
+    let garbage: Vec<u8> = (0..100_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.join("db").join("db"), garbage).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_warrenmq"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains(&dir.display().to_string()), "{text}");
+    assert!(text.contains("Move the directory aside"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

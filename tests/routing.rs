@@ -737,21 +737,28 @@ async fn internal_exchange_only_reachable_through_bindings() {
     assert_eq!(drain(&ch, &q).await, strs(&["via-front"]));
 
     let bad = channel(&conn).await;
-    publish(&bad, &internal, "", b"direct").await;
-    // The error arrives asynchronously as channel.close; the next
-    // synchronous call on that channel reports it.
-    let (code, text) = amqp_err("queue.declare after bad publish", async {
-        bad.queue_declare(
+    confirm_mode(&bad).await;
+    // The refusal arrives as channel.close; the pending confirm reports it.
+    let sent = bad
+        .basic_publish(
+            internal.as_str().into(),
             "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
+            BasicPublishOptions::default(),
+            b"direct",
+            BasicProperties::default(),
         )
-        .await
-    })
-    .await;
+        .await;
+    let err = match sent {
+        Err(e) => e,
+        Ok(confirm) => tokio::time::timeout(WAIT, confirm)
+            .await
+            .expect("the confirm settles")
+            .expect_err("publishing to an internal exchange fails"),
+    };
+    let (code, text) = match err.kind() {
+        lapin::ErrorKind::ProtocolError(e) => (e.get_id(), e.get_message().to_string()),
+        other => panic!("expected a channel close, got {other:?}"),
+    };
     assert_eq!(code, 403, "{text}");
     assert!(text.starts_with("ACCESS_REFUSED"), "{text}");
     assert_eq!(drain(&ch, &q).await, Vec::<String>::new());
