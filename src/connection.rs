@@ -448,7 +448,14 @@ impl Connection {
                 })),
             );
         }
+        // Not reading is the backpressure; the client still hears heartbeats meanwhile.
+        let beat = Duration::from_secs(self.heartbeat.max(1) as u64) / 2;
+        let mut last_beat = Instant::now();
         while self.broker.gauge.over() {
+            if self.heartbeat > 0 && last_beat.elapsed() >= beat {
+                write_heartbeat(self.shared.outbox.append().buf());
+                last_beat = Instant::now();
+            }
             tokio::select! {
                 _ = self.shutdown.changed() => {
                     return Some(End::Error(AmqpError::connection_forced(
