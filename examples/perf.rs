@@ -6,7 +6,28 @@
 //!     --publishers 1 --consumers 1 --confirm 256 --prefetch 256 [--persistent]
 //!
 //! Prints one line of key=value figures: publish and consume rates, confirm latency
-//! and end-to-end latency percentiles.
+//! and end-to-end latency percentiles. By default it runs for a warm-up second plus
+//! `--seconds`, measures only the latter, and deletes its queue at exit.
+//!
+//! Other modes, for durability measurements:
+//!
+//! - `--count N`: publish exactly N messages (split across publishers) and stop once
+//!   all are confirmed (or, without confirms, once the broker has answered a
+//!   `channel.close` sent after them) and, with consumers, once N are consumed and
+//!   acked. With `--consumers 0` this builds a backlog. Rates cover the whole run.
+//! - `--drain`: no publishers; consume (and ack) the number of messages the queue
+//!   held when declared, then stop. Reports the consume rate.
+//! - `--queue NAME`: queue to use (default `perf-PID`); `--persistent` makes it
+//!   durable and publishes with delivery_mode 2.
+//! - `--no-delete`: keep the queue at exit (to build a backlog, or drain it later).
+//! - `--probe`: retry connecting every 5 ms for up to `--seconds` until the AMQP
+//!   handshake succeeds (a broker that is starting up), then passively declare
+//!   `--queue` if one was given, and print `ready_ms=` and `message_count=`.
+//!
+//! Finite modes append `messages=`, `published=`, `consumed=` and `elapsed_s=` to the
+//! line and print progress to stderr every 10 s. Consumers in finite modes ack their
+//! last delivery and close their channel (waiting for close-ok) before the run ends,
+//! so every ack has reached the broker when the figures are printed.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,6 +54,16 @@ struct Opts {
     prefetch: u16,
     persistent: bool,
     queue: String,
+    /// Publish exactly this many messages (0: run for `seconds`).
+    count: u64,
+    /// Consume what the queue holds, publish nothing.
+    drain: bool,
+    /// Keep the queue at exit.
+    no_delete: bool,
+    /// Wait for the broker to accept a connection, report the queue's depth.
+    probe: bool,
+    /// `--queue` was given.
+    named: bool,
 }
 
 fn parse() -> Opts {
@@ -47,6 +78,11 @@ fn parse() -> Opts {
         prefetch: 256,
         persistent: false,
         queue: format!("perf-{}", std::process::id()),
+        count: 0,
+        drain: false,
+        no_delete: false,
+        probe: false,
+        named: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -61,9 +97,18 @@ fn parse() -> Opts {
             "--consumers" => o.consumers = v.parse().expect("--consumers"),
             "--confirm" => o.confirm = v.parse().expect("--confirm"),
             "--prefetch" => o.prefetch = v.parse().expect("--prefetch"),
-            "--queue" => o.queue = v,
-            "--persistent" => {
-                o.persistent = true;
+            "--queue" => {
+                o.queue = v;
+                o.named = true;
+            }
+            "--count" => o.count = v.parse().expect("--count"),
+            "--persistent" | "--drain" | "--no-delete" | "--probe" => {
+                match args[i].as_str() {
+                    "--persistent" => o.persistent = true,
+                    "--drain" => o.drain = true,
+                    "--probe" => o.probe = true,
+                    _ => o.no_delete = true,
+                }
                 i += 1;
                 continue;
             }
@@ -72,6 +117,10 @@ fn parse() -> Opts {
         i += 2;
     }
     o.size = o.size.max(8);
+    if o.drain {
+        o.publishers = 0;
+        o.consumers = o.consumers.max(1);
+    }
     o
 }
 
@@ -148,6 +197,18 @@ impl Conn {
         }
     }
 
+    /// Closes channel 1 and waits for close-ok: everything sent before has been handled.
+    async fn close_channel(&mut self) {
+        self.send(1, channel_close()).await;
+        loop {
+            if let Frame::Method(_, m) = self.next().await {
+                if let AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) = *m {
+                    return;
+                }
+            }
+        }
+    }
+
     async fn expect_method(&mut self) -> AMQPClass {
         loop {
             if let Frame::Method(_, m) = self.next().await {
@@ -158,6 +219,15 @@ impl Conn {
             }
         }
     }
+}
+
+fn channel_close() -> AMQPClass {
+    AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+        reply_code: 200,
+        reply_text: "bye".into(),
+        class_id: 0,
+        method_id: 0,
+    }))
 }
 
 /// The p-th percentile of microsecond samples, in milliseconds.
@@ -178,9 +248,12 @@ async fn main() {
     let consumed = Arc::new(AtomicU64::new(0));
     let confirm_lat = Arc::new(Mutex::new(Vec::<u64>::new()));
     let e2e_lat = Arc::new(Mutex::new(Vec::<u64>::new()));
+    if o.probe {
+        probe(&o, start).await;
+    }
 
-    // Declare the queue once.
-    {
+    // Declare the queue once; in drain mode, what it holds is what to consume.
+    let held = {
         let mut c = Conn::open(&o).await;
         c.send(
             1,
@@ -195,14 +268,20 @@ async fn main() {
             })),
         )
         .await;
-        c.expect_method().await;
+        match c.expect_method().await {
+            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => ok.message_count as u64,
+            _ => 0,
+        }
+    };
+    if o.count > 0 || o.drain {
+        finite(o, held, start).await;
     }
 
     let mut tasks = Vec::new();
     for _ in 0..o.consumers {
         let (o, stop, consumed, e2e) = (o.clone(), stop.clone(), consumed.clone(), e2e_lat.clone());
         tasks.push(tokio::spawn(async move {
-            consume(o, start, stop, consumed, e2e).await
+            consume(o, start, stop, consumed, e2e, 0).await
         }));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -214,7 +293,7 @@ async fn main() {
             confirm_lat.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            publish(o, start, stop, published, lat).await
+            publish(o, start, stop, published, lat, 0).await
         }));
     }
     // Skip a warm-up second, then measure.
@@ -247,7 +326,15 @@ async fn main() {
         percentile(&el, 0.99),
     );
     // Clean up: delete the queue so repeated runs start empty.
-    let mut c = Conn::open(&o).await;
+    delete_queue(&o).await;
+    std::process::exit(0);
+}
+
+async fn delete_queue(o: &Opts) {
+    if o.no_delete {
+        return;
+    }
+    let mut c = Conn::open(o).await;
     c.send(
         1,
         AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
@@ -259,6 +346,153 @@ async fn main() {
     )
     .await;
     c.expect_method().await;
+}
+
+/// `--probe`: wait until the broker completes a handshake, then report the queue depth.
+async fn probe(o: &Opts, start: Instant) -> ! {
+    let deadline = start + Duration::from_secs(o.seconds);
+    loop {
+        if TcpStream::connect((o.host.as_str(), o.port)).await.is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "probe: no broker on {}:{} after {}s",
+                o.host, o.port, o.seconds
+            );
+            std::process::exit(1);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut c = Conn::open(o).await;
+    let ready = start.elapsed();
+    let mut count = -1i64;
+    if o.named {
+        c.send(
+            1,
+            AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+                queue: o.queue.as_str().into(),
+                passive: true,
+                durable: false,
+                exclusive: false,
+                auto_delete: false,
+                nowait: false,
+                arguments: FieldTable::default(),
+            })),
+        )
+        .await;
+        if let AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) = c.expect_method().await {
+            count = i64::from(ok.message_count);
+        }
+    }
+    println!(
+        "ready_ms={:.1} message_count={count} queue_ms={:.1}",
+        ready.as_secs_f64() * 1000.0,
+        start.elapsed().as_secs_f64() * 1000.0
+    );
+    std::process::exit(0);
+}
+
+/// `--count` and `--drain`: move a fixed number of messages, then report.
+async fn finite(o: Opts, held: u64, start: Instant) -> ! {
+    let stop = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicU64::new(0));
+    let consumed = Arc::new(AtomicU64::new(0));
+    let confirm_lat = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let e2e_lat = Arc::new(Mutex::new(Vec::<u64>::new()));
+    // What the consumers must take: the backlog, or what this run publishes.
+    let target = if o.drain {
+        held
+    } else if o.consumers > 0 {
+        o.count
+    } else {
+        0
+    };
+    let mut consumers = Vec::new();
+    if target > 0 {
+        for _ in 0..o.consumers {
+            let (o, stop, consumed, e2e) =
+                (o.clone(), stop.clone(), consumed.clone(), e2e_lat.clone());
+            consumers.push(tokio::spawn(async move {
+                consume(o, start, stop, consumed, e2e, target).await
+            }));
+        }
+    }
+    let mut publishers = Vec::new();
+    if o.publishers > 0 {
+        if target > 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let n = o.publishers as u64;
+        for i in 0..n {
+            let quota = o.count / n + u64::from(i < o.count % n);
+            let (o, stop, published, lat) = (
+                o.clone(),
+                stop.clone(),
+                published.clone(),
+                confirm_lat.clone(),
+            );
+            publishers.push(tokio::spawn(async move {
+                publish(o, start, stop, published, lat, quota).await
+            }));
+        }
+    }
+    let t0 = Instant::now();
+    let (mut p_end, mut c_end) = (None, None);
+    let mut progress = t0;
+    while p_end.is_none() || c_end.is_none() {
+        let now = Instant::now();
+        if p_end.is_none() && publishers.iter().all(|h| h.is_finished()) {
+            p_end = Some(now);
+        }
+        if c_end.is_none() && consumed.load(Ordering::Relaxed) >= target {
+            c_end = Some(now);
+        }
+        if now.duration_since(progress) >= Duration::from_secs(10) {
+            progress = now;
+            eprintln!(
+                "progress t={:.0}s published={} consumed={}",
+                now.duration_since(t0).as_secs_f64(),
+                published.load(Ordering::Relaxed),
+                consumed.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for h in consumers {
+        let _ = h.await;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let rate = |n: u64, end: Option<Instant>| {
+        let secs = end.map_or(0.0, |e| e.duration_since(t0).as_secs_f64());
+        if n == 0 || secs <= 0.0 {
+            0.0
+        } else {
+            n as f64 / secs
+        }
+    };
+    let (p, c) = (
+        published.load(Ordering::Relaxed),
+        consumed.load(Ordering::Relaxed),
+    );
+    let mut cl = confirm_lat.lock().unwrap().clone();
+    let mut el = e2e_lat.lock().unwrap().clone();
+    cl.sort_unstable();
+    el.sort_unstable();
+    println!(
+        "publish_rate={:.0} consume_rate={:.0} confirm_p50_ms={:.2} confirm_p99_ms={:.2} e2e_p50_ms={:.2} e2e_p99_ms={:.2} messages={} published={} consumed={} elapsed_s={:.3}",
+        rate(p, p_end),
+        rate(c, c_end),
+        percentile(&cl, 0.5),
+        percentile(&cl, 0.99),
+        percentile(&el, 0.5),
+        percentile(&el, 0.99),
+        if o.drain { held } else { o.count },
+        p,
+        c,
+        elapsed,
+    );
+    delete_queue(&o).await;
     std::process::exit(0);
 }
 
@@ -268,6 +502,7 @@ async fn publish(
     stop: Arc<AtomicBool>,
     published: Arc<AtomicU64>,
     lat: Arc<Mutex<Vec<u64>>>,
+    quota: u64,
 ) {
     let mut c = Conn::open(&o).await;
     let window = o.confirm;
@@ -281,10 +516,12 @@ async fn publish(
         .await;
         c.expect_method().await;
     }
-    let (mut reader, mut writer) = c.stream.into_split();
-    let mut buf = c.buf;
+    let (reader, mut writer) = c.stream.into_split();
+    // The confirm reader takes the read half; without confirms it stays here.
+    let mut read_half = Some((reader, c.buf));
     let permits = Arc::new(Semaphore::new(window.max(1)));
     let sent: Arc<Mutex<VecDeque<Instant>>> = Arc::new(Mutex::new(VecDeque::new()));
+    let mut confirms = None;
     if window > 0 {
         let (permits, sent, lat, published) = (
             permits.clone(),
@@ -292,7 +529,8 @@ async fn publish(
             lat.clone(),
             published.clone(),
         );
-        tokio::spawn(async move {
+        let (mut reader, mut buf) = read_half.take().unwrap();
+        confirms = Some(tokio::spawn(async move {
             let mut confirmed = 0u64;
             loop {
                 while let Some(f) = read_frame(&mut buf, 131072).expect("frame") {
@@ -322,7 +560,7 @@ async fn publish(
                     Ok(_) => {}
                 }
             }
-        });
+        }));
     }
     let header = {
         let props = if o.persistent {
@@ -348,17 +586,20 @@ async fn publish(
     };
     let mut body = vec![0u8; o.size];
     let mut out = BytesMut::with_capacity(256 * 1024);
-    while !stop.load(Ordering::Relaxed) {
+    let mut left = if quota > 0 { quota } else { u64::MAX };
+    while !stop.load(Ordering::Relaxed) && left > 0 {
         // Write a batch: as many as the confirm window allows, at most 64 at a time.
+        let most = left.min(64) as usize;
         let n = if window > 0 {
             let p = permits.acquire_many(1).await.unwrap();
             p.forget();
-            1 + (0..63)
+            1 + (1..most)
                 .take_while(|_| permits.try_acquire().map(|p| p.forget()).is_ok())
                 .count()
         } else {
-            64
+            most
         };
+        left -= n as u64;
         let now = Instant::now();
         for _ in 0..n {
             let stamp = start.elapsed().as_nanos() as u64;
@@ -386,6 +627,37 @@ async fn publish(
         }
         out.clear();
     }
+    if quota == 0 {
+        return;
+    }
+    // A fixed count: finish once the broker has everything.
+    match confirms {
+        Some(task) => {
+            while permits.available_permits() < window {
+                if task.is_finished() {
+                    panic!("the broker closed the publisher's connection");
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        None => {
+            let (reader, buf) = read_half.take().unwrap();
+            let mut close = BytesMut::new();
+            write_method(&mut close, 1, &channel_close());
+            writer.write_all(&close).await.unwrap();
+            let mut c = Conn {
+                stream: reader.reunite(writer).unwrap(),
+                buf,
+            };
+            loop {
+                if let Frame::Method(_, m) = c.next().await {
+                    if let AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) = *m {
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn consume(
@@ -394,6 +666,7 @@ async fn consume(
     stop: Arc<AtomicBool>,
     consumed: Arc<AtomicU64>,
     lat: Arc<Mutex<Vec<u64>>>,
+    target: u64,
 ) {
     let mut c = Conn::open(&o).await;
     c.send(
@@ -435,7 +708,7 @@ async fn consume(
                 Frame::Body(_, b) if b.len() >= 8 => {
                     n += 1;
                     consumed.fetch_add(1, Ordering::Relaxed);
-                    if n.is_multiple_of(16) {
+                    if n.is_multiple_of(16) && !o.drain {
                         let sent = u64::from_be_bytes(b[..8].try_into().unwrap());
                         let now = start.elapsed().as_nanos() as u64;
                         samples.push(now.saturating_sub(sent) / 1000);
@@ -461,6 +734,12 @@ async fn consume(
         }
         if samples.len() > 64 {
             lat.lock().unwrap().append(&mut samples);
+        }
+        if target > 0 && consumed.load(Ordering::Relaxed) >= target {
+            // Everything delivered here is acked above; close-ok proves the broker has it.
+            lat.lock().unwrap().append(&mut samples);
+            c.close_channel().await;
+            return;
         }
         let read =
             tokio::time::timeout(Duration::from_millis(200), c.stream.read_buf(&mut c.buf)).await;
