@@ -90,8 +90,8 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let gauge = Arc::new(MemoryGauge::new(
         config.limits.memory_high_watermark as usize,
     ));
-    let store = Store::open(&config.data_dir)?;
     let started = Instant::now();
+    let store = Store::open(&config.data_dir)?;
     let (exchanges, queues, bindings) = (store.exchanges()?, store.queues()?, store.bindings()?);
     let mut vhosts = HashMap::new();
     let (mut nq, mut nm) = (0, 0);
