@@ -64,6 +64,30 @@ struct Opts {
     probe: bool,
     /// `--queue` was given.
     named: bool,
+    /// `--fanout N`: publish to a fanout exchange bound to N queues `QUEUE.0` ..
+    /// `QUEUE.N-1`; consumer k reads `QUEUE.(k mod N)`.
+    fanout: usize,
+}
+
+impl Opts {
+    fn exchange(&self) -> String {
+        if self.fanout > 0 {
+            format!("{}.x", self.queue)
+        } else {
+            String::new()
+        }
+    }
+
+    /// The queues to declare: the one queue, or the fanout's.
+    fn queues(&self) -> Vec<String> {
+        if self.fanout > 0 {
+            (0..self.fanout)
+                .map(|i| format!("{}.{i}", self.queue))
+                .collect()
+        } else {
+            vec![self.queue.clone()]
+        }
+    }
 }
 
 fn parse() -> Opts {
@@ -83,6 +107,7 @@ fn parse() -> Opts {
         no_delete: false,
         probe: false,
         named: false,
+        fanout: 0,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -102,6 +127,7 @@ fn parse() -> Opts {
                 o.named = true;
             }
             "--count" => o.count = v.parse().expect("--count"),
+            "--fanout" => o.fanout = v.parse().expect("--fanout"),
             "--persistent" | "--drain" | "--no-delete" | "--probe" => {
                 match args[i].as_str() {
                     "--persistent" => o.persistent = true,
@@ -255,31 +281,67 @@ async fn main() {
     // Declare the queue once; in drain mode, what it holds is what to consume.
     let held = {
         let mut c = Conn::open(&o).await;
-        c.send(
-            1,
-            AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-                queue: o.queue.as_str().into(),
-                passive: false,
-                durable: o.persistent,
-                exclusive: false,
-                auto_delete: false,
-                nowait: false,
-                arguments: FieldTable::default(),
-            })),
-        )
-        .await;
-        match c.expect_method().await {
-            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => ok.message_count as u64,
-            _ => 0,
+        let mut held = 0;
+        if o.fanout > 0 {
+            c.send(
+                1,
+                AMQPClass::Exchange(amq_protocol::protocol::exchange::AMQPMethod::Declare(
+                    amq_protocol::protocol::exchange::Declare {
+                        exchange: o.exchange().as_str().into(),
+                        kind: "fanout".into(),
+                        durable: o.persistent,
+                        ..Default::default()
+                    },
+                )),
+            )
+            .await;
+            c.expect_method().await;
         }
+        for q in o.queues() {
+            c.send(
+                1,
+                AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+                    queue: q.as_str().into(),
+                    passive: false,
+                    durable: o.persistent,
+                    exclusive: false,
+                    auto_delete: false,
+                    nowait: false,
+                    arguments: FieldTable::default(),
+                })),
+            )
+            .await;
+            if let AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) = c.expect_method().await {
+                held = ok.message_count as u64;
+            }
+            if o.fanout > 0 {
+                c.send(
+                    1,
+                    AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
+                        queue: q.as_str().into(),
+                        exchange: o.exchange().as_str().into(),
+                        routing_key: "".into(),
+                        nowait: false,
+                        arguments: FieldTable::default(),
+                    })),
+                )
+                .await;
+                c.expect_method().await;
+            }
+        }
+        held
     };
     if o.count > 0 || o.drain {
         finite(o, held, start).await;
     }
 
     let mut tasks = Vec::new();
-    for _ in 0..o.consumers {
-        let (o, stop, consumed, e2e) = (o.clone(), stop.clone(), consumed.clone(), e2e_lat.clone());
+    for k in 0..o.consumers {
+        let (mut o, stop, consumed, e2e) =
+            (o.clone(), stop.clone(), consumed.clone(), e2e_lat.clone());
+        if o.fanout > 0 {
+            o.queue = format!("{}.{}", o.queue, k % o.fanout);
+        }
         tasks.push(tokio::spawn(async move {
             consume(o, start, stop, consumed, e2e, 0).await
         }));
@@ -335,17 +397,33 @@ async fn delete_queue(o: &Opts) {
         return;
     }
     let mut c = Conn::open(o).await;
-    c.send(
-        1,
-        AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
-            queue: o.queue.as_str().into(),
-            if_unused: false,
-            if_empty: false,
-            nowait: false,
-        })),
-    )
-    .await;
-    c.expect_method().await;
+    for q in o.queues() {
+        c.send(
+            1,
+            AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+                queue: q.as_str().into(),
+                if_unused: false,
+                if_empty: false,
+                nowait: false,
+            })),
+        )
+        .await;
+        c.expect_method().await;
+    }
+    if o.fanout > 0 {
+        c.send(
+            1,
+            AMQPClass::Exchange(amq_protocol::protocol::exchange::AMQPMethod::Delete(
+                amq_protocol::protocol::exchange::Delete {
+                    exchange: o.exchange().as_str().into(),
+                    if_unused: false,
+                    nowait: false,
+                },
+            )),
+        )
+        .await;
+        c.expect_method().await;
+    }
 }
 
 /// `--probe`: wait until the broker completes a handshake, then report the queue depth.
@@ -576,7 +654,7 @@ async fn publish(
             &mut b,
             1,
             &AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-                exchange: ShortString::from(""),
+                exchange: ShortString::from(o.exchange()),
                 routing_key: o.queue.as_str().into(),
                 mandatory: false,
                 immediate: false,
