@@ -287,6 +287,8 @@ pub struct Channel {
     max_message_size: u64,
     /// channel.close sent after an error: discard everything until close-ok.
     pub closing: bool,
+    /// A queue published to has consumers falling behind.
+    pub backlogged: bool,
 }
 
 /// What a channel asks of its connection after a method.
@@ -332,6 +334,7 @@ impl Channel {
             reply_queue: None,
             max_message_size,
             closing: false,
+            backlogged: false,
         }
     }
 
@@ -631,6 +634,7 @@ impl Channel {
                     Enqueued::Persisted => self.sync_needed = true,
                     Enqueued::Accepted | Enqueued::Gone => {}
                 }
+                self.backlogged |= q.backlogged();
             }
             if rejected && self.confirm {
                 // A nack cannot ride on a multiple=true ack: send what is due first.

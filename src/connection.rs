@@ -396,6 +396,16 @@ impl Connection {
             if let Err(e) = self.process_frames().await {
                 return e;
             }
+            // When a queue we publish to outpaces its consumers, let their tasks
+            // (acks free credit, credit frees deliveries) run before reading more.
+            // Costs nothing when the broker is idle; shares it fairly when it is not.
+            let mut backlogged = false;
+            for ch in self.channels.values_mut() {
+                backlogged |= std::mem::take(&mut ch.backlogged);
+            }
+            if backlogged {
+                tokio::task::yield_now().await;
+            }
             if self.published && self.broker.gauge.over() {
                 if let Some(end) = self.wait_for_memory().await {
                     return end;

@@ -28,6 +28,9 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
+/// Ready messages beyond which a queue with consumers counts as backlogged.
+const BACKLOG: usize = 1024;
+
 /// Milliseconds on a monotonic clock shared by the whole process.
 pub fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
@@ -243,6 +246,9 @@ pub struct Queue {
     pub store: Option<(Arc<Store>, u64)>,
     /// Bytes of persisted bodies kept in memory; beyond, they stay on disk only.
     memory_budget: usize,
+    /// Consumers are attached but ready messages pile up: publishers should let
+    /// other tasks (the consumers' acks) run before reading more.
+    backlogged: std::sync::atomic::AtomicBool,
     gauge: Arc<MemoryGauge>,
     state: Mutex<QueueState>,
 }
@@ -414,6 +420,7 @@ impl Queue {
             me: me.clone(),
             store,
             memory_budget: memory.0,
+            backlogged: std::sync::atomic::AtomicBool::new(false),
             gauge: memory.1,
             state: Mutex::new(QueueState {
                 ready: Ready::new(levels),
@@ -553,11 +560,20 @@ impl Queue {
         if had_expiry {
             self.expire_head(&mut st, now_ms());
         }
+        self.backlogged.store(
+            st.ready.len > BACKLOG && !st.consumers.is_empty(),
+            Ordering::Relaxed,
+        );
         if persisted {
             Enqueued::Persisted
         } else {
             Enqueued::Accepted
         }
+    }
+
+    /// Whether consumers are falling behind this queue's publishers.
+    pub fn backlogged(&self) -> bool {
+        self.backlogged.load(Ordering::Relaxed)
     }
 
     /// A message has left the queue for good (acked, dropped, dead-lettered):
