@@ -500,7 +500,7 @@ impl Store {
             .scan_prefix(queue.to_be_bytes())
             .map(move |kv| {
                 let (k, v) = kv?;
-                self.parse_message(&k, &v)
+                self.parse_message(&k, v)
             })
     }
 
@@ -515,7 +515,7 @@ impl Store {
         let Some(v) = self.messages.get(key)? else {
             return Ok(None);
         };
-        let m = self.parse_message(&key, &v)?;
+        let m = self.parse_message(&key, v)?;
         let properties = match amq_protocol::frame::parsing::parse_content_header(&m.header[..]) {
             Ok((_, h)) => h.properties,
             Err(_) => return Err(self.corrupt(&key, "unreadable content header".into())),
@@ -530,13 +530,15 @@ impl Store {
         )))
     }
 
-    fn parse_message(&self, k: &[u8], v: &[u8]) -> Result<StoredMessage, StoreError> {
+    /// Header and body are slices of sled's own buffer: reading back copies nothing.
+    fn parse_message(&self, k: &[u8], v: sled::IVec) -> Result<StoredMessage, StoreError> {
+        let all = Bytes::from_owner(v);
+        let v: &[u8] = &all;
         let parsed = (|| {
             if k.len() != 16 {
                 return Err("bad message key".to_string());
             }
             let seq = u64::from_be_bytes(k[8..16].try_into().map_err(|_| "bad key")?);
-            let all = Bytes::copy_from_slice(v);
             let mut r = Reader { b: v };
             if r.u8()? != 1 {
                 return Err("unknown record version".to_string());

@@ -246,35 +246,52 @@ impl Vhost {
             let mut resident = 0usize;
             for m in store.messages(sq.id) {
                 let m = m?;
-                let properties = match parse_content_header(&m.header[..]) {
-                    Ok((_, h)) => h.properties,
-                    Err(_) => {
-                        return Err(StoreError::Corrupt {
-                            dir: store.dir().to_path_buf(),
-                            key: format!("message {} of queue '{}'", m.seq, sq.name),
-                            why: "unreadable content header".into(),
-                        })
-                    }
-                };
                 let size = m.body.len();
-                let priority = properties.priority().unwrap_or(0);
-                let ttl = properties
-                    .expiration()
-                    .as_ref()
-                    .and_then(|e| e.as_str().parse::<u64>().ok());
+                let corrupt = || StoreError::Corrupt {
+                    dir: store.dir().to_path_buf(),
+                    key: format!("message {} of queue '{}'", m.seq, sq.name),
+                    why: "unreadable content header".into(),
+                };
                 // Only the head of a long backlog is loaded; the rest stays on disk.
-                let msg = if q.has_budget_for(resident, size) {
+                // For that rest, the property flags say whether priority or expiration
+                // need decoding at all.
+                let (msg, priority, ttl) = if q.has_budget_for(resident, size) {
                     resident += size;
-                    Some(Arc::new(Message::new(
+                    let properties = match parse_content_header(&m.header[..]) {
+                        Ok((_, h)) => h.properties,
+                        Err(_) => return Err(corrupt()),
+                    };
+                    let priority = properties.priority().unwrap_or(0);
+                    let msg = Message::new(
                         m.exchange.into(),
                         m.routing_key.into(),
                         m.header,
                         properties,
                         m.body,
                         gauge.clone(),
-                    )))
+                    );
+                    let ttl = msg.ttl;
+                    (Some(Arc::new(msg)), priority, ttl)
                 } else {
-                    None
+                    const PRIORITY: u16 = 1 << 11;
+                    const EXPIRATION: u16 = 1 << 8;
+                    let flags = match m.header.get(12..14) {
+                        Some(f) => u16::from_be_bytes([f[0], f[1]]),
+                        None => return Err(corrupt()),
+                    };
+                    if flags & (PRIORITY | EXPIRATION) == 0 {
+                        (None, 0, None)
+                    } else {
+                        let properties = match parse_content_header(&m.header[..]) {
+                            Ok((_, h)) => h.properties,
+                            Err(_) => return Err(corrupt()),
+                        };
+                        let ttl = properties
+                            .expiration()
+                            .as_ref()
+                            .and_then(|e| e.as_str().parse::<u64>().ok());
+                        (None, properties.priority().unwrap_or(0), ttl)
+                    }
                 };
                 msgs.push(Restored {
                     seq: m.seq,
