@@ -58,7 +58,8 @@ pub fn authenticate<'a>(
         .iter()
         .find(|u| u.name == name && constant_time_eq(u.password.as_bytes(), pass.as_bytes()))
         .ok_or(AuthFailure::BadCredentials)?;
-    if user.loopback_only && !peer.is_loopback() {
+    // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d.
+    if user.loopback_only && !peer.to_canonical().is_loopback() {
         return Err(AuthFailure::NotFromLoopback);
     }
     Ok(user)
@@ -71,6 +72,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv4_mapped_loopback_counts_as_loopback() {
+        let users = vec![User {
+            name: "guest".into(),
+            password: "guest".into(),
+            loopback_only: true,
+            vhosts: vec!["/".into()],
+        }];
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert!(authenticate(&users, "PLAIN", b"\0guest\0guest", mapped).is_ok());
+        let remote: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert!(authenticate(&users, "PLAIN", b"\0guest\0guest", remote).is_err());
+    }
 
     #[test]
     fn plain_response_splits_on_nul() {

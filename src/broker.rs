@@ -123,12 +123,23 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let mut listeners = Vec::new();
     let mut addrs = Vec::new();
     for addr in &config.listen {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: *addr,
-                source,
-            })?;
+        let l = match TcpListener::bind(addr).await {
+            Ok(l) => l,
+            // `[::]` is dual-stack where IPv6 exists; where it does not, fall back to IPv4.
+            Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED && !ipv6_available() => {
+                let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+                warn!("cannot listen on {addr} ({e}): no IPv6 here, listening on {v4} instead");
+                TcpListener::bind(v4)
+                    .await
+                    .map_err(|source| StartError::Listen { addr: v4, source })?
+            }
+            Err(source) => {
+                return Err(StartError::Listen {
+                    addr: *addr,
+                    source,
+                })
+            }
+        };
         let local = l.local_addr().map_err(|source| StartError::Listen {
             addr: *addr,
             source,
@@ -136,6 +147,17 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         info!("listening for AMQP 0-9-1 on {local}");
         addrs.push(local);
         listeners.push(l);
+        // Where `[::]` is IPv6-only (net.ipv6.bindv6only=1), IPv4 needs its own socket;
+        // where it is dual-stack, this bind fails with "address in use" and is not needed.
+        if local.ip() == std::net::Ipv6Addr::UNSPECIFIED {
+            if let Ok(v4) = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], local.port()))).await
+            {
+                if let Ok(a) = v4.local_addr() {
+                    info!("listening for AMQP 0-9-1 on {a}");
+                }
+                listeners.push(v4);
+            }
+        }
     }
     let state = Arc::new(BrokerState {
         store: store.clone(),
@@ -156,6 +178,10 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         store: weak_store,
         committer,
     })
+}
+
+fn ipv6_available() -> bool {
+    std::net::TcpListener::bind("[::1]:0").is_ok()
 }
 
 async fn accept_all(

@@ -308,3 +308,37 @@ fn sigterm_exits_cleanly() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// The default `[::]` listener serves IPv4 and IPv6 clients, and guest, limited to
+/// loopback, may log in over IPv4 loopback seen as an IPv4-mapped address.
+#[tokio::test]
+async fn dual_stack_listener_accepts_ipv4_and_ipv6_loopback() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 on this machine: nothing to check");
+        return;
+    }
+    let mut c = config();
+    c.listen = vec!["[::]:0".parse().unwrap()];
+    let broker = warrenmq::start(c).await.unwrap();
+    let port = broker.local_addr().port();
+    for host in ["127.0.0.1", "[::1]"] {
+        let addr: std::net::SocketAddr = format!("{host}:{port}").parse().unwrap();
+        let mut client = Raw::open(addr, 0).await;
+        client
+            .send(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                    reply_code: 200,
+                    reply_text: "bye".into(),
+                    class_id: 0,
+                    method_id: 0,
+                })),
+            )
+            .await;
+        assert!(matches!(
+            client.method().await,
+            AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))
+        ));
+    }
+    broker.shutdown().await;
+}
