@@ -415,80 +415,73 @@ impl Store {
         Ok(())
     }
 
-    pub fn exchanges(&self) -> Result<Vec<StoredExchange>, StoreError> {
+    /// Every meta record under one tag, parsed; an unreadable one is corruption.
+    fn scan_meta<T>(
+        &self,
+        tag: u8,
+        parse: impl Fn(&mut Reader<'_>, &mut Reader<'_>) -> Result<T, String>,
+    ) -> Result<Vec<T>, StoreError> {
         let mut out = Vec::new();
-        for kv in self.meta.scan_prefix([EXCHANGE]) {
+        for kv in self.meta.scan_prefix([tag]) {
             let (k, v) = kv?;
-            let parsed = (|| {
-                let mut kr = Reader { b: &k[1..] };
-                let (vhost, name) = (kr.str()?, kr.str()?);
-                let mut r = Reader { b: &v };
-                if r.u8()? != 1 {
-                    return Err("unknown record version".to_string());
-                }
-                let kind = kind_from(r.u8()?).ok_or("unknown exchange type")?;
-                Ok(StoredExchange {
-                    vhost,
-                    name,
-                    kind,
-                    auto_delete: r.u8()? != 0,
-                    internal: r.u8()? != 0,
-                    arguments: r.table()?,
-                })
-            })();
+            let parsed = parse(&mut Reader { b: &k[1..] }, &mut Reader { b: &v });
             out.push(parsed.map_err(|why| self.corrupt(&k, why))?);
         }
         Ok(out)
+    }
+
+    pub fn exchanges(&self) -> Result<Vec<StoredExchange>, StoreError> {
+        self.scan_meta(EXCHANGE, |key, r| {
+            let (vhost, name) = (key.str()?, key.str()?);
+            if r.u8()? != 1 {
+                return Err("unknown record version".to_string());
+            }
+            let kind = kind_from(r.u8()?).ok_or("unknown exchange type")?;
+            Ok(StoredExchange {
+                vhost,
+                name,
+                kind,
+                auto_delete: r.u8()? != 0,
+                internal: r.u8()? != 0,
+                arguments: r.table()?,
+            })
+        })
     }
 
     pub fn queues(&self) -> Result<Vec<StoredQueue>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.meta.scan_prefix([QUEUE]) {
-            let (k, v) = kv?;
-            let parsed = (|| {
-                let mut kr = Reader { b: &k[1..] };
-                let (vhost, name) = (kr.str()?, kr.str()?);
-                let mut r = Reader { b: &v };
-                if r.u8()? != 1 {
-                    return Err("unknown record version".to_string());
-                }
-                Ok(StoredQueue {
-                    vhost,
-                    name,
-                    id: r.u64()?,
-                    auto_delete: r.u8()? != 0,
-                    arguments: r.table()?,
-                })
-            })();
-            out.push(parsed.map_err(|why| self.corrupt(&k, why))?);
-        }
-        Ok(out)
+        self.scan_meta(QUEUE, |key, r| {
+            let (vhost, name) = (key.str()?, key.str()?);
+            if r.u8()? != 1 {
+                return Err("unknown record version".to_string());
+            }
+            Ok(StoredQueue {
+                vhost,
+                name,
+                id: r.u64()?,
+                auto_delete: r.u8()? != 0,
+                arguments: r.table()?,
+            })
+        })
     }
 
+    /// A binding is all key: the value is a placeholder.
     pub fn bindings(&self) -> Result<Vec<StoredBinding>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.meta.scan_prefix([BINDING]) {
-            let (k, _) = kv?;
-            let parsed = (|| {
-                let mut r = Reader { b: &k[1..] };
-                let vhost = r.str()?;
-                let source = r.str()?;
-                let destination = match r.u8()? {
-                    b'q' => Destination::Queue(r.str()?.into()),
-                    b'x' => Destination::Exchange(r.str()?.into()),
-                    _ => return Err("unknown binding destination".to_string()),
-                };
-                Ok(StoredBinding {
-                    vhost,
-                    source,
-                    destination,
-                    routing_key: r.str()?,
-                    arguments: r.table()?,
-                })
-            })();
-            out.push(parsed.map_err(|why| self.corrupt(&k, why))?);
-        }
-        Ok(out)
+        self.scan_meta(BINDING, |key, _| {
+            let vhost = key.str()?;
+            let source = key.str()?;
+            let destination = match key.u8()? {
+                b'q' => Destination::Queue(key.str()?.into()),
+                b'x' => Destination::Exchange(key.str()?.into()),
+                _ => return Err("unknown binding destination".to_string()),
+            };
+            Ok(StoredBinding {
+                vhost,
+                source,
+                destination,
+                routing_key: key.str()?,
+                arguments: key.table()?,
+            })
+        })
     }
 
     /// A durable queue's messages, in order.
