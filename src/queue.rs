@@ -258,6 +258,8 @@ pub struct Restored {
     pub seq: u64,
     pub priority: u8,
     pub ttl: Option<u64>,
+    /// How long ago it was stored: its TTL has been running since.
+    pub age_ms: u64,
     pub size: usize,
     /// None: leave it on disk until it is needed.
     pub msg: Option<Arc<Message>>,
@@ -290,7 +292,7 @@ impl Entry {
     }
 
     fn expired(&self, now: u64) -> bool {
-        self.expires.is_some_and(|t| now > t)
+        self.expires.is_some_and(|t| now >= t)
     }
 
     fn resident_bytes(&self) -> usize {
@@ -613,12 +615,15 @@ impl Queue {
                 seq: r.seq,
                 redelivered: true,
                 level,
-                expires: ttl.map(|t| now + t),
+                expires: ttl.map(|t| now + t.saturating_sub(r.age_ms)),
                 persisted: true,
                 size: r.size,
                 msg: r.msg,
             });
         }
+        // Messages whose time ran out while the broker was down go now; the next
+        // expiry gets its timer.
+        self.expire_head(&mut st, now);
     }
 
     /// Whether a recovered queue can keep another `size` bytes of bodies in memory.

@@ -91,6 +91,8 @@ pub struct StoredBinding {
 /// What a durable queue's messages looked like on disk.
 pub struct StoredMessage {
     pub seq: u64,
+    /// Wall-clock milliseconds since the Unix epoch when it was stored.
+    pub stored_at: u64,
     pub exchange: String,
     pub routing_key: String,
     pub header: Bytes,
@@ -401,6 +403,8 @@ impl Store {
             16 + m.exchange.len() + m.routing_key.len() + m.header.len() + m.body.len(),
         );
         v.push(1u8);
+        // When it was stored, so that TTLs keep running across a restart.
+        v.extend_from_slice(&wall_ms().to_be_bytes());
         put_str(&mut v, &m.exchange);
         put_str(&mut v, &m.routing_key);
         v.extend_from_slice(&(m.header.len() as u32).to_be_bytes());
@@ -536,6 +540,7 @@ impl Store {
             if r.u8()? != 1 {
                 return Err("unknown record version".to_string());
             }
+            let stored_at = r.u64()?;
             let exchange = r.str()?;
             let routing_key = r.str()?;
             let n = r.take(4)?;
@@ -546,6 +551,7 @@ impl Store {
             }
             Ok(StoredMessage {
                 seq,
+                stored_at,
                 exchange,
                 routing_key,
                 header: all.slice(start..start + n),
@@ -554,6 +560,14 @@ impl Store {
         })();
         parsed.map_err(|why| self.corrupt(k, why))
     }
+}
+
+/// Milliseconds since the Unix epoch (TTL bookkeeping across restarts).
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn kind_byte(k: ExchangeKind) -> u8 {

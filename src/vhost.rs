@@ -244,6 +244,7 @@ impl Vhost {
             );
             let mut msgs = Vec::new();
             let mut resident = 0usize;
+            let now_wall = crate::store::wall_ms();
             for m in store.messages(sq.id) {
                 let m = m?;
                 let size = m.body.len();
@@ -294,6 +295,7 @@ impl Vhost {
                     }
                 };
                 msgs.push(Restored {
+                    age_ms: now_wall.saturating_sub(m.stored_at),
                     seq: m.seq,
                     priority,
                     ttl,

@@ -616,3 +616,68 @@ fn corrupt_data_directory_stops_start_up() {
     assert!(text.contains("Move the directory aside"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A message's TTL keeps running while the broker is down: one that expired during
+/// the outage is gone after the restart; one without a TTL is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_keeps_running_across_a_restart() {
+    let dir = data_dir("ttl");
+    let broker = Broker::start(&dir);
+    {
+        let conn = connect_url(&broker.url()).await;
+        let ch = channel(&conn).await;
+        let dq = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ok(
+            "queue.declare",
+            ch.queue_declare("ttl.q".into(), dq, FieldTable::default()),
+        )
+        .await;
+        ok(
+            "confirm.select",
+            ch.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await;
+        for (body, props) in [
+            (
+                "short-lived",
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_expiration("1000".into()),
+            ),
+            ("kept", BasicProperties::default().with_delivery_mode(2)),
+        ] {
+            let c = ok(
+                "publish",
+                ch.basic_publish(
+                    "".into(),
+                    "ttl.q".into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    props,
+                ),
+            )
+            .await;
+            assert_eq!(ok("confirm", c).await, Confirmation::Ack(None));
+        }
+        broker.kill9();
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let broker = Broker::start(&dir);
+    let conn = connect_url(&broker.url()).await;
+    let ch = channel(&conn).await;
+    let mut bodies = Vec::new();
+    while let Some(m) = ok(
+        "get",
+        ch.basic_get("ttl.q".into(), BasicGetOptions { no_ack: true }),
+    )
+    .await
+    {
+        bodies.push(String::from_utf8(m.delivery.data).unwrap());
+    }
+    assert_eq!(bodies, vec!["kept".to_string()]);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
