@@ -200,9 +200,7 @@ fn settle(done: Vec<Unacked>) {
     for u in &done {
         u.queue.forget(&u.msg);
         if let Some(c) = &u.consumer {
-            let _ = c
-                .unacked
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            c.release_credit();
         }
         if !queues.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
             queues.push(u.queue.clone());
@@ -219,9 +217,7 @@ fn requeue(done: Vec<Unacked>) {
     let mut per_queue: Vec<(Arc<Queue>, Vec<QueuedMessage>)> = Vec::new();
     for u in done {
         if let Some(c) = &u.consumer {
-            let _ = c
-                .unacked
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            c.release_credit();
         }
         match per_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
             Some((_, v)) => v.push(u.msg),
@@ -428,11 +424,6 @@ impl Channel {
 
     pub fn consumer_gone(&mut self, tag: &str) {
         self.consumers.remove(tag);
-    }
-
-    /// Whether a content frame is expected next.
-    pub fn expects_content(&self) -> bool {
-        self.incoming.is_some()
     }
 
     /// Mid-publish, only content frames may arrive on this channel.

@@ -35,10 +35,7 @@ impl Message {
         gauge: Arc<MemoryGauge>,
     ) -> Message {
         gauge.add(body.len() + header.len() + PER_MESSAGE);
-        let ttl = properties
-            .expiration()
-            .as_ref()
-            .and_then(|e| e.as_str().parse::<u64>().ok());
+        let ttl = ttl_of(&properties);
         Message {
             exchange,
             routing_key,
@@ -87,6 +84,14 @@ pub fn encode_header(body_size: u64, properties: &BasicProperties) -> Bytes {
             Bytes::new()
         }
     }
+}
+
+/// The per-message TTL in ms that an expiration property asks for.
+pub fn ttl_of(properties: &BasicProperties) -> Option<u64> {
+    properties
+        .expiration()
+        .as_ref()
+        .and_then(|e| e.as_str().parse::<u64>().ok())
 }
 
 /// Whether an expiration property is valid as RabbitMQ reads it: a non-negative integer.

@@ -73,6 +73,13 @@ pub struct Consumer {
 }
 
 impl Consumer {
+    /// A delivery to this consumer was acked, rejected or requeued: one more may go.
+    pub fn release_credit(&self) {
+        let _ = self
+            .unacked
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
     fn has_credit(&self) -> bool {
         self.channel.can_deliver()
             && (self.no_ack
@@ -534,7 +541,7 @@ impl Queue {
         let persisted = m.persisted;
         let had_expiry = m.expires.is_some();
         let (seq, level) = (m.seq, m.level);
-        let expires_now = self.ttl_of(&m.msg) == Some(0);
+        let expires_now = self.effective_ttl(m.msg.ttl) == Some(0);
         let mut e = Entry::resident(m);
         if expires_now {
             // Not subject to the clock during this delivery attempt; removed after it.
@@ -602,14 +609,8 @@ impl Queue {
         let mut st = self.lock();
         let now = now_ms();
         for r in msgs {
-            let level = match self.args.max_priority {
-                Some(max) => r.priority.min(max),
-                None => 0,
-            };
-            let ttl = match (self.args.message_ttl, r.ttl) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let level = self.level_of(r.priority);
+            let ttl = self.effective_ttl(r.ttl);
             st.next_seq = st.next_seq.max(r.seq + 1);
             st.ready.push_back(Entry {
                 seq: r.seq,
@@ -660,22 +661,24 @@ impl Queue {
         })
     }
 
-    /// The message's effective TTL here: the lower of the queue's and its own.
-    fn ttl_of(&self, msg: &Message) -> Option<u64> {
-        match (self.args.message_ttl, msg.ttl) {
+    /// A message's effective TTL here: the lower of the queue's and its own.
+    fn effective_ttl(&self, message_ttl: Option<u64>) -> Option<u64> {
+        match (self.args.message_ttl, message_ttl) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
 
+    /// The priority level a message's priority maps to (0 without x-max-priority).
+    fn level_of(&self, priority: u8) -> u8 {
+        self.args.max_priority.map_or(0, |max| priority.min(max))
+    }
+
     fn queued(&self, st: &mut QueueState, msg: Arc<Message>) -> QueuedMessage {
         let seq = st.next_seq;
         st.next_seq += 1;
-        let ttl = self.ttl_of(&msg);
-        let level = match self.args.max_priority {
-            Some(max) => msg.properties.priority().unwrap_or(0).min(max),
-            None => 0,
-        };
+        let ttl = self.effective_ttl(msg.ttl);
+        let level = self.level_of(msg.properties.priority().unwrap_or(0));
         QueuedMessage {
             msg,
             seq,
@@ -882,9 +885,5 @@ impl Queue {
         st.deleted = true;
         let n = st.ready.clear().len() as u32;
         (n, std::mem::take(&mut st.consumers))
-    }
-
-    pub fn is_deleted(&self) -> bool {
-        self.lock().deleted
     }
 }

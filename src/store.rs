@@ -99,6 +99,25 @@ pub struct StoredMessage {
     pub body: Bytes,
 }
 
+impl StoredMessage {
+    /// The message as the broker holds it in memory, its header decoded.
+    pub fn into_message(self, gauge: &Arc<crate::message::MemoryGauge>) -> Result<Message, String> {
+        let properties = match amq_protocol::frame::parsing::parse_content_header(&self.header[..])
+        {
+            Ok((_, h)) => h.properties,
+            Err(_) => return Err("unreadable content header".into()),
+        };
+        Ok(Message::new(
+            self.exchange.into(),
+            self.routing_key.into(),
+            self.header,
+            properties,
+            self.body,
+            gauge.clone(),
+        ))
+    }
+}
+
 const EXCHANGE: u8 = b'x';
 const QUEUE: u8 = b'q';
 const BINDING: u8 = b'b';
@@ -513,18 +532,9 @@ impl Store {
             return Ok(None);
         };
         let m = self.parse_message(&key, v)?;
-        let properties = match amq_protocol::frame::parsing::parse_content_header(&m.header[..]) {
-            Ok((_, h)) => h.properties,
-            Err(_) => return Err(self.corrupt(&key, "unreadable content header".into())),
-        };
-        Ok(Some(Message::new(
-            m.exchange.into(),
-            m.routing_key.into(),
-            m.header,
-            properties,
-            m.body,
-            gauge.clone(),
-        )))
+        m.into_message(gauge)
+            .map(Some)
+            .map_err(|why| self.corrupt(&key, why))
     }
 
     /// Header and body are slices of sled's own buffer: reading back copies nothing.

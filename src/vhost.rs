@@ -14,8 +14,8 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 
 use crate::error::{exchange_name, queue_name, AmqpError, AmqpResult};
 use crate::exchange::{Binding, Destination, ExchangeDef, ExchangeKind, Router};
+use crate::message::ttl_of;
 use crate::message::MemoryGauge;
-use crate::message::Message;
 use crate::queue::{at_instant, Consumer, DeadLetter, Housekeeping, Queue, QueueArgs, Restored};
 use crate::store::{Store, StoreError, StoredBinding, StoredExchange, StoredQueue};
 use amq_protocol::frame::parsing::parse_content_header;
@@ -247,10 +247,10 @@ impl Vhost {
             let now_wall = crate::store::wall_ms();
             for m in store.messages(sq.id) {
                 let m = m?;
-                let size = m.body.len();
+                let (size, seq, stored_at) = (m.body.len(), m.seq, m.stored_at);
                 let corrupt = || StoreError::Corrupt {
                     dir: store.dir().to_path_buf(),
-                    key: format!("message {} of queue '{}'", m.seq, sq.name),
+                    key: format!("message {seq} of queue '{}'", sq.name),
                     why: "unreadable content header".into(),
                 };
                 // Only the head of a long backlog is loaded; the rest stays on disk.
@@ -258,20 +258,8 @@ impl Vhost {
                 // need decoding at all.
                 let (msg, priority, ttl) = if q.has_budget_for(resident, size) {
                     resident += size;
-                    let properties = match parse_content_header(&m.header[..]) {
-                        Ok((_, h)) => h.properties,
-                        Err(_) => return Err(corrupt()),
-                    };
-                    let priority = properties.priority().unwrap_or(0);
-                    let msg = Message::new(
-                        m.exchange.into(),
-                        m.routing_key.into(),
-                        m.header,
-                        properties,
-                        m.body,
-                        gauge.clone(),
-                    );
-                    let ttl = msg.ttl;
+                    let msg = m.into_message(gauge).map_err(|_| corrupt())?;
+                    let (priority, ttl) = (msg.properties.priority().unwrap_or(0), msg.ttl);
                     (Some(Arc::new(msg)), priority, ttl)
                 } else {
                     const PRIORITY: u16 = 1 << 11;
@@ -287,16 +275,16 @@ impl Vhost {
                             Ok((_, h)) => h.properties,
                             Err(_) => return Err(corrupt()),
                         };
-                        let ttl = properties
-                            .expiration()
-                            .as_ref()
-                            .and_then(|e| e.as_str().parse::<u64>().ok());
-                        (None, properties.priority().unwrap_or(0), ttl)
+                        (
+                            None,
+                            properties.priority().unwrap_or(0),
+                            ttl_of(&properties),
+                        )
                     }
                 };
                 msgs.push(Restored {
-                    age_ms: now_wall.saturating_sub(m.stored_at),
-                    seq: m.seq,
+                    age_ms: now_wall.saturating_sub(stored_at),
+                    seq,
                     priority,
                     ttl,
                     size,
