@@ -443,6 +443,7 @@ impl Channel {
 
     pub fn handle_header(
         &mut self,
+        (class_id, weight): (u16, u16),
         raw: Bytes,
         body_size: u64,
         properties: BasicProperties,
@@ -452,6 +453,20 @@ impl Channel {
                 "expected method frame, got non method frame instead".into(),
             ));
         };
+        // RabbitMQ's command assembler: a header for another class, or with a
+        // weight, is not the header basic.publish waits for.
+        if weight != 0 {
+            return Err(AmqpError::unexpected_frame(
+                "expected content header for class 60, got non content header frame instead".into(),
+            )
+            .with_method(60, 40));
+        }
+        if class_id != 60 {
+            return Err(AmqpError::unexpected_frame(format!(
+                "expected content header for class 60, got one for class {class_id} instead"
+            ))
+            .with_method(60, 40));
+        }
         if body_size > self.max_message_size {
             self.incoming = None;
             return Err(AmqpError::precondition_failed(format!(

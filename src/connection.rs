@@ -225,17 +225,20 @@ impl Connection {
         deadline: Instant,
         what: &str,
     ) -> Result<connection::AMQPMethod, End> {
-        match self.next_frame(deadline).await? {
-            Frame::Method(0, class) => match *class {
-                AMQPClass::Connection(m) => Ok(m),
-                other => Err(AmqpError::command_invalid(format!(
-                    "expected {what}, got {}",
-                    class_name(&other)
-                ))
-                .into()),
-            },
-            Frame::Heartbeat(0) => Box::pin(self.expect(deadline, what)).await,
-            _ => Err(AmqpError::unexpected_frame(format!("expected {what}")).into()),
+        // A loop, not recursion: a client may send any number of heartbeats first.
+        loop {
+            return match self.next_frame(deadline).await? {
+                Frame::Method(0, class) => match *class {
+                    AMQPClass::Connection(m) => Ok(m),
+                    other => Err(AmqpError::command_invalid(format!(
+                        "expected {what}, got {}",
+                        class_name(&other)
+                    ))
+                    .into()),
+                },
+                Frame::Heartbeat(0) => continue,
+                _ => Err(AmqpError::unexpected_frame(format!("expected {what}")).into()),
+            };
         }
     }
 
@@ -588,12 +591,14 @@ impl Connection {
                 ch.handle(*class)
             }
             Frame::Header {
+                class_id,
+                weight,
                 raw,
                 body_size,
                 properties,
                 ..
             } => ch
-                .handle_header(raw, body_size, *properties)
+                .handle_header((class_id, weight), raw, body_size, *properties)
                 .map(|_| After::Nothing),
             Frame::Body(_, body) => ch.handle_body(body).map(|_| After::Nothing),
             Frame::Heartbeat(_) => Ok(After::Nothing),
