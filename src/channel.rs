@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use crate::connection::{ConnEvent, ConnShared};
 use crate::error::{queue_name, AmqpError, AmqpResult};
 use crate::exchange::Destination;
-use crate::message::{valid_expiration, MemoryGauge, Message};
+use crate::message::{valid_expiration, MemoryGauge, Message, Reservation};
 use crate::protocol::{short, write_get_ok, write_method, write_return};
 use crate::queue::{ConsumeRefused, Consumer, Enqueued, Queue, QueuedMessage};
 use crate::vhost::{
@@ -72,6 +72,9 @@ impl ChannelShared {
         }
         st.next_tag += 1;
         let tag = st.next_tag;
+        self.conn
+            .outbox
+            .note_delivery(m.msg.body.len() + m.msg.header.len());
         self.conn.outbox.append().deliver(
             self.id,
             &consumer.tag,
@@ -235,9 +238,56 @@ struct Incoming {
     routing_key: Arc<str>,
     mandatory: bool,
     header: Option<(Bytes, BasicProperties, u64)>,
-    body: Vec<Bytes>,
+    body: BodyParts,
     received: u64,
+    /// What this publish holds so far, counted against the watermark.
+    held: Reservation,
 }
+
+/// A body arriving in frames. Large frames stay the buffers they arrived in; small
+/// ones are copied together, so that a body sent a byte per frame costs a byte per
+/// byte, not an allocation per frame.
+#[derive(Default)]
+struct BodyParts {
+    parts: Vec<Bytes>,
+    tail: BytesMut,
+}
+
+/// Frames at least this large are kept as they are.
+const KEEP_FRAME: usize = 4096;
+
+impl BodyParts {
+    fn push(&mut self, frame: Bytes) {
+        if frame.len() < KEEP_FRAME {
+            self.tail.extend_from_slice(&frame);
+            return;
+        }
+        if !self.tail.is_empty() {
+            self.parts.push(self.tail.split().freeze());
+        }
+        self.parts.push(frame);
+    }
+
+    fn into_body(mut self, len: u64) -> Bytes {
+        if !self.tail.is_empty() {
+            self.parts.push(self.tail.split().freeze());
+        }
+        match self.parts.len() {
+            0 => Bytes::new(),
+            1 => self.parts.pop().unwrap_or_default(),
+            _ => {
+                let mut all = BytesMut::with_capacity(len as usize);
+                for part in self.parts {
+                    all.extend_from_slice(&part);
+                }
+                all.freeze()
+            }
+        }
+    }
+}
+
+/// What a publish held by a transaction costs beyond its content.
+const TX_OVERHEAD: usize = std::mem::size_of::<Publish>() + 64;
 
 /// A publish with all its content, ready to route.
 struct Publish {
@@ -247,6 +297,8 @@ struct Publish {
     header: Bytes,
     properties: BasicProperties,
     body: Bytes,
+    /// Held by a transaction until commit: counted against the watermark.
+    _held: Option<Reservation>,
 }
 
 enum TxOp {
@@ -475,6 +527,7 @@ impl Channel {
             ))
             .with_method(60, 40));
         }
+        inc.held.grow(crate::message::header_cost(&raw));
         inc.header = Some((raw, properties, body_size));
         if body_size == 0 {
             self.complete()?;
@@ -502,6 +555,7 @@ impl Channel {
                 inc.received, expected
             )));
         }
+        inc.held.grow(body.len());
         inc.body.push(body);
         if inc.received == expected {
             self.complete()?;
@@ -516,17 +570,8 @@ impl Channel {
         let Some((header, properties, _)) = inc.header else {
             return Ok(());
         };
-        let body = match inc.body.len() {
-            0 => Bytes::new(),
-            1 => inc.body.into_iter().next().unwrap_or_default(),
-            _ => {
-                let mut all = BytesMut::with_capacity(inc.received as usize);
-                for part in inc.body {
-                    all.extend_from_slice(&part);
-                }
-                all.freeze()
-            }
-        };
+        let body = inc.body.into_body(inc.received);
+        let mut held = inc.held;
         if let Some(uid) = properties.user_id() {
             let user = self.shared.conn.user();
             if uid.as_str() != user {
@@ -559,22 +604,26 @@ impl Channel {
         };
         if let Err(bad) = valid_expiration(&properties) {
             return Err(
-                AmqpError::precondition_failed(format!("invalid expiration '{bad}'"))
+                AmqpError::precondition_failed(format!("invalid expiration {bad}"))
                     .with_method(60, 40),
             );
         }
-        let p = Publish {
+        let mut p = Publish {
             exchange: inc.exchange,
             routing_key: inc.routing_key,
             mandatory: inc.mandatory,
             header,
             properties,
             body,
+            _held: None,
         };
         if let Some(tx) = self.tx.as_mut() {
+            held.grow(TX_OVERHEAD);
+            p._held = Some(held);
             tx.publishes.push(p);
             return Ok(());
         }
+        drop(held);
         self.route(p).map_err(|e| e.with_method(60, 40))
     }
 
@@ -930,8 +979,9 @@ impl Channel {
                     routing_key: p.routing_key.as_str().into(),
                     mandatory: p.mandatory,
                     header: None,
-                    body: Vec::new(),
+                    body: BodyParts::default(),
                     received: 0,
+                    held: Reservation::new(&self.gauge),
                 });
             }
             M::Qos(q) => {

@@ -29,6 +29,26 @@ use crate::protocol::{
 };
 use crate::vhost::Vhost;
 
+/// Idle time before the kernel starts probing a silent peer.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// How long a paused connection waits for a peer that reads nothing at all.
+const SEND_STALL: Duration = Duration::from_secs(60);
+/// How long a frame may take to arrive once its first byte has.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Resolves when the peer has closed or reset its side, even while unread input is
+/// pending (readiness then says "readable" at once, so it is polled twice a second).
+async fn hung_up(reader: &OwnedReadHalf) {
+    loop {
+        match reader.ready(tokio::io::Interest::READABLE).await {
+            Ok(r) if !(r.is_read_closed() || r.is_error()) => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            _ => return,
+        }
+    }
+}
+
 /// A reply held back until the store has synced: channel, method, cancellations.
 type Deferred = (u16, AMQPClass, Option<crate::vhost::Cancellations>);
 
@@ -103,6 +123,13 @@ pub async fn serve(
     let span = tracing::info_span!("conn", id, %peer);
     async move {
         let _ = stream.set_nodelay(true);
+        // Finds peers that vanished without a FIN (power loss, a dropped route) even
+        // when heartbeats were negotiated off.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(Duration::from_secs(10))
+            .with_retries(6);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         let (reader, writer) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(ConnShared {
@@ -138,7 +165,15 @@ pub async fn serve(
         conn.run().await;
         conn.cleanup();
         shared.outbox.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
+        // A peer that never reads would keep the writer (and its socket and
+        // outbox) forever: it gets a few seconds to take what is left, no more.
+        let writer_abort = writer_task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), writer_task)
+            .await
+            .is_err()
+        {
+            writer_abort.abort();
+        }
         debug!("connection closed");
     }
     .instrument(span)
@@ -394,10 +429,17 @@ impl Connection {
         });
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_read = Instant::now();
+        // When the frame now in the read buffer began to arrive.
+        let mut partial_since: Option<Instant> = None;
         loop {
             // Frames that arrived together may hold more than one full frame.
             if let Err(e) = self.process_frames().await {
                 return e;
+            }
+            if self.input.buf.is_empty() {
+                partial_since = None;
+            } else if partial_since.is_none() {
+                partial_since = Some(Instant::now());
             }
             // When a queue we publish to outpaces its consumers, let their tasks
             // (acks free credit, credit frees deliveries) run before reading more.
@@ -414,8 +456,22 @@ impl Connection {
                     return end;
                 }
                 last_read = Instant::now();
+                partial_since = partial_since.map(|_| last_read);
             }
+            // A client that keeps asking without reading the answers stops being read.
+            if self.shared.outbox.over_hard_limit() {
+                if let Some(end) = self.wait_for_outbox().await {
+                    return end;
+                }
+                last_read = Instant::now();
+                partial_since = partial_since.map(|_| last_read);
+            }
+            let frame_deadline = partial_since.map(|t| t + FRAME_TIMEOUT);
             tokio::select! {
+                _ = tokio::time::sleep_until(frame_deadline.unwrap_or(last_read)), if frame_deadline.is_some() => {
+                    warn!("a frame did not arrive whole within {}s", FRAME_TIMEOUT.as_secs());
+                    return End::Timeout;
+                }
                 _ = self.shutdown.changed() => {
                     return End::Error(AmqpError::connection_forced(
                         "broker forced connection closure with reason 'shutdown'".into(),
@@ -482,6 +538,7 @@ impl Connection {
                     }
                 }
                 _ = self.broker.gauge.below.notified() => {}
+                _ = hung_up(&self.input.reader) => return Some(End::Gone),
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
@@ -490,6 +547,44 @@ impl Connection {
                 0,
                 &AMQPClass::Connection(connection::AMQPMethod::Unblocked(connection::Unblocked {})),
             );
+        }
+        None
+    }
+
+    /// Stops reading until the peer has read enough of what it asked for; a peer
+    /// that reads nothing for `SEND_STALL` is dropped.
+    async fn wait_for_outbox(&mut self) -> Option<End> {
+        debug!("outbox over its limit: not reading until the client reads");
+        let mut written = self.shared.outbox.written();
+        let mut progress = Instant::now();
+        while self.shared.outbox.over_hard_limit() {
+            tokio::select! {
+                _ = self.shutdown.changed() => {
+                    return Some(End::Error(AmqpError::connection_forced(
+                        "broker forced connection closure with reason 'shutdown'".into(),
+                    )));
+                }
+                Some(ev) = self.events.recv() => self.on_event(ev),
+                _ = self.shared.outbox.drained.notified() => {
+                    if self.shared.outbox.is_closed() {
+                        return Some(End::Gone);
+                    }
+                    for ch in self.channels.values() {
+                        ch.resume();
+                    }
+                }
+                _ = hung_up(&self.input.reader) => return Some(End::Gone),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    let now = self.shared.outbox.written();
+                    if now != written {
+                        written = now;
+                        progress = Instant::now();
+                    } else if progress.elapsed() >= SEND_STALL {
+                        warn!("client read nothing for {}s with its answers pending", SEND_STALL.as_secs());
+                        return Some(End::Timeout);
+                    }
+                }
+            }
         }
         None
     }

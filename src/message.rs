@@ -34,7 +34,7 @@ impl Message {
         body: Bytes,
         gauge: Arc<MemoryGauge>,
     ) -> Message {
-        gauge.add(body.len() + header.len() + PER_MESSAGE);
+        gauge.add(cost(&header, &body));
         let ttl = ttl_of(&properties);
         Message {
             exchange,
@@ -86,26 +86,112 @@ pub fn encode_header(body_size: u64, properties: &BasicProperties) -> Bytes {
     }
 }
 
+/// The longest TTL RabbitMQ accepts, per message or per queue: ten years in ms.
+pub const MAX_EXPIRY: u64 = 315_360_000_000;
+
 /// The per-message TTL in ms that an expiration property asks for.
 pub fn ttl_of(properties: &BasicProperties) -> Option<u64> {
     properties
         .expiration()
         .as_ref()
-        .and_then(|e| e.as_str().parse::<u64>().ok())
+        .and_then(|e| parse_expiration(e.as_str()).ok())
 }
 
-/// Whether an expiration property is valid as RabbitMQ reads it: a non-negative integer.
+/// Reads an expiration as RabbitMQ does (Erlang's `string:to_integer`, then
+/// `check_expiry`); the error is RabbitMQ's reason, as its reply text shows it.
+pub fn parse_expiration(text: &str) -> Result<u64, String> {
+    let (negative, digits) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let end = digits
+        .bytes()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    if end == 0 {
+        return Err("no_integer".into());
+    }
+    if end < digits.len() {
+        return Err(format!("{{leftover_string,{:?}}}", &digits[end..]));
+    }
+    let shown = if negative {
+        format!("-{digits}")
+    } else {
+        digits.to_string()
+    };
+    // Digits only: a value too long for u64 is simply too large.
+    let value = digits.parse::<u64>().unwrap_or(u64::MAX);
+    if negative && value != 0 {
+        return Err(format!("{{value_negative,{shown}}}"));
+    }
+    if value > MAX_EXPIRY {
+        return Err(format!("{{value_too_large,{shown}}}"));
+    }
+    Ok(value)
+}
+
+/// Whether an expiration property is valid as RabbitMQ reads it; Err is the reply text's detail.
 pub fn valid_expiration(properties: &BasicProperties) -> Result<(), String> {
     match properties.expiration() {
-        Some(e) if e.as_str().parse::<u64>().is_err() => Err(e.as_str().to_string()),
-        _ => Ok(()),
+        Some(e) => parse_expiration(e.as_str())
+            .map(|_| ())
+            .map_err(|why| format!("'{}': {why}", e.as_str())),
+        None => Ok(()),
     }
+}
+
+/// Decoded header values cost far more than their wire form (a map node, a boxed
+/// value, a string each): this is what one costs, roughly.
+const PER_HEADER_VALUE: usize = 96;
+
+/// What the watermark counts for a message: its content, its decoded headers and
+/// its bookkeeping.
+fn cost(header: &Bytes, body: &Bytes) -> usize {
+    body.len() + PER_MESSAGE + header_cost(header)
+}
+
+/// What a content header costs in memory once decoded.
+pub fn header_cost(header: &[u8]) -> usize {
+    // The header was checked on arrival (or written by the broker), so the walk
+    // cannot fail here; a failure only means nothing extra is counted.
+    let values =
+        crate::protocol::check_content_header(header, &crate::protocol::TableLimits::UNBOUNDED)
+            .unwrap_or(0);
+    header.len() + values * PER_HEADER_VALUE
 }
 
 impl Drop for Message {
     fn drop(&mut self) {
-        self.gauge
-            .sub(self.body.len() + self.header.len() + PER_MESSAGE);
+        self.gauge.sub(cost(&self.header, &self.body));
+    }
+}
+
+/// Bytes a client made the broker hold before they became a `Message` (a body
+/// still arriving, a publish inside an uncommitted transaction): counted against
+/// the watermark while held, released on drop.
+pub struct Reservation {
+    gauge: Arc<MemoryGauge>,
+    bytes: usize,
+}
+
+impl Reservation {
+    pub fn new(gauge: &Arc<MemoryGauge>) -> Reservation {
+        Reservation {
+            gauge: gauge.clone(),
+            bytes: 0,
+        }
+    }
+
+    pub fn grow(&mut self, n: usize) {
+        self.gauge.add(n);
+        self.bytes += n;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.gauge.sub(self.bytes);
     }
 }
 

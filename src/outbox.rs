@@ -24,6 +24,11 @@ const COPY_LIMIT: usize = 4096;
 pub const HIGH_WATER: usize = 1 << 20;
 /// At most this many buffers go to one writev call.
 const MAX_IOV: usize = 64;
+/// Above this many queued bytes (plus the largest delivery since the outbox was last
+/// nearly empty), the connection stops reading its socket. Deliveries stop at
+/// `HIGH_WATER`, so only what a client provokes without reading its answers
+/// (get-ok, returns, confirms, method replies) gets here.
+pub const HARD_LIMIT: usize = 4 * HIGH_WATER;
 
 #[derive(Default)]
 pub struct Outbox {
@@ -34,7 +39,15 @@ pub struct Outbox {
     wake_writer: Notify,
     /// Wakes the connection task when a full outbox has drained.
     pub drained: Notify,
+    /// Someone was refused room and waits for `drained`. Set by the refused side
+    /// before it reads `pending` again; cleared by the writer after it lowered
+    /// `pending`: with both in SeqCst order, one of them always sees the other.
     full: AtomicBool,
+    /// The largest delivery queued since the outbox was last nearly empty: a single
+    /// large message may overshoot `HIGH_WATER` without being a client's abuse.
+    allowance: AtomicUsize,
+    /// Bytes written to the socket so far, for telling a slow peer from a stalled one.
+    written: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -131,10 +144,7 @@ impl Drop for Append<'_> {
     fn drop(&mut self) {
         let added = self.guard.len().saturating_sub(self.before);
         if added > 0 {
-            let total = self.outbox.pending.fetch_add(added, Ordering::AcqRel) + added;
-            if total > HIGH_WATER {
-                self.outbox.full.store(true, Ordering::Release);
-            }
+            self.outbox.pending.fetch_add(added, Ordering::SeqCst);
             self.outbox.wake_writer.notify_one();
         }
     }
@@ -151,9 +161,38 @@ impl Outbox {
         }
     }
 
-    /// Whether queues may deliver more to this connection now.
+    /// Whether queues may deliver more to this connection now. A refusal registers
+    /// for a `drained` wake-up, so the refused queue is kicked again.
     pub fn has_room(&self) -> bool {
-        self.pending.load(Ordering::Acquire) <= HIGH_WATER && !self.closed.load(Ordering::Acquire)
+        !self.closed.load(Ordering::Acquire) && self.below(HIGH_WATER)
+    }
+
+    /// Whether the connection should stop reading until the peer reads its answers.
+    pub fn over_hard_limit(&self) -> bool {
+        let limit = HARD_LIMIT + self.allowance.load(Ordering::Acquire);
+        !self.closed.load(Ordering::Acquire) && !self.below(limit)
+    }
+
+    /// `pending <= limit`; when not, asks the writer for a `drained` wake-up.
+    fn below(&self, limit: usize) -> bool {
+        if self.pending.load(Ordering::SeqCst) <= limit {
+            return true;
+        }
+        self.full.store(true, Ordering::SeqCst);
+        // The writer may have drained between the two reads without seeing the flag.
+        self.pending.load(Ordering::SeqCst) <= limit
+    }
+
+    /// A delivery of `size` bytes was queued: it may overshoot the limits once.
+    pub fn note_delivery(&self, size: usize) {
+        if size > HIGH_WATER {
+            self.allowance.fetch_max(size, Ordering::AcqRel);
+        }
+    }
+
+    /// Bytes the writer has put on the socket so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -188,15 +227,18 @@ impl Outbox {
                 self.wake_writer.notified().await;
                 continue;
             }
-            if let Err(e) = write_all_vectored(&mut socket, &mut chunks).await {
+            if let Err(e) = write_all_vectored(&mut socket, &mut chunks, &self.written).await {
                 tracing::debug!("write failed: {e}");
                 self.closed.store(true, Ordering::Release);
                 self.pending.store(0, Ordering::Release);
                 self.drained.notify_one();
                 break;
             }
-            let left = self.pending.fetch_sub(n, Ordering::AcqRel) - n;
-            if left <= HIGH_WATER / 2 && self.full.swap(false, Ordering::AcqRel) {
+            let left = self.pending.fetch_sub(n, Ordering::SeqCst) - n;
+            if left <= HIGH_WATER / 2 {
+                self.allowance.store(0, Ordering::Release);
+            }
+            if left <= HIGH_WATER / 2 && self.full.swap(false, Ordering::SeqCst) {
                 self.drained.notify_one();
             }
         }
@@ -207,6 +249,7 @@ impl Outbox {
 async fn write_all_vectored(
     socket: &mut OwnedWriteHalf,
     chunks: &mut [Bytes],
+    progress: &std::sync::atomic::AtomicU64,
 ) -> std::io::Result<()> {
     let mut first = 0;
     while first < chunks.len() {
@@ -219,6 +262,7 @@ async fn write_all_vectored(
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
+        progress.fetch_add(written as u64, Ordering::AcqRel);
         while written > 0 && first < chunks.len() {
             let len = chunks[first].len();
             if written >= len {

@@ -176,6 +176,14 @@ pub struct TableLimits {
     pub max_fields: usize,
 }
 
+impl TableLimits {
+    /// For walking tables the broker already accepted, only to count their values.
+    pub const UNBOUNDED: TableLimits = TableLimits {
+        max_depth: usize::MAX,
+        max_fields: usize::MAX,
+    };
+}
+
 impl Default for TableLimits {
     fn default() -> Self {
         TableLimits {

@@ -38,7 +38,10 @@ pub fn now_ms() -> u64 {
 
 /// The instant a `now_ms()` value stands for.
 pub fn at_instant(ms: u64) -> Instant {
-    epoch() + std::time::Duration::from_millis(ms)
+    // Far-off times (a saturated deadline) become "in about a century", not a panic.
+    epoch()
+        .checked_add(std::time::Duration::from_millis(ms))
+        .unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(100 * 365 * 86_400))
 }
 
 #[derive(Clone)]
@@ -136,7 +139,16 @@ impl QueueArgs {
                     .ok_or_else(|| bad(k, format!("{{unacceptable_type,{}}}", type_name(v)))),
             }
         };
-        let expires = non_negative("x-expires")?;
+        // RabbitMQ's check_expiry: at most ten years.
+        let expiry = |k: &str| -> AmqpResult<Option<u64>> {
+            match non_negative(k)? {
+                Some(n) if n > crate::message::MAX_EXPIRY => {
+                    Err(bad(k, format!("{{value_too_large,{n}}}")))
+                }
+                other => Ok(other),
+            }
+        };
+        let expires = expiry("x-expires")?;
         if expires == Some(0) {
             return Err(bad("x-expires", "{value_zero,0}".into()));
         }
@@ -198,7 +210,7 @@ impl QueueArgs {
             }
         }
         Ok(QueueArgs {
-            message_ttl: non_negative("x-message-ttl")?,
+            message_ttl: expiry("x-message-ttl")?,
             expires,
             max_length: non_negative("x-max-length")?,
             max_length_bytes: non_negative("x-max-length-bytes")?,
@@ -444,7 +456,7 @@ impl Queue {
         });
         if let Some(ms) = q.args.expires {
             let mut st = q.lock();
-            q.wake(&mut st, now_ms() + ms);
+            q.wake(&mut st, now_ms().saturating_add(ms));
         }
         q
     }
@@ -496,7 +508,7 @@ impl Queue {
         while let Some(head) = st.ready.front() {
             if !head.expired(now) {
                 if let Some(t) = head.expires {
-                    self.wake(st, t + 1);
+                    self.wake(st, t.saturating_add(1));
                 }
                 return;
             }
@@ -616,7 +628,7 @@ impl Queue {
                 seq: r.seq,
                 redelivered: true,
                 level,
-                expires: ttl.map(|t| now + t.saturating_sub(r.age_ms)),
+                expires: ttl.map(|t| now.saturating_add(t.saturating_sub(r.age_ms))),
                 persisted: true,
                 size: r.size,
                 msg: r.msg,
@@ -684,7 +696,7 @@ impl Queue {
             seq,
             redelivered: false,
             level,
-            expires: ttl.map(|t| now_ms() + t),
+            expires: ttl.map(|t| now_ms().saturating_add(t)),
             persisted: false,
         }
     }
@@ -827,7 +839,7 @@ impl Queue {
         if st.consumers.is_empty() {
             st.last_used = now_ms();
             if let Some(ms) = self.args.expires {
-                let at = st.last_used + ms;
+                let at = st.last_used.saturating_add(ms);
                 self.wake(&mut st, at);
             }
         }
@@ -859,10 +871,10 @@ impl Queue {
         self.expire_head(&mut st, now);
         if let Some(ms) = self.args.expires {
             if st.consumers.is_empty() {
-                if now >= st.last_used + ms {
+                if now >= st.last_used.saturating_add(ms) {
                     return true;
                 }
-                let at = st.last_used + ms;
+                let at = st.last_used.saturating_add(ms);
                 self.wake(&mut st, at);
             }
         }

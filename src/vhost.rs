@@ -1047,10 +1047,19 @@ fn generated_name() -> String {
 
 /// Dead letters and timers for one vhost, off every publisher's and queue's path.
 async fn housekeeper(vhost: Weak<Vhost>, mut rx: UnboundedReceiver<Housekeeping>) {
-    let mut timers: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
-    let mut waiting: HashMap<u64, Weak<Queue>> = HashMap::new();
-    let mut next_id = 0u64;
+    // One wake-up per queue (its earliest); the heap may hold superseded entries,
+    // which are skipped when they come up and dropped whenever they outnumber the
+    // live ones, so that queues deleted with far-off timers cost nothing.
+    let mut timers: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
+    let mut waiting: HashMap<usize, (u64, Weak<Queue>)> = HashMap::new();
     loop {
+        if timers.len() > 1024 && timers.len() > 2 * waiting.len() {
+            waiting.retain(|_, (_, q)| q.strong_count() > 0);
+            timers = waiting
+                .iter()
+                .map(|(key, (at, _))| Reverse((*at, *key)))
+                .collect();
+        }
         let next = timers.peek().map(|Reverse((at, _))| *at);
         tokio::select! {
             msg = rx.recv() => match msg {
@@ -1060,19 +1069,22 @@ async fn housekeeper(vhost: Weak<Vhost>, mut rx: UnboundedReceiver<Housekeeping>
                     v.route_dead_letter(dl);
                 }
                 Some(Housekeeping::Wake(q, at)) => {
-                    next_id += 1;
-                    waiting.insert(next_id, q);
-                    timers.push(Reverse((at, next_id)));
+                    let key = Weak::as_ptr(&q) as usize;
+                    waiting.insert(key, (at, q));
+                    timers.push(Reverse((at, key)));
                 }
             },
             _ = tokio::time::sleep_until(at_instant(next.unwrap_or(0)).into()), if next.is_some() => {
                 let now = crate::queue::now_ms();
-                while let Some(Reverse((at, id))) = timers.peek().copied() {
+                while let Some(Reverse((at, key))) = timers.peek().copied() {
                     if at > now {
                         break;
                     }
                     timers.pop();
-                    let Some(q) = waiting.remove(&id).and_then(|w| w.upgrade()) else { continue };
+                    if waiting.get(&key).is_none_or(|(due, _)| *due != at) {
+                        continue;
+                    }
+                    let Some(q) = waiting.remove(&key).and_then(|(_, w)| w.upgrade()) else { continue };
                     if q.on_wake(at) {
                         let Some(v) = vhost.upgrade() else { return };
                         v.delete_queue_instance(&q);
@@ -1172,14 +1184,16 @@ fn with_x_death(dl: &DeadLetter) -> BasicProperties {
                 AMQPValue::FieldTable(t) => t,
                 _ => FieldTable::default(),
             };
+            // A client may have put any count there: it saturates, never wraps.
             let count = t
                 .inner()
                 .get("count")
                 .and_then(crate::exchange::int_value)
-                .unwrap_or(0);
+                .unwrap_or(0)
+                .clamp(0, i64::MAX as i128) as i64;
             t.insert(
                 ShortString::from("count"),
-                AMQPValue::LongLongInt(count as i64 + 1),
+                AMQPValue::LongLongInt(count.saturating_add(1)),
             );
             t.insert(ShortString::from("time"), AMQPValue::Timestamp(now));
             t
