@@ -12,7 +12,7 @@ use amq_protocol::protocol::{
 };
 use bytes::{Bytes, BytesMut};
 
-use crate::connection::{ConnEvent, ConnShared};
+use crate::connection::{ConnEvent, ConnShared, Synced};
 use crate::error::{queue_name, AmqpError, AmqpResult};
 use crate::exchange::Destination;
 use crate::message::{valid_expiration, MemoryGauge, Message, Reservation};
@@ -39,6 +39,8 @@ struct DeliveryState {
 
 pub struct ChannelShared {
     pub id: u16,
+    /// Tells this channel from an earlier one with the same number.
+    pub generation: u64,
     pub conn: Arc<ConnShared>,
     open: AtomicBool,
     flow: AtomicBool,
@@ -148,6 +150,7 @@ impl ChannelShared {
         }
         self.conn.event(ConnEvent::ConsumerGone {
             channel: self.id,
+            generation: self.generation,
             tag: tag.clone(),
         });
     }
@@ -351,7 +354,7 @@ pub enum After {
 
 impl Channel {
     pub fn new(
-        id: u16,
+        (id, generation): (u16, u64),
         conn: Arc<ConnShared>,
         vhost: Arc<Vhost>,
         gauge: Arc<MemoryGauge>,
@@ -360,6 +363,7 @@ impl Channel {
         Channel {
             shared: Arc::new(ChannelShared {
                 id,
+                generation,
                 conn,
                 open: AtomicBool::new(true),
                 flow: AtomicBool::new(true),
@@ -428,12 +432,8 @@ impl Channel {
             return;
         };
         // Confirms leave in order: once one waits for a flush, later ones wait behind it.
-        let store = self
-            .vhost
-            .store
-            .as_ref()
-            .filter(|_| self.sync_needed || self.syncs_pending > 0);
-        let Some(store) = store else {
+        let wait = self.vhost.store.is_some() && (self.sync_needed || self.syncs_pending > 0);
+        if !wait {
             self.reply(AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
                 delivery_tag: tag,
                 multiple: true,
@@ -441,35 +441,49 @@ impl Channel {
             return;
         };
         self.sync_needed = false;
+        self.confirm_after_sync(Synced::AckUpTo(tag));
+    }
+
+    /// Sends `confirm` once the store's next flush is done, after every confirm
+    /// already waiting for one (the committer releases waiters in order).
+    fn confirm_after_sync(&mut self, confirm: Synced) {
+        let Some(store) = &self.vhost.store else {
+            return;
+        };
         self.syncs_pending += 1;
         let conn = self.shared.conn.clone();
-        let channel = self.shared.id;
+        let (channel, generation) = (self.shared.id, self.shared.generation);
         store.sync(Box::new(move |result| {
             conn.event(ConnEvent::Synced {
                 channel,
-                confirm_upto: tag,
+                generation,
+                confirm,
                 ok: result.is_ok(),
             })
         }));
     }
 
-    /// The flush that publisher confirms up to `upto` waited for has finished.
-    pub fn synced(&mut self, upto: u64, ok: bool) {
+    /// A flush that a publisher confirm waited for has finished.
+    pub fn synced(&mut self, confirm: Synced, ok: bool) {
         self.syncs_pending = self.syncs_pending.saturating_sub(1);
         if !self.shared.open.load(Ordering::Acquire) {
             return;
         }
-        let class = if ok {
-            basic::AMQPMethod::Ack(basic::Ack {
+        let class = match confirm {
+            Synced::AckUpTo(upto) if ok => basic::AMQPMethod::Ack(basic::Ack {
                 delivery_tag: upto,
                 multiple: true,
-            })
-        } else {
-            basic::AMQPMethod::Nack(basic::Nack {
+            }),
+            Synced::AckUpTo(upto) => basic::AMQPMethod::Nack(basic::Nack {
                 delivery_tag: upto,
                 multiple: true,
                 requeue: false,
-            })
+            }),
+            Synced::Nack(tag) => basic::AMQPMethod::Nack(basic::Nack {
+                delivery_tag: tag,
+                multiple: false,
+                requeue: false,
+            }),
         };
         self.reply(AMQPClass::Basic(class));
     }
@@ -692,14 +706,19 @@ impl Channel {
                 self.backlogged |= q.backlogged();
             }
             if rejected && self.confirm {
-                // A nack cannot ride on a multiple=true ack: send what is due first.
+                // A nack cannot ride on a multiple=true ack: send what is due first,
+                // and when those acks wait for a flush, the nack waits behind them.
                 self.flush_confirms();
                 self.publish_seq += 1;
-                self.reply(AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
-                    delivery_tag: self.publish_seq,
-                    multiple: false,
-                    requeue: false,
-                })));
+                if self.syncs_pending > 0 {
+                    self.confirm_after_sync(Synced::Nack(self.publish_seq));
+                } else {
+                    self.reply(AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+                        delivery_tag: self.publish_seq,
+                        multiple: false,
+                        requeue: false,
+                    })));
+                }
                 return Ok(());
             }
         }

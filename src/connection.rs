@@ -52,16 +52,32 @@ async fn hung_up(reader: &OwnedReadHalf) {
 /// A reply held back until the store has synced: channel, method, cancellations.
 type Deferred = (u16, AMQPClass, Option<crate::vhost::Cancellations>);
 
-/// Things other tasks tell a connection.
+/// Things other tasks tell a connection. Each names the channel by number and by
+/// generation: a channel number closed and opened again is another channel, and
+/// must not receive what was meant for the old one (a confirm above all).
 pub enum ConnEvent {
     /// A consumer's queue was deleted; the channel forgets the consumer.
-    ConsumerGone { channel: u16, tag: Arc<str> },
-    /// The store flushed what publisher confirms up to `confirm_upto` waited for.
+    ConsumerGone {
+        channel: u16,
+        generation: u64,
+        tag: Arc<str>,
+    },
+    /// The store flushed what a publisher confirm waited for.
     Synced {
         channel: u16,
-        confirm_upto: u64,
+        generation: u64,
+        confirm: Synced,
         ok: bool,
     },
+}
+
+/// The confirm a store flush releases.
+#[derive(Debug, Clone, Copy)]
+pub enum Synced {
+    /// basic.ack multiple=true up to this tag (a nack when the flush failed).
+    AckUpTo(u64),
+    /// basic.nack of one publish, held back so that it follows earlier acks.
+    Nack(u64),
 }
 
 /// The parts of a connection that queues and channels reach from other tasks.
@@ -73,6 +89,8 @@ pub struct ConnShared {
     events: mpsc::UnboundedSender<ConnEvent>,
     /// The authenticated user, once the handshake got that far.
     user: std::sync::OnceLock<String>,
+    /// Numbers every channel this connection opens.
+    generations: std::sync::atomic::AtomicU64,
 }
 
 impl ConnShared {
@@ -139,6 +157,7 @@ pub async fn serve(
             cancel_notify: AtomicBool::new(false),
             events: tx,
             user: std::sync::OnceLock::new(),
+            generations: std::sync::atomic::AtomicU64::new(0),
         });
         let writer_shared = shared.clone();
         let writer_task = tokio::spawn(
@@ -589,20 +608,32 @@ impl Connection {
         None
     }
 
+    /// The channel with this number, if it is still the same channel.
+    fn channel_of(&mut self, id: u16, generation: u64) -> Option<&mut Channel> {
+        self.channels
+            .get_mut(&id)
+            .filter(|c| c.shared.generation == generation)
+    }
+
     fn on_event(&mut self, ev: ConnEvent) {
         match ev {
-            ConnEvent::ConsumerGone { channel, tag } => {
-                if let Some(ch) = self.channels.get_mut(&channel) {
+            ConnEvent::ConsumerGone {
+                channel,
+                generation,
+                tag,
+            } => {
+                if let Some(ch) = self.channel_of(channel, generation) {
                     ch.consumer_gone(&tag);
                 }
             }
             ConnEvent::Synced {
                 channel,
-                confirm_upto,
+                generation,
+                confirm,
                 ok,
             } => {
-                if let Some(ch) = self.channels.get_mut(&channel) {
-                    ch.synced(confirm_upto, ok);
+                if let Some(ch) = self.channel_of(channel, generation) {
+                    ch.synced(confirm, ok);
                 }
             }
         }
@@ -745,8 +776,9 @@ impl Connection {
         let Some(vhost) = self.vhost.clone() else {
             return Err(AmqpError::channel_error("connection not open".into()).into());
         };
+        let generation = self.shared.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let ch = Channel::new(
-            id,
+            (id, generation),
             self.shared.clone(),
             vhost,
             self.broker.gauge.clone(),
