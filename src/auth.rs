@@ -1,10 +1,15 @@
 //! Who may connect: SASL PLAIN and AMQPLAIN responses checked against the users in
 //! the configuration. As in RabbitMQ, a user may be restricted to loopback clients.
+//! Failed logins are slowed down per client address (`LoginThrottle`).
 
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use amq_protocol::types::parsing::parse_field_table;
 use amq_protocol::types::AMQPValue;
+use sha2::{Digest, Sha256};
 
 use crate::config::User;
 
@@ -54,10 +59,18 @@ pub fn authenticate<'a>(
         _ => None,
     };
     let (name, pass) = creds.ok_or(AuthFailure::BadCredentials)?;
-    let user = users
-        .iter()
-        .find(|u| u.name == name && constant_time_eq(u.password.as_bytes(), pass.as_bytes()))
-        .ok_or(AuthFailure::BadCredentials)?;
+    let (name, pass) = (digest(name.as_bytes()), digest(pass.as_bytes()));
+    // Every user is checked, whatever matched, so that the time taken tells neither
+    // whether the name exists nor anything about its password.
+    let mut found = None;
+    for u in users {
+        let hit = digests_eq(&digest(u.name.as_bytes()), &name)
+            & digests_eq(&digest(u.password.as_bytes()), &pass);
+        if hit && found.is_none() {
+            found = Some(u);
+        }
+    }
+    let user = found.ok_or(AuthFailure::BadCredentials)?;
     // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d.
     if user.loopback_only && !peer.to_canonical().is_loopback() {
         return Err(AuthFailure::NotFromLoopback);
@@ -65,8 +78,134 @@ pub fn authenticate<'a>(
     Ok(user)
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Secrets up to this many bytes are all hashed at the same cost.
+const PADDED_LEN: usize = 256;
+
+/// SHA-256 of the length and the secret, zero-padded to `PADDED_LEN`: the same number
+/// of compression rounds for every secret up to that length, so that hashing a stored
+/// password does not time its length, while the length prefix keeps "a" and "a\0" apart.
+fn digest(secret: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update((secret.len() as u64).to_be_bytes());
+    h.update(secret);
+    h.update(&[0u8; PADDED_LEN][..PADDED_LEN.saturating_sub(secret.len())]);
+    h.finalize().into()
+}
+
+/// Fixed-size inputs and no early exit: the time does not depend on where they differ.
+fn digests_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// How long to hold back the answer to a failed login, per client address. Like
+/// RabbitMQ's pause before closing a connection whose handshake failed, it makes
+/// guessing passwords slow; here the pause grows with repeated failures, up to a cap.
+/// Memory is bounded: at most `capacity` addresses are tracked, the oldest go first.
+pub struct LoginThrottle {
+    capacity: usize,
+    failures: Mutex<HashMap<IpAddr, Failures>>,
+}
+
+#[derive(Clone, Copy)]
+struct Failures {
+    count: u32,
+    last: Instant,
+}
+
+impl LoginThrottle {
+    /// The pause after a first failure.
+    pub const FIRST_DELAY: Duration = Duration::from_secs(1);
+    /// Each further failure within `WINDOW` adds this much.
+    pub const STEP: Duration = Duration::from_secs(1);
+    /// No failure waits longer: a client is held, never hung.
+    pub const MAX_DELAY: Duration = Duration::from_secs(5);
+    /// An address whose last failure is older than this starts again from `FIRST_DELAY`.
+    pub const WINDOW: Duration = Duration::from_secs(60);
+    /// Addresses tracked by the broker's throttle: a few hundred KiB at most.
+    pub const CAPACITY: usize = 4096;
+
+    pub fn new(capacity: usize) -> LoginThrottle {
+        LoginThrottle {
+            capacity: capacity.max(1),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records a failed login from `peer` and returns how long to wait before answering.
+    pub fn failed(&self, peer: IpAddr) -> Duration {
+        self.failed_at(peer, Instant::now())
+    }
+
+    fn failed_at(&self, peer: IpAddr, now: Instant) -> Duration {
+        let key = throttle_key(peer);
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = Failures {
+            count: 1,
+            last: now,
+        };
+        let count = match map.get_mut(&key) {
+            Some(f) if now.saturating_duration_since(f.last) < Self::WINDOW => {
+                f.count = f.count.saturating_add(1);
+                f.last = now;
+                f.count
+            }
+            Some(f) => {
+                *f = fresh;
+                1
+            }
+            None => {
+                if map.len() >= self.capacity {
+                    evict(&mut map, self.capacity, now);
+                }
+                map.insert(key, fresh);
+                1
+            }
+        };
+        Self::delay_for(count)
+    }
+
+    fn delay_for(failures: u32) -> Duration {
+        Self::FIRST_DELAY
+            .saturating_add(Self::STEP.saturating_mul(failures.saturating_sub(1)))
+            .min(Self::MAX_DELAY)
+    }
+
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+}
+
+impl Default for LoginThrottle {
+    fn default() -> Self {
+        LoginThrottle::new(Self::CAPACITY)
+    }
+}
+
+/// Makes room for one more address: expired entries go, then the oldest.
+fn evict(map: &mut HashMap<IpAddr, Failures>, capacity: usize, now: Instant) {
+    map.retain(|_, f| now.saturating_duration_since(f.last) < LoginThrottle::WINDOW);
+    while map.len() >= capacity {
+        let Some(oldest) = map.iter().min_by_key(|(_, f)| f.last).map(|(k, _)| *k) else {
+            return;
+        };
+        map.remove(&oldest);
+    }
+}
+
+/// One IPv6 client usually holds a whole /64, so it counts as one address; IPv4
+/// clients of a dual-stack listener are seen as ::ffff:a.b.c.d and count as IPv4.
+fn throttle_key(peer: IpAddr) -> IpAddr {
+    match peer.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
 }
 
 #[cfg(test)]
@@ -85,6 +224,128 @@ mod tests {
         assert!(authenticate(&users, "PLAIN", b"\0guest\0guest", mapped).is_ok());
         let remote: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
         assert!(authenticate(&users, "PLAIN", b"\0guest\0guest", remote).is_err());
+    }
+
+    fn user(name: &str, password: &str) -> User {
+        User {
+            name: name.into(),
+            password: password.into(),
+            loopback_only: false,
+            vhosts: vec!["/".into()],
+        }
+    }
+
+    #[test]
+    fn only_the_exact_name_and_password_log_in() {
+        let users = vec![user("alice", "secret"), user("bob", "hunter2")];
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let ok = |n: &str, p: &str| {
+            let r = format!("\0{n}\0{p}");
+            authenticate(&users, "PLAIN", r.as_bytes(), ip)
+                .ok()
+                .map(|u| u.name.clone())
+        };
+        assert_eq!(ok("alice", "secret").as_deref(), Some("alice"));
+        assert_eq!(ok("bob", "hunter2").as_deref(), Some("bob"));
+        for (n, p) in [
+            ("alice", "secre"),
+            ("alice", "secret!"),
+            ("alice", "secret\u{0}"),
+            ("alice", ""),
+            ("alice", "hunter2"),
+            ("bob", "secret"),
+            ("carol", "secret"),
+            ("alic", "secret"),
+        ] {
+            assert_eq!(ok(n, p), None, "{n}/{p}");
+        }
+        // Past the padded length the comparison still holds.
+        let long = "x".repeat(PADDED_LEN + 10);
+        let users = vec![user("long", &long)];
+        let r = format!("\0long\0{long}");
+        assert!(authenticate(&users, "PLAIN", r.as_bytes(), ip).is_ok());
+        let r = format!("\0long\0{}", &long[1..]);
+        assert!(authenticate(&users, "PLAIN", r.as_bytes(), ip).is_err());
+    }
+
+    #[test]
+    fn padded_digest_keeps_lengths_apart() {
+        assert_ne!(digest(b"a"), digest(b"a\0"));
+        assert_ne!(digest(b""), digest(b"\0"));
+        assert_eq!(digest(b"guest"), digest(b"guest"));
+    }
+
+    #[test]
+    fn throttle_delay_grows_to_a_cap_and_resets_after_the_window() {
+        let t = LoginThrottle::new(16);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let t0 = Instant::now();
+        let delays: Vec<Duration> = (0..8)
+            .map(|i| t.failed_at(ip, t0 + Duration::from_secs(i)))
+            .collect();
+        let secs: Vec<u64> = delays.iter().map(|d| d.as_secs()).collect();
+        assert_eq!(secs, [1, 2, 3, 4, 5, 5, 5, 5]);
+        assert!(delays.iter().all(|d| *d <= LoginThrottle::MAX_DELAY));
+        // Another address is not affected.
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        assert_eq!(t.failed_at(other, t0), LoginThrottle::FIRST_DELAY);
+        // A quiet spell longer than the window starts the address afresh.
+        let later = t0 + Duration::from_secs(7) + LoginThrottle::WINDOW;
+        assert_eq!(t.failed_at(ip, later), LoginThrottle::FIRST_DELAY);
+    }
+
+    #[test]
+    fn throttle_never_exceeds_the_cap_even_after_countless_failures() {
+        let t = LoginThrottle::new(1);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let now = Instant::now();
+        t.failed_at(ip, now);
+        t.failures.lock().unwrap().get_mut(&ip).unwrap().count = u32::MAX - 1;
+        assert_eq!(t.failed_at(ip, now), LoginThrottle::MAX_DELAY);
+        assert_eq!(t.failed_at(ip, now), LoginThrottle::MAX_DELAY);
+        assert_eq!(LoginThrottle::delay_for(u32::MAX), LoginThrottle::MAX_DELAY);
+    }
+
+    #[test]
+    fn throttle_tracks_at_most_its_capacity_and_evicts_the_oldest() {
+        let t = LoginThrottle::new(3);
+        let t0 = Instant::now();
+        let ip = |n: u8| IpAddr::from([198, 51, 100, n]);
+        for n in 1..=3 {
+            t.failed_at(ip(n), t0 + Duration::from_secs(u64::from(n)));
+        }
+        // .1 fails again, so .2 is now the oldest.
+        assert_eq!(t.failed_at(ip(1), t0 + Duration::from_secs(4)).as_secs(), 2);
+        t.failed_at(ip(4), t0 + Duration::from_secs(5));
+        assert_eq!(t.tracked(), 3);
+        let at = t0 + Duration::from_secs(6);
+        assert_eq!(t.failed_at(ip(1), at).as_secs(), 3, ".1 was kept");
+        assert_eq!(t.failed_at(ip(3), at).as_secs(), 2, ".3 was kept");
+        assert_eq!(t.tracked(), 3);
+        // .2 was evicted, so it starts again (and evicts .4, now the oldest).
+        assert_eq!(t.failed_at(ip(2), at), LoginThrottle::FIRST_DELAY);
+        assert_eq!(t.tracked(), 3);
+        // Many addresses never grow it past its capacity.
+        for n in 0..=255 {
+            t.failed_at(IpAddr::from([203, 0, 113, n]), at);
+        }
+        assert_eq!(t.tracked(), 3);
+    }
+
+    #[test]
+    fn throttle_counts_an_ipv6_slash_64_and_a_mapped_ipv4_as_one_address() {
+        let t = LoginThrottle::new(16);
+        let now = Instant::now();
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(t.failed_at(a, now).as_secs(), 1);
+        assert_eq!(t.failed_at(b, now).as_secs(), 2);
+        assert_eq!(t.failed_at(c, now).as_secs(), 1);
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(t.failed_at(v4, now).as_secs(), 1);
+        assert_eq!(t.failed_at(mapped, now).as_secs(), 2);
     }
 
     #[test]

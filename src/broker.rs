@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{error, info};
 
+use crate::auth::LoginThrottle;
 use crate::config::Config;
 use crate::connection;
 use crate::message::MemoryGauge;
@@ -27,6 +28,8 @@ pub struct BrokerState {
     pub vhosts: HashMap<String, Arc<Vhost>>,
     pub gauge: Arc<MemoryGauge>,
     pub store: Arc<Store>,
+    /// Paces failed logins per client address.
+    pub login_throttle: LoginThrottle,
     next_connection: AtomicU64,
 }
 
@@ -164,6 +167,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         gauge,
         config,
         vhosts,
+        login_throttle: LoginThrottle::default(),
         next_connection: AtomicU64::new(0),
     });
     let (stop, stop_rx) = watch::channel(false);

@@ -35,6 +35,24 @@ pub struct Limits {
     pub max_message_size: u64,
     pub memory_high_watermark: u64,
     pub queue_memory_budget: u64,
+    /// Client connections open at once, broker-wide; 0 = unlimited.
+    pub max_connections: u32,
+    /// Connections open at once per user; 0 = unlimited.
+    pub max_connections_per_user: u32,
+    /// Consumers on one channel; 0 = unlimited.
+    pub max_consumers_per_channel: u32,
+    /// Queues in one vhost; 0 = unlimited.
+    pub max_queues_per_vhost: u32,
+    /// Exchanges in one vhost, the predeclared ones included; 0 = unlimited.
+    pub max_exchanges_per_vhost: u32,
+    /// Bindings from one exchange; 0 = unlimited.
+    pub max_bindings_per_exchange: u32,
+    /// Nesting depth of field tables and arrays in any table a client sends.
+    pub max_header_depth: u32,
+    /// Field values in one table a client sends, nested ones included.
+    pub max_table_fields: u32,
+    /// Seconds a partially received frame may take to complete.
+    pub frame_timeout: u64,
 }
 
 impl Default for Limits {
@@ -44,12 +62,38 @@ impl Default for Limits {
             channel_max: 2047,
             heartbeat: 60,
             handshake_timeout: 10,
-            max_message_size: 128 * 1024 * 1024,
-            memory_high_watermark: 1024 * 1024 * 1024,
-            queue_memory_budget: 64 * 1024 * 1024,
+            max_message_size: 128 * MIB,
+            memory_high_watermark: 1024 * MIB,
+            queue_memory_budget: 64 * MIB,
+            max_connections: 65536,
+            max_connections_per_user: 0,
+            max_consumers_per_channel: 65535,
+            max_queues_per_vhost: 0,
+            max_exchanges_per_vhost: 0,
+            max_bindings_per_exchange: 0,
+            max_header_depth: 32,
+            max_table_fields: 4096,
+            frame_timeout: 60,
         }
     }
 }
+
+const MIB: u64 = 1024 * 1024;
+
+/// The AMQP 0-9-1 minimum every peer must accept.
+pub const FRAME_MAX_MIN: u32 = 4096;
+/// A frame is buffered whole before it is decoded, so frame_max is memory any client
+/// may make the broker hold per connection. Past a few hundred KiB bigger frames buy
+/// no throughput (the frame overhead is 8 bytes), and 16 MiB, 128 times RabbitMQ's
+/// default, still lets any legitimate setting through.
+pub const FRAME_MAX_MAX: u32 = 16 * 1024 * 1024;
+/// RabbitMQ refuses max_message_size above 512 MiB.
+pub const MAX_MESSAGE_SIZE_MAX: u64 = 512 * MIB;
+/// Beyond an hour a "timeout" protects nothing, and seconds this large would overflow
+/// the clock arithmetic of deadlines.
+pub const TIMEOUT_MAX_SECS: u64 = 3600;
+/// Parsing nested tables recurses; this keeps any setting far from the stack's limit.
+pub const HEADER_DEPTH_MAX: u32 = 128;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,8 +134,16 @@ pub enum ConfigError {
         line: usize,
         reason: String,
     },
+    /// A value that parsed but is out of bounds, at the line of its key.
+    #[error("{path}:{line}: {reason}")]
+    Invalid {
+        path: String,
+        line: usize,
+        reason: String,
+    },
+    /// A problem with something the file leaves out (so there is no line to name).
     #[error("{path}: {reason}")]
-    Invalid { path: String, reason: String },
+    Missing { path: String, reason: String },
 }
 
 impl Default for Config {
@@ -112,52 +164,177 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
-                .unwrap_or(1);
-            ConfigError::Parse {
-                path: path.to_string(),
-                line,
-                reason: e.message().to_string(),
-            }
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_string(),
+            line: e.span().map(|s| line_at(text, s.start)).unwrap_or(1),
+            reason: e.message().to_string(),
         })?;
-        config.validate(path)?;
+        if let Err(problem) = config.validate() {
+            return Err(match problem.line_in(text) {
+                Some(line) => ConfigError::Invalid {
+                    path: path.to_string(),
+                    line,
+                    reason: problem.reason,
+                },
+                None => ConfigError::Missing {
+                    path: path.to_string(),
+                    reason: problem.reason,
+                },
+            });
+        }
         Ok(config)
     }
 
-    fn validate(&self, path: &str) -> Result<(), ConfigError> {
-        let bad = |reason: String| {
-            Err(ConfigError::Invalid {
-                path: path.to_string(),
-                reason,
-            })
+    fn validate(&self) -> Result<(), Problem> {
+        use Seg::{Index, Key};
+        let l = &self.limits;
+        let limit = |key: &'static str, reason: String| Problem {
+            at: vec![vec![Key("limits"), Key(key)]],
+            reason: format!("limits.{key}: {reason}"),
         };
         if self.listen.is_empty() {
-            return bad("listen: at least one address is needed".into());
+            return Err(Problem {
+                at: vec![vec![Key("listen")]],
+                reason: "listen: at least one address is needed".into(),
+            });
         }
-        if self.limits.frame_max < 4096 {
-            return bad(format!(
-                "limits.frame_max: {} is below the AMQP minimum of 4096",
-                self.limits.frame_max
+        if !(FRAME_MAX_MIN..=FRAME_MAX_MAX).contains(&l.frame_max) {
+            return Err(limit(
+                "frame_max",
+                format!(
+                    "{} is outside {FRAME_MAX_MIN}..={FRAME_MAX_MAX} (the AMQP minimum to 16 MiB)",
+                    l.frame_max
+                ),
             ));
         }
-        if self.limits.channel_max == 0 {
-            return bad("limits.channel_max: must be at least 1".into());
+        if l.channel_max == 0 {
+            return Err(limit("channel_max", "must be at least 1".into()));
+        }
+        for (key, secs) in [
+            ("handshake_timeout", l.handshake_timeout),
+            ("frame_timeout", l.frame_timeout),
+        ] {
+            if !(1..=TIMEOUT_MAX_SECS).contains(&secs) {
+                return Err(limit(
+                    key,
+                    format!("{secs} s is outside 1..={TIMEOUT_MAX_SECS} s"),
+                ));
+            }
+        }
+        if !(1..=MAX_MESSAGE_SIZE_MAX).contains(&l.max_message_size) {
+            return Err(limit(
+                "max_message_size",
+                format!(
+                    "{} is outside 1..={MAX_MESSAGE_SIZE_MAX} bytes (512 MiB, as in RabbitMQ)",
+                    l.max_message_size
+                ),
+            ));
+        }
+        if l.memory_high_watermark < MIB {
+            return Err(limit(
+                "memory_high_watermark",
+                format!(
+                    "{} is below the minimum of {MIB} bytes",
+                    l.memory_high_watermark
+                ),
+            ));
+        }
+        if l.queue_memory_budget > l.memory_high_watermark {
+            return Err(Problem {
+                // Either key may be the one that was set; name whichever the file has.
+                at: vec![
+                    vec![Key("limits"), Key("queue_memory_budget")],
+                    vec![Key("limits"), Key("memory_high_watermark")],
+                ],
+                reason: format!(
+                    "limits.queue_memory_budget: {} is above limits.memory_high_watermark ({})",
+                    l.queue_memory_budget, l.memory_high_watermark
+                ),
+            });
+        }
+        if !(1..=HEADER_DEPTH_MAX).contains(&l.max_header_depth) {
+            return Err(limit(
+                "max_header_depth",
+                format!("{} is outside 1..={HEADER_DEPTH_MAX}", l.max_header_depth),
+            ));
+        }
+        if l.max_table_fields == 0 {
+            return Err(limit("max_table_fields", "must be at least 1".into()));
         }
         if self.vhosts.is_empty() {
-            return bad("vhosts: at least one vhost is needed".into());
+            return Err(Problem {
+                at: vec![vec![Key("vhosts")]],
+                reason: "vhosts: at least one vhost is needed".into(),
+            });
         }
-        for u in &self.users {
+        for (i, u) in self.users.iter().enumerate() {
             for v in &u.vhosts {
                 if !self.vhosts.iter().any(|h| &h.name == v) {
-                    return bad(format!("users.{}: unknown vhost '{}'", u.name, v));
+                    return Err(Problem {
+                        at: vec![
+                            vec![Key("users"), Index(i), Key("vhosts")],
+                            vec![Key("users"), Index(i)],
+                        ],
+                        reason: format!("users.{}: unknown vhost '{}'", u.name, v),
+                    });
                 }
             }
         }
         Ok(())
     }
+}
+
+/// One step of the way to a key: a table key or an array index.
+enum Seg {
+    Key(&'static str),
+    Index(usize),
+}
+
+/// Why validation refused a parsed file, and the keys that caused it, best first.
+struct Problem {
+    at: Vec<Vec<Seg>>,
+    reason: String,
+}
+
+impl Problem {
+    /// The line of the first of its keys that the file has. The text is parsed again
+    /// with toml's own parser, keeping spans, so `[limits]` tables, dotted keys and
+    /// inline tables all resolve to the line where the key is written.
+    fn line_in(&self, text: &str) -> Option<usize> {
+        let doc = toml_edit::ImDocument::parse(text).ok()?;
+        self.at
+            .iter()
+            .find_map(|path| locate(doc.as_item(), path))
+            .map(|offset| line_at(text, offset))
+    }
+}
+
+/// The byte offset of the key at `path` (of the value, when the last step is an index).
+fn locate(root: &toml_edit::Item, path: &[Seg]) -> Option<usize> {
+    let mut item = root;
+    let mut offset = None;
+    for seg in path {
+        match seg {
+            Seg::Key(k) => {
+                let (key, value) = item.as_table_like()?.get_key_value(k)?;
+                offset = key.span().or_else(|| value.span()).map(|s| s.start);
+                item = value;
+            }
+            Seg::Index(i) => {
+                item = item.get(*i)?;
+                offset = item.span().map(|s| s.start).or(offset);
+            }
+        }
+    }
+    offset
+}
+
+fn line_at(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
 }
 
 #[cfg(test)]
@@ -177,6 +354,166 @@ mod tests {
         let text = "listen = [\"0.0.0.0:5672\"]\ndata_dir = \"x\"\n[limits]\nframe_max = \"big\"\n";
         let err = Config::parse(text, "my.toml").unwrap_err().to_string();
         assert!(err.starts_with("my.toml:4:"), "{err}");
+    }
+
+    const HEAD: &str = "listen = [\"0.0.0.0:5672\"]\ndata_dir = \"x\"\n[[vhosts]]\nname = \"/\"\n";
+
+    /// `HEAD` (4 lines), then `[limits]` on line 5 and `body` from line 6.
+    fn with_limits(body: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!("{HEAD}[limits]\n{body}"), "c.toml")
+    }
+
+    fn refusal(body: &str) -> String {
+        match with_limits(body) {
+            Ok(_) => panic!("accepted: {body}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn huge_handshake_timeout_is_refused_at_its_line() {
+        // i64::MAX is the largest integer TOML has; as seconds it overflowed the
+        // handshake deadline of every connection.
+        let err = refusal("channel_max = 10\nhandshake_timeout = 9223372036854775807\n");
+        assert!(
+            err.starts_with("c.toml:7: limits.handshake_timeout:"),
+            "{err}"
+        );
+        let err = refusal("handshake_timeout = 18446744073709551615\n");
+        assert!(err.starts_with("c.toml:6:"), "{err}");
+    }
+
+    #[test]
+    fn huge_frame_max_is_refused_at_its_line() {
+        let err = refusal("frame_max = 4294967295\n");
+        assert!(err.starts_with("c.toml:6: limits.frame_max:"), "{err}");
+    }
+
+    #[test]
+    fn every_bounded_limit_names_its_line() {
+        for (key, value) in [
+            ("frame_max", "4095"),
+            ("frame_max", "16777217"),
+            ("channel_max", "0"),
+            ("handshake_timeout", "0"),
+            ("handshake_timeout", "3601"),
+            ("frame_timeout", "0"),
+            ("frame_timeout", "3601"),
+            ("max_message_size", "0"),
+            ("max_message_size", "536870913"),
+            ("memory_high_watermark", "1048575"),
+            ("queue_memory_budget", "1073741825"),
+            ("max_header_depth", "0"),
+            ("max_header_depth", "129"),
+            ("max_table_fields", "0"),
+        ] {
+            let err = refusal(&format!("heartbeat = 5\n\n{key} = {value}\n"));
+            assert!(
+                err.starts_with(&format!("c.toml:8: limits.{key}: ")),
+                "{key} = {value}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn heartbeat_beyond_u16_is_refused_at_its_line() {
+        let err = refusal("heartbeat = 65536\n");
+        assert!(err.starts_with("c.toml:6:"), "{err}");
+    }
+
+    #[test]
+    fn bounds_themselves_are_accepted() {
+        let c = with_limits(
+            "frame_max = 16777216\nhandshake_timeout = 3600\nframe_timeout = 1\n\
+             max_message_size = 536870912\nmemory_high_watermark = 1048576\n\
+             queue_memory_budget = 1048576\nmax_header_depth = 128\nmax_table_fields = 1\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.frame_max, 16 * 1024 * 1024);
+        assert!(with_limits("frame_max = 4096\nqueue_memory_budget = 0\n").is_ok());
+    }
+
+    #[test]
+    fn inline_and_dotted_limits_are_located() {
+        let top = "listen = [\"0.0.0.0:5672\"]\ndata_dir = \"x\"\n";
+        let vhosts = "[[vhosts]]\nname = \"/\"\n";
+        let text = format!("{top}\nlimits = {{ heartbeat = 1, frame_max = 1 }}\n{vhosts}");
+        let err = Config::parse(&text, "c.toml").unwrap_err().to_string();
+        assert!(err.starts_with("c.toml:4: limits.frame_max:"), "{err}");
+        let text = format!("{top}limits.heartbeat = 1\nlimits.frame_max = 1\n{vhosts}");
+        let err = Config::parse(&text, "c.toml").unwrap_err().to_string();
+        assert!(err.starts_with("c.toml:4: limits.frame_max:"), "{err}");
+    }
+
+    #[test]
+    fn budget_above_watermark_names_whichever_key_is_set() {
+        let err = refusal("memory_high_watermark = 2097152\n");
+        assert!(
+            err.starts_with("c.toml:6: limits.queue_memory_budget:"),
+            "{err}"
+        );
+        let err = refusal("memory_high_watermark = 2097152\nqueue_memory_budget = 2097153\n");
+        assert!(
+            err.starts_with("c.toml:7: limits.queue_memory_budget:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn other_validation_errors_name_their_line() {
+        let text = "listen = []\ndata_dir = \"x\"\n[[vhosts]]\nname = \"/\"\n";
+        let err = Config::parse(text, "c.toml").unwrap_err().to_string();
+        assert!(err.starts_with("c.toml:1: listen:"), "{err}");
+        let text =
+            format!("{HEAD}[[users]]\nname = \"u\"\npassword = \"p\"\nvhosts = [\"nope\"]\n");
+        let err = Config::parse(&text, "c.toml").unwrap_err().to_string();
+        assert!(err.starts_with("c.toml:8: users.u: unknown vhost"), "{err}");
+        // Nothing to point at when the file leaves the key out.
+        let text = "listen = [\"0.0.0.0:5672\"]\ndata_dir = \"x\"\n";
+        let err = Config::parse(text, "c.toml").unwrap_err().to_string();
+        assert_eq!(err, "c.toml: vhosts: at least one vhost is needed");
+    }
+
+    #[test]
+    fn new_limits_have_defaults_and_parse() {
+        let d = Config::default().limits;
+        assert_eq!(d.max_connections, 65536);
+        assert_eq!(d.max_connections_per_user, 0);
+        assert_eq!(d.max_consumers_per_channel, 65535);
+        assert_eq!(
+            (
+                d.max_queues_per_vhost,
+                d.max_exchanges_per_vhost,
+                d.max_bindings_per_exchange
+            ),
+            (0, 0, 0)
+        );
+        assert_eq!((d.max_header_depth, d.max_table_fields), (32, 4096));
+        assert_eq!(d.frame_timeout, 60);
+        // The file's values are the built-in defaults, so a copied file changes nothing.
+        let l = Limits::default();
+        assert_eq!(format!("{d:?}"), format!("{l:?}"));
+        let c = with_limits(
+            "max_connections = 3\nmax_connections_per_user = 2\nmax_consumers_per_channel = 1\n\
+             max_queues_per_vhost = 4\nmax_exchanges_per_vhost = 5\nmax_bindings_per_exchange = 6\n\
+             max_header_depth = 7\nmax_table_fields = 8\nframe_timeout = 9\n",
+        )
+        .unwrap()
+        .limits;
+        assert_eq!(
+            [
+                c.max_connections,
+                c.max_connections_per_user,
+                c.max_consumers_per_channel,
+                c.max_queues_per_vhost,
+                c.max_exchanges_per_vhost,
+                c.max_bindings_per_exchange,
+                c.max_header_depth,
+                c.max_table_fields,
+            ],
+            [3, 2, 1, 4, 5, 6, 7, 8]
+        );
+        assert_eq!(c.frame_timeout, 9);
     }
 
     #[test]

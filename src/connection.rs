@@ -345,6 +345,8 @@ impl Connection {
             Ok(u) => u.clone(),
             Err(AuthFailure::BadCredentials) => {
                 warn!("login refused using mechanism {mechanism}");
+                // Bounded (LoginThrottle::MAX_DELAY): slows password guessing down.
+                tokio::time::sleep(self.broker.login_throttle.failed(self.peer.ip())).await;
                 return Err(AmqpError::access_refused(format!(
                     "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
                 ))
@@ -353,6 +355,7 @@ impl Connection {
             }
             Err(AuthFailure::NotFromLoopback) => {
                 warn!("user may only connect from loopback");
+                tokio::time::sleep(self.broker.login_throttle.failed(self.peer.ip())).await;
                 return Err(AmqpError::access_refused(
                     "user may only connect via localhost".into(),
                 )

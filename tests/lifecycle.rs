@@ -272,6 +272,70 @@ fn bad_config_file_names_file_line_and_reason() {
     assert!(err.contains("invalid type"), "{err}");
 }
 
+/// Runs the binary on a configuration file holding `text`, expecting it to refuse the
+/// file; returns the file's path and what the binary printed.
+fn refused_config(name: &str, text: &str) -> (std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("warrenmq-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_warrenmq"))
+        .arg("--config")
+        .arg(&path)
+        .arg("--data-dir")
+        .arg(dir.join(format!("{name}-data")))
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // A binary that accepted the file would run until stopped.
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("warrenmq accepted {}:\n{text}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    (path, err)
+}
+
+/// A handshake timeout too large for the clock (it made every connection panic) stops
+/// start-up, naming its line.
+#[test]
+fn huge_handshake_timeout_is_refused_with_file_and_line() {
+    let (path, err) = refused_config(
+        "timeout.toml",
+        "listen = [\"127.0.0.1:0\"]\ndata_dir = \"d\"\n[limits]\nheartbeat = 5\nhandshake_timeout = 9223372036854775807\n\n[[vhosts]]\nname = \"/\"\n",
+    );
+    let at = format!("{}:5: limits.handshake_timeout:", path.display());
+    assert!(err.contains(&at), "{err}");
+    // u64::MAX is not even a TOML integer; it is refused at the same line.
+    let (path, err) = refused_config(
+        "timeout-u64.toml",
+        "listen = [\"127.0.0.1:0\"]\ndata_dir = \"d\"\n[limits]\nheartbeat = 5\nhandshake_timeout = 18446744073709551615\n\n[[vhosts]]\nname = \"/\"\n",
+    );
+    assert!(err.contains(&format!("{}:5:", path.display())), "{err}");
+}
+
+/// A frame_max beyond the 16 MiB ceiling stops start-up, naming its line.
+#[test]
+fn huge_frame_max_is_refused_with_file_and_line() {
+    let (path, err) = refused_config(
+        "frame.toml",
+        "listen = [\"127.0.0.1:0\"]\ndata_dir = \"d\"\n[limits]\nframe_max = 4294967295\n[[vhosts]]\nname = \"/\"\n",
+    );
+    let at = format!("{}:4: limits.frame_max:", path.display());
+    assert!(err.contains(&at), "{err}");
+}
+
 /// `warrenmq --version` prints the version and exits 0.
 #[test]
 fn version_flag_prints_version() {
