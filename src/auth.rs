@@ -33,6 +33,8 @@ pub fn parse_amqplain(response: &[u8]) -> Option<(String, String)> {
     let mut framed = Vec::with_capacity(response.len() + 4);
     framed.extend_from_slice(&(response.len() as u32).to_be_bytes());
     framed.extend_from_slice(response);
+    // Unauthenticated bytes: bound the table before the recursive decoder sees it.
+    crate::protocol::walk_table(&framed, 0, &crate::protocol::TableLimits::default()).ok()?;
     let (_, table) = parse_field_table(&framed[..]).ok()?;
     let text = |k: &str| match table.inner().get(k)? {
         AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),

@@ -31,6 +31,61 @@ pub struct BrokerState {
     /// Paces failed logins per client address.
     pub login_throttle: LoginThrottle,
     next_connection: AtomicU64,
+    /// Client connections open now, handshakes included.
+    open_connections: std::sync::atomic::AtomicUsize,
+    /// Open connections per user, for `limits.max_connections_per_user`.
+    user_connections: std::sync::Mutex<HashMap<String, u32>>,
+}
+
+/// Counts a connection as open until dropped.
+pub struct OpenConnection {
+    broker: Arc<BrokerState>,
+    /// How many were open with this one, itself included.
+    pub open: usize,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.broker.open_connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl BrokerState {
+    pub fn connection_opened(self: &Arc<Self>) -> OpenConnection {
+        let open = self.open_connections.fetch_add(1, Ordering::AcqRel) + 1;
+        OpenConnection {
+            broker: self.clone(),
+            open,
+        }
+    }
+
+    /// Counts a connection of `user`; Err(limit) when the user has reached its limit.
+    pub fn user_connected(&self, user: &str) -> Result<(), u32> {
+        let limit = self.config.limits.max_connections_per_user;
+        let mut map = self
+            .user_connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(user.to_string()).or_insert(0);
+        if limit != 0 && *n >= limit {
+            return Err(limit);
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    pub fn user_disconnected(&self, user: &str) {
+        let mut map = self
+            .user_connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(user);
+            }
+        }
+    }
 }
 
 impl BrokerState {
@@ -105,6 +160,11 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
             gauge.clone(),
             config.limits.queue_memory_budget as usize,
         ));
+        vhost.set_limits(crate::vhost::VhostLimits {
+            queues: config.limits.max_queues_per_vhost as usize,
+            exchanges: config.limits.max_exchanges_per_vhost as usize,
+            bindings: config.limits.max_bindings_per_exchange as usize,
+        });
         let (q, m) = vhost.recover(&exchanges, &queues, &bindings, &gauge)?;
         nq += q;
         nm += m;
@@ -169,6 +229,8 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         vhosts,
         login_throttle: LoginThrottle::default(),
         next_connection: AtomicU64::new(0),
+        open_connections: Default::default(),
+        user_connections: Default::default(),
     });
     let (stop, stop_rx) = watch::channel(false);
     let committer = store.take_committer();

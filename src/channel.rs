@@ -336,6 +336,8 @@ pub struct Channel {
     /// The direct reply-to pseudo-queue this channel consumes from, if any.
     reply_queue: Option<Arc<Queue>>,
     max_message_size: u64,
+    /// limits.max_consumers_per_channel; 0 is unlimited.
+    max_consumers: u32,
     /// channel.close sent after an error: discard everything until close-ok.
     pub closing: bool,
     /// A queue published to has consumers falling behind.
@@ -358,7 +360,7 @@ impl Channel {
         conn: Arc<ConnShared>,
         vhost: Arc<Vhost>,
         gauge: Arc<MemoryGauge>,
-        max_message_size: u64,
+        (max_message_size, max_consumers): (u64, u32),
     ) -> Channel {
         Channel {
             shared: Arc::new(ChannelShared {
@@ -385,6 +387,7 @@ impl Channel {
             last_queue: None,
             reply_queue: None,
             max_message_size,
+            max_consumers,
             closing: false,
             backlogged: false,
         }
@@ -1096,6 +1099,13 @@ impl Channel {
     }
 
     fn consume(&mut self, c: basic::Consume) -> AmqpResult<()> {
+        if self.max_consumers != 0 && self.consumers.len() >= self.max_consumers as usize {
+            // RabbitMQ's consumer_max_per_channel answer (a connection error).
+            return Err(AmqpError::not_allowed(format!(
+                "reached maximum ({}) of consumers per channel",
+                self.max_consumers
+            )));
+        }
         let name = self.resolve_queue(c.queue.as_str())?;
         let q = if &*name == REPLY_TO {
             if !c.no_ack {

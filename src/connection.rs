@@ -24,8 +24,8 @@ use crate::channel::{class_name, After, Channel};
 use crate::error::AmqpError;
 use crate::outbox::Outbox;
 use crate::protocol::{
-    check_protocol_header, read_frame, short, write_heartbeat, write_method, Frame, Greeting,
-    PROTOCOL_HEADER,
+    check_protocol_header, read_frame_with, short, write_heartbeat, write_method, Frame, Greeting,
+    TableLimits, PROTOCOL_HEADER,
 };
 use crate::vhost::Vhost;
 
@@ -33,8 +33,6 @@ use crate::vhost::Vhost;
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// How long a paused connection waits for a peer that reads nothing at all.
 const SEND_STALL: Duration = Duration::from_secs(60);
-/// How long a frame may take to arrive once its first byte has.
-const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Resolves when the peer has closed or reset its side, even while unread input is
 /// pending (readiness then says "readable" at once, so it is polled twice a second).
@@ -138,8 +136,13 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let id = broker.next_connection_id();
+    let counted = broker.connection_opened();
+    let max = broker.config.limits.max_connections as usize;
+    let over_broker_limit = (max != 0 && counted.open > max).then_some(max);
     let span = tracing::info_span!("conn", id, %peer);
     async move {
+        // Counted as open until this task ends.
+        let _counted = counted;
         let _ = stream.set_nodelay(true);
         // Finds peers that vanished without a FIN (power loss, a dropped route) even
         // when heartbeats were negotiated off.
@@ -166,6 +169,10 @@ pub async fn serve(
         let mut conn = Connection {
             frame_max: broker.config.limits.frame_max,
             channel_max: broker.config.limits.channel_max,
+            tables: TableLimits {
+                max_depth: broker.config.limits.max_header_depth.max(1) as usize,
+                max_fields: broker.config.limits.max_table_fields.max(1) as usize,
+            },
             broker,
             shared: shared.clone(),
             peer,
@@ -177,6 +184,8 @@ pub async fn serve(
             channels: HashMap::new(),
             vhost: None,
             heartbeat: 0,
+            over_broker_limit,
+            counted_user: None,
             published: false,
             blocked_capable: false,
             shutdown,
@@ -235,7 +244,13 @@ struct Connection {
     vhost: Option<Arc<Vhost>>,
     frame_max: u32,
     channel_max: u16,
+    /// Bounds on field tables, checked before decoding.
+    tables: TableLimits,
     heartbeat: u16,
+    /// Opened past `limits.max_connections`: refused once connection.start is out.
+    over_broker_limit: Option<usize>,
+    /// The user this connection counts against, once open.
+    counted_user: Option<String>,
     published: bool,
     blocked_capable: bool,
     shutdown: watch::Receiver<bool>,
@@ -266,7 +281,7 @@ impl Connection {
 
     async fn next_frame(&mut self, deadline: Instant) -> Result<Frame, End> {
         loop {
-            if let Some(f) = read_frame(&mut self.input.buf, self.frame_max)? {
+            if let Some(f) = read_frame_with(&mut self.input.buf, self.frame_max, &self.tables)? {
                 return Ok(f);
             }
             self.input.fill(Some(deadline)).await?;
@@ -298,7 +313,10 @@ impl Connection {
 
     async fn handshake(&mut self) -> Result<(), End> {
         let limits = self.broker.config.limits.clone();
-        let deadline = Instant::now() + Duration::from_secs(limits.handshake_timeout.max(1));
+        // A config built in code skips the file's bounds: saturate rather than overflow.
+        let deadline = Instant::now()
+            .checked_add(Duration::from_secs(limits.handshake_timeout.max(1)))
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         loop {
             match check_protocol_header(&self.input.buf) {
                 Greeting::Accepted => {
@@ -326,6 +344,13 @@ impl Connection {
                 locales: LongString::from("en_US"),
             })),
         );
+        if let Some(max) = self.over_broker_limit {
+            warn!("refusing a connection: node connection limit ({max}) is reached");
+            return Err(AmqpError::not_allowed(format!(
+                "connection refused: node connection limit ({max}) is reached"
+            ))
+            .into());
+        }
         let start_ok = match self.expect(deadline, "'connection.start_ok'").await? {
             connection::AMQPMethod::StartOk(s) => s,
             _ => {
@@ -422,6 +447,15 @@ impl Connection {
             .with_method(10, 40)
             .into());
         }
+        if let Err(limit) = self.broker.user_connected(&user.name) {
+            return Err(AmqpError::not_allowed(format!(
+                "connection refused for user '{}': user connection limit ({limit}) is reached",
+                user.name
+            ))
+            .with_method(10, 40)
+            .into());
+        }
+        self.counted_user = Some(user.name.clone());
         self.vhost = Some(vhost);
         self.send(
             0,
@@ -488,10 +522,11 @@ impl Connection {
                 last_read = Instant::now();
                 partial_since = partial_since.map(|_| last_read);
             }
-            let frame_deadline = partial_since.map(|t| t + FRAME_TIMEOUT);
+            let frame_timeout = Duration::from_secs(self.broker.config.limits.frame_timeout.max(1));
+            let frame_deadline = partial_since.map(|t| t + frame_timeout);
             tokio::select! {
                 _ = tokio::time::sleep_until(frame_deadline.unwrap_or(last_read)), if frame_deadline.is_some() => {
-                    warn!("a frame did not arrive whole within {}s", FRAME_TIMEOUT.as_secs());
+                    warn!("a frame did not arrive whole within {}s", frame_timeout.as_secs());
                     return End::Timeout;
                 }
                 _ = self.shutdown.changed() => {
@@ -644,7 +679,8 @@ impl Connection {
 
     async fn process_frames(&mut self) -> Result<(), End> {
         let mut any = false;
-        while let Some(frame) = read_frame(&mut self.input.buf, self.frame_max)? {
+        while let Some(frame) = read_frame_with(&mut self.input.buf, self.frame_max, &self.tables)?
+        {
             any = true;
             if let Some((channel, reply, cancel)) = self.handle_frame(frame)? {
                 // A durable change: the reply waits for the store, and so does the
@@ -785,7 +821,10 @@ impl Connection {
             self.shared.clone(),
             vhost,
             self.broker.gauge.clone(),
-            self.broker.config.limits.max_message_size,
+            (
+                self.broker.config.limits.max_message_size,
+                self.broker.config.limits.max_consumers_per_channel,
+            ),
         );
         self.channels.insert(id, ch);
         self.send(
@@ -857,7 +896,7 @@ impl Connection {
         );
         let deadline = Instant::now() + Duration::from_secs(1);
         loop {
-            match read_frame(&mut self.input.buf, self.frame_max) {
+            match read_frame_with(&mut self.input.buf, self.frame_max, &self.tables) {
                 Ok(Some(Frame::Method(0, class)))
                     if matches!(
                         *class,
@@ -894,6 +933,9 @@ impl Connection {
 
     fn cleanup(&mut self) {
         self.release_channels();
+        if let Some(user) = self.counted_user.take() {
+            self.broker.user_disconnected(&user);
+        }
         if let Some(v) = &self.vhost {
             v.connection_closed(self.shared.id);
         }

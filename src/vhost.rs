@@ -39,6 +39,21 @@ pub struct Vhost {
     /// Direct reply-to: the pseudo-queue behind each `amq.rabbitmq.reply-to.*` name.
     /// Only replies to such names look here, never ordinary publishes.
     reply_to: Mutex<HashMap<Arc<str>, Weak<Queue>>>,
+    limits: std::sync::OnceLock<VhostLimits>,
+}
+
+/// How many entities clients may create here; 0 is unlimited. Recovery and
+/// the predeclared exchanges are not held to them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VhostLimits {
+    pub queues: usize,
+    pub exchanges: usize,
+    /// Bindings whose source is one exchange.
+    pub bindings: usize,
+}
+
+fn reached(limit: usize, count: usize) -> bool {
+    limit != 0 && count >= limit
 }
 
 /// The queue name RPC clients consume from and put in reply_to (direct reply-to).
@@ -157,6 +172,7 @@ impl Vhost {
             gauge,
             queue_memory_budget,
             reply_to: Mutex::new(HashMap::new()),
+            limits: std::sync::OnceLock::new(),
             housekeeping,
             housekeeping_rx: Mutex::new(Some(rx)),
             name: name.into(),
@@ -313,6 +329,14 @@ impl Vhost {
         Ok((nq, nm))
     }
 
+    pub fn set_limits(&self, limits: VhostLimits) {
+        let _ = self.limits.set(limits);
+    }
+
+    fn limits(&self) -> VhostLimits {
+        self.limits.get().copied().unwrap_or_default()
+    }
+
     /// A pseudo-queue for a direct reply-to consumer, reachable only by its name.
     pub fn new_reply_queue(&self) -> Arc<Queue> {
         let name: Arc<str> = format!("{REPLY_TO}.{}", &generated_name()["amq.gen-".len()..]).into();
@@ -445,6 +469,13 @@ impl Vhost {
             return Err(AmqpError::access_refused(format!(
                 "exchange name '{}' contains reserved prefix 'amq.*'",
                 d.name
+            )));
+        }
+        let max = self.limits().exchanges;
+        if reached(max, t.exchanges.len()) {
+            return Err(AmqpError::precondition_failed(format!(
+                "cannot declare exchange '{}': exchange limit in vhost '{}' ({max}) is reached",
+                d.name, self.name
             )));
         }
         t.exchanges.insert(
@@ -649,6 +680,13 @@ impl Vhost {
         } else {
             d.name.into()
         };
+        let max = self.limits().queues;
+        if reached(max, t.queues.len()) {
+            return Err(AmqpError::precondition_failed(format!(
+                "cannot declare queue '{name}': queue limit in vhost '{}' ({max}) is reached",
+                self.name
+            )));
+        }
         let args = QueueArgs::parse(d.arguments, &name, &self.name)?;
         let quorum = d
             .arguments
@@ -802,6 +840,13 @@ impl Vhost {
         };
         if x.bindings.contains(&binding) {
             return Ok(false);
+        }
+        let max = self.limits().bindings;
+        if reached(max, x.bindings.len()) {
+            return Err(AmqpError::precondition_failed(format!(
+                "cannot bind to {}: binding limit ({max}) is reached",
+                exchange_name(source, &self.name)
+            )));
         }
         if let (true, Some(store)) = (durable, &self.store) {
             store
