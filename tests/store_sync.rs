@@ -33,7 +33,14 @@ struct Traced {
 impl Traced {
     fn start(dir: &Path, trace: &Path) -> Traced {
         let mut strace = Command::new("strace")
-            .args(["-f", "-ttt", "-y", "-e", "trace=openat,fsync,fdatasync", "-o"])
+            .args([
+                "-f",
+                "-ttt",
+                "-y",
+                "-e",
+                "trace=openat,fsync,fdatasync",
+                "-o",
+            ])
             .arg(trace)
             .arg(env!("CARGO_BIN_EXE_warrenmq"))
             .args([
@@ -85,10 +92,7 @@ impl Traced {
 
     /// Kills the broker (strace's child) and waits for strace to finish its output.
     fn stop(mut self) -> String {
-        let children = format!(
-            "/proc/{0}/task/{0}/children",
-            self.strace.id()
-        );
+        let children = format!("/proc/{0}/task/{0}/children", self.strace.id());
         let children = std::fs::read_to_string(children).unwrap_or_default();
         for pid in children.split_whitespace() {
             let _ = Command::new("kill").args(["-9", pid]).status();
@@ -194,7 +198,8 @@ async fn large_message_blob_is_fsynced_before_its_confirm() {
     }
     let dir = std::env::temp_dir().join(format!("warrenmq-sync-blob-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let trace = std::env::temp_dir().join(format!("warrenmq-sync-blob-{}.strace", std::process::id()));
+    let trace =
+        std::env::temp_dir().join(format!("warrenmq-sync-blob-{}.strace", std::process::id()));
     let broker = Traced::start(&dir, &trace);
 
     let conn = connect_url(&broker.url()).await;
@@ -233,10 +238,7 @@ async fn large_message_blob_is_fsynced_before_its_confirm() {
             ),
         )
         .await;
-        assert!(matches!(
-            ok("confirm", confirm).await,
-            Confirmation::Ack(_)
-        ));
+        assert!(matches!(ok("confirm", confirm).await, Confirmation::Ack(_)));
     }
     let small_until = now();
 
@@ -255,7 +257,10 @@ async fn large_message_blob_is_fsynced_before_its_confirm() {
     .await;
     let confirmation = ok("confirm", confirm).await;
     let confirmed = now();
-    assert!(matches!(confirmation, Confirmation::Ack(_)), "{confirmation:?}");
+    assert!(
+        matches!(confirmation, Confirmation::Ack(_)),
+        "{confirmation:?}"
+    );
     let _ = conn.close(200, "bye".into()).await;
 
     let trace = broker.stop();
