@@ -503,16 +503,24 @@ impl Store {
         })
     }
 
-    /// A durable queue's messages, in order.
+    /// A durable queue's messages, in order. A record that cannot be read is an
+    /// `Ok(Err(..))`, so that the caller can skip it and keep the rest; a failing
+    /// scan is an `Err`.
     pub fn messages(
         &self,
         queue: u64,
-    ) -> impl Iterator<Item = Result<StoredMessage, StoreError>> + '_ {
+    ) -> impl Iterator<Item = Result<Result<StoredMessage, UnreadableMessage>, StoreError>> + '_
+    {
         self.messages
             .scan_prefix(queue.to_be_bytes())
             .map(move |kv| {
                 let (k, v) = kv?;
-                self.parse_message(&k, v)
+                Ok(parse_message(&k, v).map_err(|why| UnreadableMessage {
+                    seq: <[u8; 8]>::try_from(k.get(8..).unwrap_or_default())
+                        .ok()
+                        .map(u64::from_be_bytes),
+                    why,
+                }))
             })
     }
 
@@ -527,45 +535,60 @@ impl Store {
         let Some(v) = self.messages.get(key)? else {
             return Ok(None);
         };
-        let m = self.parse_message(&key, v)?;
-        m.into_message(gauge)
+        parse_message(&key, v)
+            .and_then(|m| m.into_message(gauge))
             .map(Some)
             .map_err(|why| self.corrupt(&key, why))
     }
+}
 
-    /// Header and body are slices of sled's own buffer: reading back copies nothing.
-    fn parse_message(&self, k: &[u8], v: sled::IVec) -> Result<StoredMessage, StoreError> {
-        let all = Bytes::from_owner(v);
-        let v: &[u8] = &all;
-        let parsed = (|| {
-            if k.len() != 16 {
-                return Err("bad message key".to_string());
-            }
-            let seq = u64::from_be_bytes(k[8..16].try_into().map_err(|_| "bad key")?);
-            let mut r = Reader { b: v };
-            if r.u8()? != 1 {
-                return Err("unknown record version".to_string());
-            }
-            let stored_at = r.u64()?;
-            let exchange = r.str()?;
-            let routing_key = r.str()?;
-            let n = r.take(4)?;
-            let n = u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize;
-            let start = v.len() - r.b.len();
-            if r.b.len() < n {
-                return Err("record is truncated".to_string());
-            }
-            Ok(StoredMessage {
-                seq,
-                stored_at,
-                exchange,
-                routing_key,
-                header: all.slice(start..start + n),
-                body: all.slice(start + n..),
-            })
-        })();
-        parsed.map_err(|why| self.corrupt(k, why))
+/// A stored message record that could not be read back.
+pub struct UnreadableMessage {
+    /// From the key; `None` if the key itself is malformed.
+    pub seq: Option<u64>,
+    pub why: String,
+}
+
+/// Header and body are slices of sled's own buffer: reading back copies nothing.
+fn parse_message(k: &[u8], v: sled::IVec) -> Result<StoredMessage, String> {
+    let all = Bytes::from_owner(v);
+    let v: &[u8] = &all;
+    if k.len() != 16 {
+        return Err("bad message key".to_string());
     }
+    let seq = u64::from_be_bytes(k[8..16].try_into().map_err(|_| "bad key")?);
+    let mut r = Reader { b: v };
+    if r.u8()? != 1 {
+        return Err("unknown record version".to_string());
+    }
+    let stored_at = r.u64()?;
+    let exchange = r.str()?;
+    let routing_key = r.str()?;
+    let n = r.take(4)?;
+    let n = u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize;
+    let start = v.len() - r.b.len();
+    let header = all.slice(start..start + r.take(n)?.len());
+    let body = all.slice(start + n..);
+    // Class, weight, body size and property flags: 14 bytes at least. A body whose
+    // size differs from the header's would break the consumer's framing.
+    let Some(size) = header.get(4..12) else {
+        return Err("content header is truncated".to_string());
+    };
+    let size = u64::from_be_bytes(size.try_into().map_err(|_| "bad body size")?);
+    if header.len() < 14 || size != body.len() as u64 {
+        return Err(format!(
+            "record is truncated: the body is {} bytes, its header says {size}",
+            body.len()
+        ));
+    }
+    Ok(StoredMessage {
+        seq,
+        stored_at,
+        exchange,
+        routing_key,
+        header,
+        body,
+    })
 }
 
 fn parse_queue(key: &mut Reader<'_>, r: &mut Reader<'_>) -> Result<StoredQueue, String> {
