@@ -4,8 +4,9 @@
 //! Writes go into sled's in-memory tree as they happen (publish, ack, declare), so
 //! their order is the order the broker acted in. Nothing is promised to a client
 //! until a flush covers the write: one committer task gathers every waiter (a
-//! publisher confirm, a tx.commit-ok, a declare-ok), runs one `flush_async` and one
-//! fdatasync for all of them, and then releases them all. Under load one fsync covers
+//! publisher confirm, a tx.commit-ok, a declare-ok), runs one `flush_async`, an fsync
+//! of each blob file sled wrote since the last commit (see `Blobs`) and one fdatasync
+//! for all of them, and then releases them all. Under load one fsync covers
 //! thousands of messages; alone, a publisher waits about one fsync.
 //!
 //! Layout: two trees. `meta` holds one key per entity; `messages` holds one key
