@@ -152,7 +152,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let store = Store::open(&config.data_dir)?;
     let (exchanges, queues, bindings) = (store.exchanges()?, store.queues()?, store.bindings()?);
     let mut vhosts = HashMap::new();
-    let (mut nq, mut nm) = (0, 0);
+    let (mut nq, mut nm, mut skipped) = (0, 0, 0);
     for v in &config.vhosts {
         let vhost = Arc::new(Vhost::new(
             &v.name,
@@ -165,9 +165,10 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
             exchanges: config.limits.max_exchanges_per_vhost as usize,
             bindings: config.limits.max_bindings_per_exchange as usize,
         });
-        let (q, m) = vhost.recover(&exchanges, &queues, &bindings, &gauge)?;
-        nq += q;
-        nm += m;
+        let r = vhost.recover(&exchanges, &queues, &bindings, &gauge)?;
+        nq += r.queues;
+        nm += r.messages;
+        skipped += r.skipped;
         vhost.start_housekeeping();
         vhosts.insert(v.name.clone(), vhost);
     }
@@ -182,6 +183,12 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         config.data_dir.display(),
         started.elapsed().as_secs_f64()
     );
+    if skipped > 0 {
+        error!(
+            "{skipped} stored messages could not be read and were left out (logged above); their records stay in {}",
+            config.data_dir.display()
+        );
+    }
 
     let mut listeners = Vec::new();
     let mut addrs = Vec::new();

@@ -26,6 +26,15 @@ use std::collections::BinaryHeap;
 use std::sync::Weak;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+/// What [`Vhost::recover`] brought back.
+#[derive(Default)]
+pub struct Recovered {
+    pub queues: usize,
+    pub messages: usize,
+    /// Message records that could not be read and were left out.
+    pub skipped: usize,
+}
+
 pub struct Vhost {
     pub name: Arc<str>,
     topology: Mutex<Topology>,
@@ -211,16 +220,17 @@ impl Vhost {
     }
 
     /// Rebuilds this vhost's durable entities and messages from the store.
-    /// Returns how many queues and messages came back.
+    /// Returns how many queues and messages came back, and how many message records
+    /// were left out as unreadable.
     pub fn recover(
         &self,
         exchanges: &[StoredExchange],
         queues: &[StoredQueue],
         bindings: &[StoredBinding],
         gauge: &Arc<crate::message::MemoryGauge>,
-    ) -> Result<(usize, usize), StoreError> {
+    ) -> Result<Recovered, StoreError> {
         let Some(store) = self.store.clone() else {
-            return Ok((0, 0));
+            return Ok(Recovered::default());
         };
         let mine = |v: &str| v == &*self.name;
         let mut t = self.lock();
@@ -238,7 +248,7 @@ impl Vhost {
                 },
             );
         }
-        let (mut nq, mut nm) = (0, 0);
+        let (mut nq, mut nm, mut skipped) = (0, 0, 0);
         for sq in queues.iter().filter(|q| mine(&q.vhost)) {
             let args = QueueArgs::parse(&sq.arguments, &sq.name, &self.name).map_err(|e| {
                 StoreError::Corrupt {
@@ -261,20 +271,38 @@ impl Vhost {
             let mut msgs = Vec::new();
             let mut resident = 0usize;
             let now_wall = crate::store::wall_ms();
+            // One unreadable record costs that message, not the broker: it is logged,
+            // counted and left on disk for inspection; a failing scan stays fatal.
+            let mut unreadable = |seq: Option<u64>, why: &str| {
+                tracing::error!(
+                    vhost = %self.name,
+                    queue = %sq.name,
+                    seq = ?seq,
+                    "skipping an unreadable stored message: {why}; its record stays on disk"
+                );
+                skipped += 1;
+            };
             for m in store.messages(sq.id) {
-                let m = m?;
-                let (size, seq, stored_at) = (m.body.len(), m.seq, m.stored_at);
-                let corrupt = || StoreError::Corrupt {
-                    dir: store.dir().to_path_buf(),
-                    key: format!("message {seq} of queue '{}'", sq.name),
-                    why: "unreadable content header".into(),
+                let m = match m? {
+                    Ok(m) => m,
+                    Err(bad) => {
+                        unreadable(bad.seq, &bad.why);
+                        continue;
+                    }
                 };
+                let (size, seq, stored_at) = (m.body.len(), m.seq, m.stored_at);
                 // Only the head of a long backlog is loaded; the rest stays on disk.
                 // For that rest, the property flags say whether priority or expiration
                 // need decoding at all.
                 let (msg, priority, ttl) = if q.has_budget_for(resident, size) {
+                    let msg = match m.into_message(gauge) {
+                        Ok(msg) => msg,
+                        Err(why) => {
+                            unreadable(Some(seq), &why);
+                            continue;
+                        }
+                    };
                     resident += size;
-                    let msg = m.into_message(gauge).map_err(|_| corrupt())?;
                     let (priority, ttl) = (msg.properties.priority().unwrap_or(0), msg.ttl);
                     (Some(Arc::new(msg)), priority, ttl)
                 } else {
@@ -282,14 +310,20 @@ impl Vhost {
                     const EXPIRATION: u16 = 1 << 8;
                     let flags = match m.header.get(12..14) {
                         Some(f) => u16::from_be_bytes([f[0], f[1]]),
-                        None => return Err(corrupt()),
+                        None => {
+                            unreadable(Some(seq), "content header is truncated");
+                            continue;
+                        }
                     };
                     if flags & (PRIORITY | EXPIRATION) == 0 {
                         (None, 0, None)
                     } else {
                         let properties = match parse_content_header(&m.header[..]) {
                             Ok((_, h)) => h.properties,
-                            Err(_) => return Err(corrupt()),
+                            Err(_) => {
+                                unreadable(Some(seq), "unreadable content header");
+                                continue;
+                            }
                         };
                         (
                             None,
@@ -326,7 +360,11 @@ impl Vhost {
             }
         }
         self.changed(&mut t);
-        Ok((nq, nm))
+        Ok(Recovered {
+            queues: nq,
+            messages: nm,
+            skipped,
+        })
     }
 
     pub fn set_limits(&self, limits: VhostLimits) {
