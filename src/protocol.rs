@@ -364,6 +364,25 @@ pub fn check_content_header(payload: &[u8], limits: &TableLimits) -> Result<usiz
     }
 }
 
+/// Limits for what the broker itself stored: as deep as any configuration allows.
+const STORED: TableLimits = TableLimits {
+    max_depth: 128,
+    max_fields: usize::MAX,
+};
+
+/// Decodes a content header read back from disk, never recursing without bound
+/// however the bytes were damaged.
+pub fn decode_stored_header(bytes: &[u8]) -> Option<amq_protocol::frame::AMQPContentHeader> {
+    check_content_header(bytes, &STORED).ok()?;
+    parse_content_header(bytes).ok().map(|(_, h)| h)
+}
+
+/// Decodes a field table read back from disk (length prefix first); returns the rest.
+pub fn decode_stored_table(bytes: &[u8]) -> Option<(&[u8], amq_protocol::types::FieldTable)> {
+    walk_table(bytes, 0, &STORED).ok()?;
+    amq_protocol::types::parsing::parse_field_table(bytes).ok()
+}
+
 /// An unknown class or method is a command error; a known one that does not parse is a syntax error.
 fn method_parse_error(payload: &[u8]) -> AmqpError {
     if payload.len() < 4 {

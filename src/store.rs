@@ -21,7 +21,6 @@ use std::time::{Duration, SystemTime};
 
 use amq_protocol::frame::WriteContext;
 use amq_protocol::types::generation::gen_field_table;
-use amq_protocol::types::parsing::parse_field_table;
 use amq_protocol::types::FieldTable;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -106,10 +105,9 @@ pub struct StoredMessage {
 impl StoredMessage {
     /// The message as the broker holds it in memory, its header decoded.
     pub fn into_message(self, gauge: &Arc<crate::message::MemoryGauge>) -> Result<Message, String> {
-        let properties = match amq_protocol::frame::parsing::parse_content_header(&self.header[..])
-        {
-            Ok((_, h)) => h.properties,
-            Err(_) => return Err("unreadable content header".into()),
+        let properties = match crate::protocol::decode_stored_header(&self.header) {
+            Some(h) => h.properties,
+            None => return Err("unreadable content header".into()),
         };
         Ok(Message::new(
             self.exchange.into(),
@@ -168,12 +166,12 @@ impl<'a> Reader<'a> {
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "name is not UTF-8".to_string())
     }
     fn table(&mut self) -> Result<FieldTable, String> {
-        match parse_field_table(self.b) {
-            Ok((rest, t)) => {
+        match crate::protocol::decode_stored_table(self.b) {
+            Some((rest, t)) => {
                 self.b = rest;
                 Ok(t)
             }
-            Err(_) => Err("unreadable arguments table".into()),
+            None => Err("unreadable arguments table".into()),
         }
     }
 }

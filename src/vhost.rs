@@ -18,7 +18,6 @@ use crate::message::ttl_of;
 use crate::message::MemoryGauge;
 use crate::queue::{at_instant, Consumer, DeadLetter, Housekeeping, Queue, QueueArgs, Restored};
 use crate::store::{Store, StoreError, StoredBinding, StoredExchange, StoredQueue};
-use amq_protocol::frame::parsing::parse_content_header;
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{FieldArray, LongString, ShortString};
 use std::cmp::Reverse;
@@ -318,9 +317,9 @@ impl Vhost {
                     if flags & (PRIORITY | EXPIRATION) == 0 {
                         (None, 0, None)
                     } else {
-                        let properties = match parse_content_header(&m.header[..]) {
-                            Ok((_, h)) => h.properties,
-                            Err(_) => {
+                        let properties = match crate::protocol::decode_stored_header(&m.header) {
+                            Some(h) => h.properties,
+                            None => {
                                 unreadable(Some(seq), "unreadable content header");
                                 continue;
                             }
