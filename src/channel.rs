@@ -24,6 +24,7 @@ use crate::vhost::{
 
 /// A delivery awaiting ack.
 struct Unacked {
+    tag: u64,
     queue: Arc<Queue>,
     msg: QueuedMessage,
     consumer: Option<Arc<Consumer>>,
@@ -93,6 +94,7 @@ impl ChannelShared {
             st.unacked.insert(
                 tag,
                 Unacked {
+                    tag,
                     queue: queue.clone(),
                     msg: m,
                     consumer: Some(consumer.clone()),
@@ -125,6 +127,7 @@ impl ChannelShared {
             st.unacked.insert(
                 tag,
                 Unacked {
+                    tag,
                     queue: queue.clone(),
                     msg: m,
                     consumer: None,
@@ -200,11 +203,18 @@ fn unknown_tag(tag: u64) -> AmqpError {
     AmqpError::precondition_failed(format!("unknown delivery tag {tag}"))
 }
 
-/// Gives credit back for settled deliveries and kicks each queue once.
+/// Gives credit back for settled deliveries, forgets them, and kicks each queue once.
 fn settle(done: Vec<Unacked>) {
-    let mut queues: Vec<Arc<Queue>> = Vec::new();
     for u in &done {
         u.queue.forget(&u.msg);
+    }
+    release(done);
+}
+
+/// Gives credit back for deliveries that were dealt with, and kicks each queue once.
+fn release(done: Vec<Unacked>) {
+    let mut queues: Vec<Arc<Queue>> = Vec::new();
+    for u in &done {
         if let Some(c) = &u.consumer {
             c.release_credit();
         }
@@ -215,6 +225,18 @@ fn settle(done: Vec<Unacked>) {
     drop(done);
     for q in queues {
         q.kick();
+    }
+}
+
+/// Requeues deliveries, or rejects them (dead-lettering where the queue says so).
+fn nack_taken(taken: Vec<Unacked>, requeue_it: bool) {
+    if requeue_it {
+        requeue(taken);
+    } else {
+        for u in &taken {
+            u.queue.rejected(u.msg.clone());
+        }
+        release(taken);
     }
 }
 
@@ -304,9 +326,20 @@ struct Publish {
     _held: Option<Reservation>,
 }
 
+/// An ack, nack or reject inside a transaction. The deliveries it names were taken
+/// out of the unacked map when it arrived (an unknown tag fails right then, as in
+/// RabbitMQ, not halfway through the commit); rollback puts them back.
 enum TxOp {
-    Ack(u64, bool),
-    Nack(u64, bool, bool),
+    Ack(Vec<Unacked>),
+    Nack(Vec<Unacked>, bool),
+}
+
+impl TxOp {
+    fn into_deliveries(self) -> Vec<Unacked> {
+        match self {
+            TxOp::Ack(v) | TxOp::Nack(v, _) => v,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -409,7 +442,15 @@ impl Channel {
         }
         requeue(self.shared.take_all());
         self.incoming = None;
-        self.tx = None;
+        // Deliveries acked inside an uncommitted transaction are still unacked.
+        if let Some(tx) = self.tx.take() {
+            requeue(
+                tx.acks
+                    .into_iter()
+                    .flat_map(TxOp::into_deliveries)
+                    .collect(),
+            );
+        }
     }
 
     /// Detaches a consumer from its queue; an auto-delete queue may go with it,
@@ -634,6 +675,11 @@ impl Channel {
             body,
             _held: None,
         };
+        if self.tx.is_some() {
+            // As RabbitMQ: the exchange is checked at publish, not at commit.
+            self.check_exchange(&p.exchange)
+                .map_err(|e| e.with_method(60, 40))?;
+        }
         if let Some(tx) = self.tx.as_mut() {
             held.grow(TX_OVERHEAD);
             p._held = Some(held);
@@ -641,7 +687,22 @@ impl Channel {
             return Ok(());
         }
         drop(held);
-        self.route(p).map_err(|e| e.with_method(60, 40))
+        self.route(p, false).map_err(|e| e.with_method(60, 40))
+    }
+
+    /// The errors a publish to `exchange` would get: 404 if missing, 403 if internal.
+    fn check_exchange(&mut self, exchange: &str) -> AmqpResult<()> {
+        if exchange.is_empty() {
+            return Ok(());
+        }
+        match self.routing().route(exchange, "", None) {
+            Routed::NoExchange => Err(self.vhost.not_found_exchange(exchange)),
+            Routed::Internal => Err(AmqpError::access_refused(format!(
+                "cannot publish to internal {}",
+                crate::error::exchange_name(exchange, &self.vhost.name)
+            ))),
+            Routed::Queues(_) => Ok(()),
+        }
     }
 
     fn routing(&mut self) -> Arc<Routing> {
@@ -655,13 +716,16 @@ impl Channel {
         }
     }
 
-    fn route(&mut self, p: Publish) -> AmqpResult<()> {
+    /// Routes a publish. At a commit (`committed`), an exchange deleted since the
+    /// publish was checked routes nowhere, as the message was already accepted.
+    fn route(&mut self, p: Publish, committed: bool) -> AmqpResult<()> {
         let routing = self.routing();
         let reply = p.exchange.is_empty() && p.routing_key.starts_with(REPLY_TO);
         let queues = if reply {
             self.vhost.reply_queue(&p.routing_key).into_iter().collect()
         } else {
             match routing.route(&p.exchange, &p.routing_key, p.properties.headers().as_ref()) {
+                Routed::NoExchange if committed => Vec::new(),
                 Routed::NoExchange => return Err(self.vhost.not_found_exchange(&p.exchange)),
                 Routed::Internal => {
                     return Err(AmqpError::access_refused(format!(
@@ -1039,7 +1103,8 @@ impl Channel {
             }
             M::Ack(a) => {
                 if let Some(tx) = self.tx.as_mut() {
-                    tx.acks.push(TxOp::Ack(a.delivery_tag, a.multiple));
+                    let taken = self.shared.take(a.delivery_tag, a.multiple)?;
+                    tx.acks.push(TxOp::Ack(taken));
                 } else {
                     settle(self.shared.take(a.delivery_tag, a.multiple)?);
                     self.after_settle();
@@ -1047,8 +1112,8 @@ impl Channel {
             }
             M::Nack(n) => {
                 if let Some(tx) = self.tx.as_mut() {
-                    tx.acks
-                        .push(TxOp::Nack(n.delivery_tag, n.multiple, n.requeue));
+                    let taken = self.shared.take(n.delivery_tag, n.multiple)?;
+                    tx.acks.push(TxOp::Nack(taken, n.requeue));
                 } else {
                     self.nack(n.delivery_tag, n.multiple, n.requeue)?;
                     self.after_settle();
@@ -1056,7 +1121,8 @@ impl Channel {
             }
             M::Reject(r) => {
                 if let Some(tx) = self.tx.as_mut() {
-                    tx.acks.push(TxOp::Nack(r.delivery_tag, false, r.requeue));
+                    let taken = self.shared.take(r.delivery_tag, false)?;
+                    tx.acks.push(TxOp::Nack(taken, r.requeue));
                 } else {
                     self.nack(r.delivery_tag, false, r.requeue)?;
                     self.after_settle();
@@ -1086,15 +1152,7 @@ impl Channel {
     }
 
     fn nack(&self, tag: u64, multiple: bool, requeue_it: bool) -> AmqpResult<()> {
-        let mut taken = self.shared.take(tag, multiple)?;
-        if requeue_it {
-            requeue(taken);
-        } else {
-            for u in &mut taken {
-                u.queue.rejected(u.msg.clone());
-            }
-            settle(taken);
-        }
+        nack_taken(self.shared.take(tag, multiple)?, requeue_it);
         Ok(())
     }
 
@@ -1195,16 +1253,17 @@ impl Channel {
                     ));
                 };
                 self.sync_needed = false;
+                // Every publish was checked when it arrived: routing cannot fail now.
                 for p in tx.publishes {
-                    self.route(p)?;
+                    self.route(p, true)?;
                 }
                 // Acks and persistent publishes are on disk before commit-ok.
                 let durable = self.sync_needed || !tx.acks.is_empty();
                 self.sync_needed = false;
                 for op in tx.acks {
                     match op {
-                        TxOp::Ack(tag, multiple) => settle(self.shared.take(tag, multiple)?),
-                        TxOp::Nack(tag, multiple, rq) => self.nack(tag, multiple, rq)?,
+                        TxOp::Ack(taken) => settle(taken),
+                        TxOp::Nack(taken, rq) => nack_taken(taken, rq),
                     }
                 }
                 self.after_settle();
@@ -1216,11 +1275,17 @@ impl Channel {
                 ));
             }
             M::Rollback(_) => {
-                if self.tx.replace(Tx::default()).is_none() {
+                let Some(tx) = self.tx.replace(Tx::default()) else {
                     return Err(AmqpError::precondition_failed(
                         "channel is not transactional".into(),
                     ));
+                };
+                // Discarded acks leave their deliveries unacked, as before them.
+                let mut st = self.shared.lock();
+                for u in tx.acks.into_iter().flat_map(TxOp::into_deliveries) {
+                    st.unacked.insert(u.tag, u);
                 }
+                drop(st);
                 self.reply(AMQPClass::Tx(M::RollbackOk(tx::RollbackOk {})));
             }
             other => {

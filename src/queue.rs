@@ -249,6 +249,19 @@ pub struct DeadLetter {
     pub reason: &'static str,
     pub exchange: Arc<str>,
     pub routing_key: Option<Arc<str>>,
+    /// The dead queue's stored copy (store, queue id, seq): deleted once routed.
+    pub source: Option<(Arc<Store>, u64, u64)>,
+}
+
+impl DeadLetter {
+    /// The dead letter has been routed (or could not be): its source copy goes.
+    pub fn forget_source(&mut self) {
+        if let Some((store, queue, seq)) = self.source.take() {
+            if let Err(e) = store.delete_message(queue, seq) {
+                tracing::error!(queue = %self.queue, "cannot delete a dead-lettered message: {e}");
+            }
+        }
+    }
 }
 
 pub struct Queue {
@@ -478,29 +491,38 @@ impl Queue {
 
     /// A ready message leaves without delivery: forgotten, and dead-lettered if configured.
     fn drop_entry(&self, e: Entry, reason: &'static str) {
-        self.forget_stored(e.seq, e.persisted);
-        if self.args.dead_letter_exchange.is_some() {
-            if let Some(m) = self.resolve(e) {
-                self.dead_letter_message(m.msg, reason);
-            }
+        let (seq, persisted) = (e.seq, e.persisted);
+        match self
+            .args
+            .dead_letter_exchange
+            .is_some()
+            .then(|| self.resolve(e))
+        {
+            Some(Some(m)) => self.dead_letter(m, reason),
+            _ => self.forget_stored(seq, persisted),
         }
     }
 
+    /// Hands a message to the dead-letter exchange. Its stored copy here is deleted
+    /// only after the housekeeper has routed (and so stored) the dead letter: a crash
+    /// in between leaves the message in both places, never in neither.
     fn dead_letter(&self, m: QueuedMessage, reason: &'static str) {
-        self.forget(&m);
-        self.dead_letter_message(m.msg, reason);
-    }
-
-    fn dead_letter_message(&self, msg: Arc<Message>, reason: &'static str) {
-        if let Some(exchange) = &self.args.dead_letter_exchange {
-            let _ = self.housekeeping.send(Housekeeping::DeadLetter(DeadLetter {
-                msg,
-                queue: self.name.clone(),
-                reason,
-                exchange: exchange.clone(),
-                routing_key: self.args.dead_letter_routing_key.clone(),
-            }));
-        }
+        let Some(exchange) = &self.args.dead_letter_exchange else {
+            self.forget(&m);
+            return;
+        };
+        let source = match (&self.store, m.persisted) {
+            (Some((store, id)), true) => Some((store.clone(), *id, m.seq)),
+            _ => None,
+        };
+        let _ = self.housekeeping.send(Housekeeping::DeadLetter(DeadLetter {
+            msg: m.msg,
+            queue: self.name.clone(),
+            reason,
+            exchange: exchange.clone(),
+            routing_key: self.args.dead_letter_routing_key.clone(),
+            source,
+        }));
     }
 
     /// Drops (or dead-letters) expired messages at the head; schedules the next expiry.
@@ -735,7 +757,8 @@ impl Queue {
         self.drain(&mut st);
     }
 
-    /// A message rejected without requeue: dead-lettered if the queue says so.
+    /// A message rejected without requeue: dead-lettered if the queue says so,
+    /// and forgotten (now, or once its dead letter is routed).
     pub fn rejected(&self, m: QueuedMessage) {
         self.dead_letter(m, "rejected");
     }

@@ -1178,12 +1178,17 @@ async fn housekeeper(vhost: Weak<Vhost>, mut rx: UnboundedReceiver<Housekeeping>
 }
 
 impl Vhost {
-    fn route_dead_letter(&self, dl: DeadLetter) {
+    fn route_dead_letter(&self, mut dl: DeadLetter) {
+        self.publish_dead_letter(&dl);
+        dl.forget_source();
+    }
+
+    fn publish_dead_letter(&self, dl: &DeadLetter) {
         let routing_key: Arc<str> = dl
             .routing_key
             .clone()
             .unwrap_or_else(|| dl.msg.routing_key.clone());
-        let properties = with_x_death(&dl);
+        let properties = with_x_death(dl);
         let deaths = x_deaths(&properties);
         let msg = Arc::new(
             dl.msg
@@ -1197,18 +1202,34 @@ impl Vhost {
             return;
         };
         for q in queues {
-            // RabbitMQ drops a dead letter that would cycle back without any rejection in between.
-            let cycles = deaths.iter().any(|(queue, _)| queue == &*q.name)
-                && deaths.iter().all(|(_, reason)| reason != "rejected");
-            if !cycles {
-                q.publish(msg.clone());
+            if dl.reason != "rejected" && is_cycle(&q.name, &deaths) {
+                tracing::debug!(queue = %q.name, "dead letter dropped: it would cycle");
+                continue;
             }
+            q.publish(msg.clone());
         }
     }
 }
 
-/// (queue, reason) of each x-death entry.
-fn x_deaths(p: &BasicProperties) -> Vec<(String, String)> {
+/// RabbitMQ's rule (rabbit_dead_letter:is_cycle): walk the x-death entries, newest
+/// first, up to the first one for `queue`; that stretch is a cycle unless some entry
+/// in it is a rejection or is not a table the broker wrote. Entries further back,
+/// whatever a client put there, do not matter: the broker's own entries always go in
+/// front, so a forged header cannot hide a cycle the broker itself made.
+fn is_cycle(queue: &str, deaths: &[Option<(String, String)>]) -> bool {
+    let Some(end) = deaths
+        .iter()
+        .position(|d| d.as_ref().is_some_and(|(q, _)| q == queue))
+    else {
+        return false;
+    };
+    deaths[..=end]
+        .iter()
+        .all(|d| d.as_ref().is_some_and(|(_, reason)| reason != "rejected"))
+}
+
+/// (queue, reason) of each x-death entry, None for an entry that is not a table of those.
+fn x_deaths(p: &BasicProperties) -> Vec<Option<(String, String)>> {
     let Some(headers) = p.headers() else {
         return Vec::new();
     };
@@ -1218,15 +1239,20 @@ fn x_deaths(p: &BasicProperties) -> Vec<(String, String)> {
     deaths
         .as_slice()
         .iter()
-        .filter_map(|d| match d {
-            AMQPValue::FieldTable(t) => Some((
-                t.inner()
-                    .get("queue")
-                    .and_then(crate::exchange::string_value)?,
-                t.inner()
-                    .get("reason")
-                    .and_then(crate::exchange::string_value)?,
-            )),
+        .map(|d| match d {
+            AMQPValue::FieldTable(t) => {
+                let field = |k: &str| match t.inner().get(k) {
+                    Some(AMQPValue::LongString(s)) => {
+                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                    }
+                    _ => None,
+                };
+                // No queue can be named "": a missing field matches no queue.
+                Some((
+                    field("queue").unwrap_or_default(),
+                    field("reason").unwrap_or_default(),
+                ))
+            }
             _ => None,
         })
         .collect()
