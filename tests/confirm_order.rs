@@ -62,6 +62,15 @@ fn persistent_publish(channel: u16, queue: &str, body: &[u8], frame_max: u32) ->
     out
 }
 
+fn passive_declare(channel: u16, name: &str) -> Vec<u8> {
+    let mut args = Vec::new();
+    args.extend_from_slice(&0u16.to_be_bytes());
+    shortstr(&mut args, name);
+    args.push(0b0000_0001); // passive
+    args.extend_from_slice(&0u32.to_be_bytes());
+    method_frame(channel, QUEUE_DECLARE, &args)
+}
+
 fn long_arg(out: &mut Vec<u8>, key: &str, v: i64) {
     shortstr(out, key);
     out.push(b'l');
@@ -102,6 +111,7 @@ async fn reopened_channel_never_gets_the_old_channels_confirm() {
     for round in 0..5 {
         let mut raw = handshake(&b).await;
         raw.open_channel(1).await;
+        raw.open_channel(2).await;
         let q = format!("generations-{round}-{}", std::process::id());
         raw.send(&durable_queue(1, &q, &[])).await;
         expect_method(&mut raw.stream, 1, (50, 11)).await;
@@ -109,9 +119,12 @@ async fn reopened_channel_never_gets_the_old_channels_confirm() {
         expect_method(&mut raw.stream, 1, CONFIRM_SELECT_OK).await;
         // A message large enough that its flush takes a while (sled writes it as a blob).
         let big = vec![b'a'; 512 * 1024];
-        raw.send(&persistent_publish(1, &q, &big, raw.frame_max))
-            .await;
-        tokio::time::sleep(Duration::from_micros(300)).await;
+        // A declare on another channel behind it: its answer means the publish was
+        // handled and its flush has begun, but not necessarily finished.
+        let mut first = persistent_publish(1, &q, &big, raw.frame_max);
+        first.extend_from_slice(&passive_declare(2, &q));
+        raw.send(&first).await;
+        expect_method(&mut raw.stream, 2, (50, 11)).await;
         let mut again = channel_close(1);
         again.extend_from_slice(&channel_open(1));
         again.extend_from_slice(&confirm_select(1));
