@@ -31,6 +31,15 @@ pub fn temp_data_dir() -> std::path::PathBuf {
 }
 
 impl TestBroker {
+    /// A broker started elsewhere (with its own configuration), reached at `addr`.
+    pub fn at(addr: SocketAddr) -> TestBroker {
+        TestBroker {
+            addr,
+            handle: None,
+            data_dir: None,
+        }
+    }
+
     /// AMQP URI for guest/guest on the default vhost.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@{}/%2f", self.addr)

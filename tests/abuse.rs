@@ -1,0 +1,313 @@
+//! Client values built to break the broker's arithmetic, its dead-letter
+//! bookkeeping or its transactions, through a real client (lapin). Each test is a
+//! finding of the hardening review: it failed before the fix it names.
+
+mod common;
+mod support;
+
+use std::time::Duration;
+
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::BasicProperties;
+use support::*;
+
+fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+fn s(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v))
+}
+
+async fn declare(ch: &lapin::Channel, name: &str, args: FieldTable) {
+    ok(
+        "queue.declare",
+        ch.queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            args,
+        ),
+    )
+    .await;
+}
+
+/// Reply code and text of the error a closed channel reports.
+async fn closed_with<T: std::fmt::Debug>(
+    what: &str,
+    fut: impl std::future::Future<Output = lapin::Result<T>>,
+) -> (u16, String) {
+    amqp_err(what, fut).await
+}
+
+/// `expiration` of u64::MAX used to overflow the expiry deadline (a panic in debug
+/// builds, an instant expiry in release). RabbitMQ refuses anything above ten years.
+#[tokio::test]
+async fn expiration_beyond_ten_years_is_refused_as_rabbitmq_does() {
+    let b = common::start().await;
+    let conn = connect(&b).await;
+    for (value, why) in [
+        (
+            "18446744073709551615",
+            "{value_too_large,18446744073709551615}",
+        ),
+        ("315360000001", "{value_too_large,315360000001}"),
+        ("abc", "no_integer"),
+        ("12abc", "{leftover_string,\"abc\"}"),
+        ("-5", "{value_negative,-5}"),
+    ] {
+        let ch = channel(&conn).await;
+        let q = temp_queue(&ch, "exp").await;
+        confirm_mode(&ch).await;
+        let props = BasicProperties::default().with_expiration(value.into());
+        let published = ch
+            .basic_publish(
+                "".into(),
+                q.as_str().into(),
+                BasicPublishOptions::default(),
+                b"x",
+                props,
+            )
+            .await;
+        let (code, text) = match published {
+            Err(e) => reply(&e),
+            Ok(confirm) => match tokio::time::timeout(WAIT, confirm).await {
+                Ok(Err(e)) => reply(&e),
+                other => panic!("expiration {value}: expected a channel error, got {other:?}"),
+            },
+        };
+        assert_eq!(code, 406, "{value}: {text}");
+        assert_eq!(
+            text,
+            format!("PRECONDITION_FAILED - invalid expiration '{value}': {why}")
+        );
+    }
+    // Ten years exactly is accepted, kept in place and consumable.
+    let ch = channel(&conn).await;
+    let q = temp_queue(&ch, "exp-max").await;
+    publish_props(
+        &ch,
+        "",
+        &q,
+        b"far",
+        BasicProperties::default().with_expiration("315360000000".into()),
+    )
+    .await;
+    publish(&ch, "", &q, b"after").await;
+    assert_eq!(drain(&ch, &q).await, strs(&["far", "after"]));
+}
+
+fn reply(e: &lapin::Error) -> (u16, String) {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(err) => {
+            (err.get_id(), err.get_message().as_str().to_string())
+        }
+        other => panic!("expected an AMQP error, got {other:?}"),
+    }
+}
+
+/// x-message-ttl and x-expires typed as timestamps near 2^64 used to overflow.
+#[tokio::test]
+async fn queue_ttls_near_two_to_the_64_are_refused() {
+    let b = common::start().await;
+    let conn = connect(&b).await;
+    for key in ["x-message-ttl", "x-expires"] {
+        let ch = channel(&conn).await;
+        let q = common::unique("ttl");
+        let args = table(&[(key, AMQPValue::Timestamp(u64::MAX))]);
+        let (code, text) = closed_with(
+            "queue.declare",
+            ch.queue_declare(q.as_str().into(), QueueDeclareOptions::default(), args),
+        )
+        .await;
+        assert_eq!(code, 406);
+        assert_eq!(
+            text,
+            format!(
+                "PRECONDITION_FAILED - invalid arg '{key}' for queue '{q}' in vhost '/': \
+                 {{value_too_large,18446744073709551615}}"
+            )
+        );
+    }
+}
+
+/// An x-death count of i64::MAX used to overflow when the message died again.
+#[tokio::test]
+async fn x_death_count_saturates() {
+    let b = common::start().await;
+    let (_c, ch) = open(&b).await;
+    let dlq = temp_queue(&ch, "dlq").await;
+    let src = common::unique("src");
+    declare(
+        &ch,
+        &src,
+        table(&[
+            ("x-message-ttl", AMQPValue::LongInt(0)),
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s(&dlq)),
+        ]),
+    )
+    .await;
+    let mut keys = FieldArray::default();
+    keys.push(s(&src));
+    let death = table(&[
+        ("count", AMQPValue::LongLongInt(i64::MAX)),
+        ("reason", s("expired")),
+        ("queue", s(&src)),
+        ("exchange", s("")),
+        ("routing-keys", AMQPValue::FieldArray(keys)),
+    ]);
+    let mut deaths = FieldArray::default();
+    deaths.push(AMQPValue::FieldTable(death));
+    let headers = table(&[("x-death", AMQPValue::FieldArray(deaths))]);
+    publish_props(
+        &ch,
+        "",
+        &src,
+        b"old soul",
+        BasicProperties::default().with_headers(headers),
+    )
+    .await;
+    let mut got = None;
+    for _ in 0..50 {
+        got = get(&ch, &dlq).await;
+        if got.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = got.expect("the message is dead-lettered and consumable");
+    let headers = m.delivery.properties.headers().clone().expect("headers");
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        panic!("x-death: {headers:?}");
+    };
+    let AMQPValue::FieldTable(first) = &deaths.as_slice()[0] else {
+        panic!("{deaths:?}");
+    };
+    assert_eq!(
+        first.inner().get("count"),
+        Some(&AMQPValue::LongLongInt(i64::MAX))
+    );
+}
+
+/// Two queues dead-lettering into each other by TTL form a cycle RabbitMQ drops.
+/// A forged x-death entry with reason "rejected" used to switch that detection
+/// off, and the message bounced between them for ever (the housekeeper spun).
+#[tokio::test]
+async fn forged_x_death_cannot_disable_cycle_detection() {
+    let b = common::start().await;
+    let (_c, ch) = open(&b).await;
+    let q1 = common::unique("cyc1");
+    let q2 = common::unique("cyc2");
+    for (me, other) in [(&q1, &q2), (&q2, &q1)] {
+        declare(
+            &ch,
+            me,
+            table(&[
+                ("x-message-ttl", AMQPValue::LongInt(30)),
+                ("x-dead-letter-exchange", s("")),
+                ("x-dead-letter-routing-key", s(other)),
+            ]),
+        )
+        .await;
+    }
+    let forged = table(&[("queue", s("elsewhere")), ("reason", s("rejected"))]);
+    let mut deaths = FieldArray::default();
+    deaths.push(AMQPValue::FieldTable(forged));
+    publish_props(
+        &ch,
+        "",
+        &q1,
+        b"ping-pong",
+        BasicProperties::default()
+            .with_headers(table(&[("x-death", AMQPValue::FieldArray(deaths))])),
+    )
+    .await;
+    // q1 -> q2 -> (back to q1: a cycle, dropped) within ~100 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..5 {
+        assert_eq!(counts(&ch, &q1).await.0 + counts(&ch, &q2).await.0, 0);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+}
+
+/// `tx.select; publish; basic.ack(999); tx.commit` used to route the publish and
+/// then fail the commit: the ack is now refused when it arrives, as RabbitMQ does,
+/// and nothing of the transaction happens.
+#[tokio::test]
+async fn tx_ack_of_unknown_tag_fails_before_anything_is_routed() {
+    let b = common::start().await;
+    let (conn, ch) = open(&b).await;
+    let q = temp_queue(&ch, "txack").await;
+    let tx = channel(&conn).await;
+    ok("tx.select", tx.tx_select()).await;
+    publish(&tx, "", &q, b"must not appear").await;
+    let _ = tx.basic_ack(999, BasicAckOptions::default()).await;
+    let (code, text) = closed_with("tx.commit", tx.tx_commit()).await;
+    assert_eq!(code, 406);
+    assert_eq!(text, "PRECONDITION_FAILED - unknown delivery tag 999");
+    assert_eq!(counts(&ch, &q).await.0, 0, "the publish was not routed");
+}
+
+/// Acks inside a rolled-back transaction leave their deliveries unacked; closing
+/// the channel then requeues them.
+#[tokio::test]
+async fn tx_rollback_leaves_deliveries_unacked() {
+    let b = common::start().await;
+    let (conn, ch) = open(&b).await;
+    let q = temp_queue(&ch, "txrb").await;
+    publish(&ch, "", &q, b"one").await;
+    let tx = channel(&conn).await;
+    ok("tx.select", tx.tx_select()).await;
+    let m = get(&tx, &q).await.expect("the message");
+    ok(
+        "basic.ack",
+        tx.basic_ack(m.delivery.delivery_tag, BasicAckOptions::default()),
+    )
+    .await;
+    ok("tx.rollback", tx.tx_rollback()).await;
+    // Still unacked: acking it again and committing works (no unknown tag).
+    ok(
+        "basic.ack",
+        tx.basic_ack(m.delivery.delivery_tag, BasicAckOptions::default()),
+    )
+    .await;
+    ok("tx.rollback", tx.tx_rollback()).await;
+    ok("channel.close", tx.close(200, "bye".into())).await;
+    assert_eq!(drain(&ch, &q).await, strs(&["one"]), "requeued on close");
+}
+
+/// A transactional publish to a missing exchange fails at the publish (404), as
+/// in RabbitMQ, not halfway through the commit.
+#[tokio::test]
+async fn tx_publish_to_missing_exchange_fails_at_publish() {
+    let b = common::start().await;
+    let (conn, ch) = open(&b).await;
+    let q = temp_queue(&ch, "txx").await;
+    let tx = channel(&conn).await;
+    ok("tx.select", tx.tx_select()).await;
+    publish(&tx, "", &q, b"first").await;
+    let _ = tx
+        .basic_publish(
+            "no-such-exchange".into(),
+            "k".into(),
+            BasicPublishOptions::default(),
+            b"second",
+            BasicProperties::default(),
+        )
+        .await;
+    let (code, text) = closed_with("tx.commit", tx.tx_commit()).await;
+    assert_eq!(code, 404);
+    assert_eq!(
+        text,
+        "NOT_FOUND - no exchange 'no-such-exchange' in vhost '/'"
+    );
+    assert_eq!(counts(&ch, &q).await.0, 0, "nothing of the transaction");
+}
