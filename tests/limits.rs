@@ -357,3 +357,128 @@ async fn blocked_publisher_that_hangs_up_is_torn_down() {
         "the exclusive queue of the vanished publisher is deleted"
     );
 }
+
+/// A raw connection whose client properties ask for connection.blocked.
+async fn blockable(b: &common::TestBroker) -> Raw {
+    let mut stream = tcp(b).await;
+    stream.write_all(PROTOCOL_HEADER).await.unwrap();
+    expect_method(&mut stream, 0, CONNECTION_START).await;
+    // {"capabilities": {"connection.blocked": true}}
+    let mut caps = Vec::new();
+    shortstr(&mut caps, "connection.blocked");
+    caps.extend_from_slice(&[b't', 1]);
+    let mut props = Vec::new();
+    shortstr(&mut props, "capabilities");
+    props.push(b'F');
+    props.extend_from_slice(&(caps.len() as u32).to_be_bytes());
+    props.extend_from_slice(&caps);
+    let mut args = (props.len() as u32).to_be_bytes().to_vec();
+    args.extend_from_slice(&props);
+    shortstr(&mut args, "PLAIN");
+    longstr(&mut args, b"\0guest\0guest");
+    shortstr(&mut args, "en_US");
+    stream
+        .write_all(&method_frame(0, CONNECTION_START_OK, &args))
+        .await
+        .unwrap();
+    expect_method(&mut stream, 0, CONNECTION_TUNE).await;
+    let mut args = Vec::new();
+    args.extend_from_slice(&0u16.to_be_bytes());
+    args.extend_from_slice(&131072u32.to_be_bytes());
+    args.extend_from_slice(&0u16.to_be_bytes());
+    stream
+        .write_all(&method_frame(0, CONNECTION_TUNE_OK, &args))
+        .await
+        .unwrap();
+    let mut args = Vec::new();
+    shortstr(&mut args, "/");
+    shortstr(&mut args, "");
+    args.push(0);
+    stream
+        .write_all(&method_frame(0, CONNECTION_OPEN, &args))
+        .await
+        .unwrap();
+    expect_method(&mut stream, 0, CONNECTION_OPEN_OK).await;
+    let mut raw = Raw {
+        stream,
+        frame_max: 131072,
+    };
+    raw.open_channel(1).await;
+    raw
+}
+
+/// Waits for connection.blocked on channel 0, skipping other frames.
+async fn blocked_within(raw: &mut Raw, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(frame) = tokio::time::timeout_at(deadline, read_frame(&mut raw.stream)).await {
+        let Ok(frame) = frame else { return false };
+        if frame.channel == 0 && frame.method_id() == Some((10, 60)) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Publishes inside an uncommitted transaction are memory the client makes the
+/// broker hold: they count against the watermark, and the publisher is blocked.
+#[tokio::test]
+async fn uncommitted_transaction_counts_against_the_watermark() {
+    let (b, _h) = broker(|l| {
+        l.memory_high_watermark = 1 << 20;
+        l.queue_memory_budget = 1 << 20;
+    })
+    .await;
+    let mut raw = blockable(&b).await;
+    raw.send(&method_frame(1, (90, 10), &[])).await; // tx.select
+    expect_method(&mut raw.stream, 1, (90, 11)).await;
+    let body = vec![0u8; 64 * 1024];
+    let mut burst = Vec::new();
+    for _ in 0..24 {
+        burst.extend_from_slice(&basic_publish(1, "nowhere"));
+        burst.extend_from_slice(&content_header(1, body.len() as u64));
+        burst.extend_from_slice(&raw::body(1, &body));
+    }
+    raw.send(&burst).await;
+    assert!(
+        blocked_within(&mut raw, Duration::from_secs(3)).await,
+        "1.5 MiB held by a transaction blocks the publisher at a 1 MiB watermark"
+    );
+}
+
+/// Decoded header tables cost far more than their wire size; that cost counts.
+#[tokio::test]
+async fn decoded_headers_count_against_the_watermark() {
+    let (b, _h) = broker(|l| {
+        l.memory_high_watermark = 1 << 20;
+        l.queue_memory_budget = 1 << 20;
+    })
+    .await;
+    let mut raw = blockable(&b).await;
+    raw.send(&queue_declare(1)).await;
+    let ok = expect_method(&mut raw.stream, 1, (50, 11)).await;
+    let n = ok.args()[0] as usize;
+    let q = String::from_utf8(ok.args()[1..1 + n].to_vec()).unwrap();
+    // 4,000 void values: 16 KB on the wire, hundreds of KB once decoded.
+    let mut table = Vec::new();
+    for i in 0..4000u32 {
+        shortstr(&mut table, &format!("{i:x}"));
+        table.push(b'V');
+    }
+    let mut payload = Vec::new();
+    payload.extend_from_slice(&60u16.to_be_bytes());
+    payload.extend_from_slice(&0u16.to_be_bytes());
+    payload.extend_from_slice(&0u64.to_be_bytes());
+    payload.extend_from_slice(&(1u16 << 13).to_be_bytes());
+    payload.extend_from_slice(&(table.len() as u32).to_be_bytes());
+    payload.extend_from_slice(&table);
+    let mut burst = Vec::new();
+    for _ in 0..8 {
+        burst.extend_from_slice(&basic_publish(1, &q));
+        burst.extend_from_slice(&frame(FRAME_HEADER, 1, &payload));
+    }
+    raw.send(&burst).await;
+    assert!(
+        blocked_within(&mut raw, Duration::from_secs(3)).await,
+        "8 messages of 4,000 decoded headers each pass a 1 MiB watermark"
+    );
+}
