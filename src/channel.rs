@@ -283,6 +283,11 @@ const KEEP_FRAME: usize = 4096;
 
 impl BodyParts {
     fn push(&mut self, frame: Bytes) {
+        // The first frame is kept as it is: most bodies are one frame, copied nowhere.
+        if self.parts.is_empty() && self.tail.is_empty() {
+            self.parts.push(frame);
+            return;
+        }
         if frame.len() < KEEP_FRAME {
             self.tail.extend_from_slice(&frame);
             return;
@@ -585,7 +590,10 @@ impl Channel {
             ))
             .with_method(60, 40));
         }
-        inc.held.grow(crate::message::header_cost(&raw));
+        if body_size > 0 {
+            inc.held
+                .grow(&self.gauge, crate::message::header_cost(&raw));
+        }
         inc.header = Some((raw, properties, body_size));
         if body_size == 0 {
             self.complete()?;
@@ -613,7 +621,10 @@ impl Channel {
                 inc.received, expected
             )));
         }
-        inc.held.grow(body.len());
+        // A body complete with this frame becomes a Message, which counts itself.
+        if inc.received < expected {
+            inc.held.grow(&self.gauge, body.len());
+        }
         inc.body.push(body);
         if inc.received == expected {
             self.complete()?;
@@ -681,7 +692,8 @@ impl Channel {
                 .map_err(|e| e.with_method(60, 40))?;
         }
         if let Some(tx) = self.tx.as_mut() {
-            held.grow(TX_OVERHEAD);
+            let whole = p.body.len() + crate::message::header_cost(&p.header) + TX_OVERHEAD;
+            held.at_least(&self.gauge, whole);
             p._held = Some(held);
             tx.publishes.push(p);
             return Ok(());
@@ -1067,7 +1079,7 @@ impl Channel {
                     header: None,
                     body: BodyParts::default(),
                     received: 0,
-                    held: Reservation::new(&self.gauge),
+                    held: Reservation::default(),
                 });
             }
             M::Qos(q) => {

@@ -478,12 +478,19 @@ impl Connection {
 
     async fn main_loop(&mut self) -> End {
         let hb = Duration::from_secs(self.heartbeat as u64);
-        let mut ticker = tokio::time::interval(if self.heartbeat > 0 {
-            hb / 2
-        } else {
-            Duration::from_secs(3600)
-        });
+        let frame_timeout = Duration::from_secs(self.broker.config.limits.frame_timeout.max(1));
+        // One timer for heartbeats and the frame deadline, checked on each tick rather
+        // than armed per read: a deadline is then enforced within half its length late.
+        let mut period = frame_timeout / 2;
+        if self.heartbeat > 0 {
+            period = period.min(hb / 2);
+        }
+        let mut ticker = tokio::time::interval_at(
+            Instant::now() + period,
+            period.max(Duration::from_millis(100)),
+        );
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_beat = Instant::now();
         let mut last_read = Instant::now();
         // When the frame now in the read buffer began to arrive.
         let mut partial_since: Option<Instant> = None;
@@ -522,13 +529,7 @@ impl Connection {
                 last_read = Instant::now();
                 partial_since = partial_since.map(|_| last_read);
             }
-            let frame_timeout = Duration::from_secs(self.broker.config.limits.frame_timeout.max(1));
-            let frame_deadline = partial_since.map(|t| t + frame_timeout);
             tokio::select! {
-                _ = tokio::time::sleep_until(frame_deadline.unwrap_or(last_read)), if frame_deadline.is_some() => {
-                    warn!("a frame did not arrive whole within {}s", frame_timeout.as_secs());
-                    return End::Timeout;
-                }
                 _ = self.shutdown.changed() => {
                     return End::Error(AmqpError::connection_forced(
                         "broker forced connection closure with reason 'shutdown'".into(),
@@ -549,12 +550,21 @@ impl Connection {
                     }
                     last_read = Instant::now();
                 }
-                _ = ticker.tick(), if self.heartbeat > 0 => {
-                    if last_read.elapsed() > hb * 2 {
-                        warn!("missed heartbeats from client, timeout: {}s", self.heartbeat);
+                _ = ticker.tick() => {
+                    if partial_since.is_some_and(|t| t.elapsed() > frame_timeout) {
+                        warn!("a frame did not arrive whole within {}s", frame_timeout.as_secs());
                         return End::Timeout;
                     }
-                    write_heartbeat(self.shared.outbox.append().buf());
+                    if self.heartbeat > 0 {
+                        if last_read.elapsed() > hb * 2 {
+                            warn!("missed heartbeats from client, timeout: {}s", self.heartbeat);
+                            return End::Timeout;
+                        }
+                        if last_beat.elapsed() >= hb / 2 {
+                            write_heartbeat(self.shared.outbox.append().buf());
+                            last_beat = Instant::now();
+                        }
+                    }
                 }
             }
         }

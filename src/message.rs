@@ -22,6 +22,8 @@ pub struct Message {
     pub body: Bytes,
     /// Per-message TTL in ms, from the expiration property.
     pub ttl: Option<u64>,
+    /// What this message counts for on the gauge.
+    charged: usize,
     gauge: Arc<MemoryGauge>,
 }
 
@@ -34,7 +36,8 @@ impl Message {
         body: Bytes,
         gauge: Arc<MemoryGauge>,
     ) -> Message {
-        gauge.add(cost(&header, &body));
+        let charged = cost(&header, &body);
+        gauge.add(charged);
         let ttl = ttl_of(&properties);
         Message {
             exchange,
@@ -43,6 +46,7 @@ impl Message {
             properties,
             body,
             ttl,
+            charged,
             gauge,
         }
     }
@@ -163,35 +167,42 @@ pub fn header_cost(header: &[u8]) -> usize {
 
 impl Drop for Message {
     fn drop(&mut self) {
-        self.gauge.sub(cost(&self.header, &self.body));
+        self.gauge.sub(self.charged);
     }
 }
 
 /// Bytes a client made the broker hold before they became a `Message` (a body
 /// still arriving, a publish inside an uncommitted transaction): counted against
 /// the watermark while held, released on drop.
+#[derive(Default)]
 pub struct Reservation {
-    gauge: Arc<MemoryGauge>,
+    /// Taken on first use only: most publishes never need it, and cloning a shared
+    /// Arc on every publish would be contended across connections.
+    gauge: Option<Arc<MemoryGauge>>,
     bytes: usize,
 }
 
 impl Reservation {
-    pub fn new(gauge: &Arc<MemoryGauge>) -> Reservation {
-        Reservation {
-            gauge: gauge.clone(),
-            bytes: 0,
-        }
+    /// Counts at least `n` bytes in all.
+    pub fn at_least(&mut self, gauge: &Arc<MemoryGauge>, n: usize) {
+        self.grow(gauge, n.saturating_sub(self.bytes));
     }
 
-    pub fn grow(&mut self, n: usize) {
-        self.gauge.add(n);
+    pub fn grow(&mut self, gauge: &Arc<MemoryGauge>, n: usize) {
+        if n == 0 {
+            return;
+        }
+        gauge.add(n);
+        self.gauge.get_or_insert_with(|| gauge.clone());
         self.bytes += n;
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.gauge.sub(self.bytes);
+        if let Some(g) = &self.gauge {
+            g.sub(self.bytes);
+        }
     }
 }
 
