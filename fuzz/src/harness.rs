@@ -175,8 +175,9 @@ pub fn session_bytes(data: &[u8]) -> Vec<u8> {
 /// Socket errors are the broker's right (it may reset a connection it refused).
 pub async fn play(addr: SocketAddr, data: &[u8]) {
     let linger = data.first().is_some_and(|m| m & LINGER == LINGER);
-    let Ok(mut s) = TcpStream::connect(addr).await else {
-        panic!("the broker refused a TCP connection");
+    let mut s = match connect(addr).await {
+        Ok(s) => s,
+        Err(e) => panic!("cannot connect to the broker: {e}"),
     };
     let bytes = session_bytes(data);
     let deadline = tokio::time::Instant::now() + LINGER_TIME;
@@ -199,12 +200,25 @@ pub async fn play(addr: SocketAddr, data: &[u8]) {
     tokio::join!(write, read);
 }
 
+/// Connects, waiting out a shortage of local ports (thousands of connections a
+/// second leave many in TIME_WAIT), which says nothing about the broker.
+async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut tries = 0;
+    loop {
+        match TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable && tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// A fresh connection gets connection.start: the broker is still serving.
 pub async fn check_alive(addr: SocketAddr) -> Result<(), String> {
     let attempt = async {
-        let mut s = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let mut s = connect(addr).await.map_err(|e| format!("connect: {e}"))?;
         s.write_all(PROTOCOL_HEADER)
             .await
             .map_err(|e| format!("write: {e}"))?;
