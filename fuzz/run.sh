@@ -6,8 +6,7 @@
 # (fuzz/corpus/TARGET, read only) plus a local working corpus (fuzz/corpus-work/TARGET,
 # not committed, where new inputs go). Prints executions, coverage and crashes; a crash
 # leaves its input under fuzz/artifacts/TARGET/ and makes the exit status non-zero.
-# Environment: WARRENMQ_FUZZ_KNOWN=1 stops skipping the known crashes (harness.rs,
-# known_crash); FUZZ_ARGS adds libFuzzer flags.
+# Environment: FUZZ_ARGS adds libFuzzer flags.
 set -euo pipefail
 cd "$(dirname "$0")"
 target=${1:?usage: fuzz/run.sh TARGET SECONDS}

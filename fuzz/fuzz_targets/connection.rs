@@ -54,9 +54,6 @@ fn fuzz() -> &'static Fuzz {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if !harness::known_crashes_enabled() && harness::known_crash(data, true).is_some() {
-        return;
-    }
     let f = fuzz();
     f.rt.block_on(async {
         harness::play(f.addr, data).await;
