@@ -247,8 +247,3 @@ pub async fn check_alive(addr: SocketAddr) -> Result<(), String> {
         Err(_) => Err("no connection.start within 10 s".into()),
     }
 }
-
-// ---------------------------------------------------------------------------
-// Known crashes, skipped by the fuzz targets until they are fixed
-// ---------------------------------------------------------------------------
-
