@@ -903,18 +903,37 @@ impl Vhost {
         arguments: &FieldTable,
         connection: u64,
     ) -> AmqpResult<bool> {
+        // RabbitMQ 3.10 (rabbit_binding:remove): the default exchange is refused at
+        // either end, but a missing source or destination, or a binding that is not
+        // there, is simply nothing to remove; exclusive access is checked only when
+        // there is a binding to remove. Teardown code (aio-pika's RPC among it)
+        // unbinds what may already be gone.
+        if matches!(&destination, Destination::Exchange(x) if x.is_empty()) || source.is_empty() {
+            return Err(default_exchange_refused());
+        }
         let mut t = self.lock();
-        self.check_binding(&t, source, &destination, connection)?;
-        let durable = self.binding_is_durable(&t, source, &destination);
-        let Some(x) = t.exchanges.get_mut(source) else {
-            return Err(self.not_found_exchange(source));
-        };
-        let before = x.bindings.len();
         let matches = |b: &Binding| {
             b.destination == destination
                 && b.routing_key == routing_key
                 && &b.arguments == arguments
         };
+        let dest_exists = match &destination {
+            Destination::Queue(q) => t.queues.contains_key(q),
+            Destination::Exchange(x) => t.exchanges.contains_key(x),
+        };
+        let bound = dest_exists
+            && t.exchanges
+                .get(source)
+                .is_some_and(|x| x.bindings.iter().any(|b| matches(b)));
+        if !bound {
+            return Ok(false);
+        }
+        self.check_binding(&t, source, &destination, connection)?;
+        let durable = self.binding_is_durable(&t, source, &destination);
+        let Some(x) = t.exchanges.get_mut(source) else {
+            return Ok(false);
+        };
+        let before = x.bindings.len();
         if let Some(b) = x.bindings.iter().find(|b| matches(b)) {
             if let Some(store) = &self.store {
                 store

@@ -337,6 +337,75 @@ async fn bind_and_unbind_control_routing() {
     delete_exchange(&ch, &x).await;
 }
 
+/// As in RabbitMQ 3.10, unbinding what is already gone is not an error: a missing
+/// queue or exchange at either end, or a pair never bound, even on another
+/// connection's exclusive queue, answers unbind-ok. Teardown code (aio-pika's RPC
+/// pattern, whose server-named reply queue is gone when it unbinds) relies on it.
+/// The default exchange is still refused.
+#[tokio::test]
+async fn unbinding_what_is_gone_is_not_an_error() {
+    let b = common::start().await;
+    let (conn, ch) = open(&b).await;
+    let x = temp_exchange(&ch, ExchangeKind::Direct, "gonex").await;
+    let unbind = |ch: Channel, q: String, x: String| async move {
+        ch.queue_unbind(
+            q.as_str().into(),
+            x.as_str().into(),
+            "k".into(),
+            FieldTable::default(),
+        )
+        .await
+    };
+    ok(
+        "unbind from a missing queue",
+        unbind(ch.clone(), "no-such-queue".into(), x.clone()),
+    )
+    .await;
+    let q = temp_queue(&ch, "goneq").await;
+    ok(
+        "unbind from a missing exchange",
+        unbind(ch.clone(), q.clone(), "no-such-exchange".into()),
+    )
+    .await;
+    ok(
+        "exchange.unbind with both ends missing",
+        ch.exchange_unbind(
+            "no-dest".into(),
+            "no-source".into(),
+            "k".into(),
+            ExchangeUnbindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    // Another connection's exclusive queue, never bound to x: nothing to remove.
+    let other = channel(&connect(&b).await).await;
+    ok(
+        "unbind a never-bound pair",
+        unbind(other.clone(), q.clone(), x.clone()),
+    )
+    .await;
+    // But a real binding of an exclusive queue is only the owner's to remove.
+    bind(&ch, &q, &x, "k").await;
+    let (code, _) = amqp_err(
+        "unbind another's exclusive binding",
+        unbind(other, q.clone(), x.clone()),
+    )
+    .await;
+    assert_eq!(code, 405);
+    let ch2 = channel(&conn).await;
+    let (code, text) = amqp_err(
+        "unbind from the default exchange",
+        unbind(ch2, q.clone(), "".into()),
+    )
+    .await;
+    assert_eq!(code, 403);
+    assert_eq!(
+        text,
+        "ACCESS_REFUSED - operation not permitted on the default exchange"
+    );
+}
+
 /// Binding to an exchange or a queue that does not exist fails with 404 NOT_FOUND.
 #[tokio::test]
 async fn bind_to_missing_exchange_or_queue_is_not_found() {
