@@ -924,7 +924,7 @@ impl Vhost {
         let bound = dest_exists
             && t.exchanges
                 .get(source)
-                .is_some_and(|x| x.bindings.iter().any(|b| matches(b)));
+                .is_some_and(|x| x.bindings.iter().any(&matches));
         if !bound {
             return Ok(false);
         }
