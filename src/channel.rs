@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use crate::connection::{ConnEvent, ConnShared, Synced};
 use crate::error::{queue_name, AmqpError, AmqpResult};
 use crate::exchange::Destination;
-use crate::message::{valid_expiration, MemoryGauge, Message, Reservation};
+use crate::message::{valid_expiration, MemoryGauge, Message, Reservation, ROUTING_HEADERS};
 use crate::protocol::{short, write_get_ok, write_method, write_return};
 use crate::queue::{ConsumeRefused, Consumer, Enqueued, Queue, QueuedMessage};
 use crate::vhost::{
@@ -327,6 +327,8 @@ struct Publish {
     header: Bytes,
     properties: BasicProperties,
     body: Bytes,
+    /// CC and BCC routing keys.
+    extra_keys: Vec<Arc<str>>,
     /// Held by a transaction until commit: counted against the watermark.
     _held: Option<Reservation>,
 }
@@ -671,6 +673,28 @@ impl Channel {
         } else {
             (header, properties)
         };
+        let extra_keys =
+            crate::message::header_routes(properties.headers().as_ref(), &ROUTING_HEADERS)
+                .map_err(|why| {
+                    AmqpError::precondition_failed(format!("invalid message: {why}"))
+                        .with_method(60, 40)
+                })?;
+        // BCC only routes: RabbitMQ strips it before the message is kept or delivered.
+        let stripped = properties
+            .headers()
+            .as_ref()
+            .filter(|h| h.contains_key("BCC"))
+            .map(|h| without(h, "BCC"));
+        let (header, properties) = match stripped {
+            Some(h) => {
+                let properties = properties.with_headers(h);
+                (
+                    crate::message::encode_header(inc.received, &properties),
+                    properties,
+                )
+            }
+            None => (header, properties),
+        };
         if let Err(bad) = valid_expiration(&properties) {
             return Err(
                 AmqpError::precondition_failed(format!("invalid expiration {bad}"))
@@ -684,6 +708,7 @@ impl Channel {
             header,
             properties,
             body,
+            extra_keys,
             _held: None,
         };
         if self.tx.is_some() {
@@ -707,7 +732,7 @@ impl Channel {
         if exchange.is_empty() {
             return Ok(());
         }
-        match self.routing().route(exchange, "", None) {
+        match self.routing().route(exchange, &[""], None) {
             Routed::NoExchange => Err(self.vhost.not_found_exchange(exchange)),
             Routed::Internal => Err(AmqpError::access_refused(format!(
                 "cannot publish to internal {}",
@@ -736,7 +761,9 @@ impl Channel {
         let queues = if reply {
             self.vhost.reply_queue(&p.routing_key).into_iter().collect()
         } else {
-            match routing.route(&p.exchange, &p.routing_key, p.properties.headers().as_ref()) {
+            let mut keys: Vec<&str> = vec![&p.routing_key];
+            keys.extend(p.extra_keys.iter().map(|k| &**k));
+            match routing.route(&p.exchange, &keys, p.properties.headers().as_ref()) {
                 Routed::NoExchange if committed => Vec::new(),
                 Routed::NoExchange => return Err(self.vhost.not_found_exchange(&p.exchange)),
                 Routed::Internal => {
@@ -767,14 +794,16 @@ impl Channel {
                 );
             }
         } else {
-            let msg = Arc::new(Message::new(
+            let mut msg = Message::new(
                 p.exchange,
                 p.routing_key,
                 p.header,
                 p.properties,
                 p.body,
                 self.gauge.clone(),
-            ));
+            );
+            msg.extra_keys = p.extra_keys;
+            let msg = Arc::new(msg);
             let mut rejected = false;
             for q in &queues {
                 match q.publish(msg.clone()) {
@@ -1309,6 +1338,18 @@ impl Channel {
         }
         Ok(After::Nothing)
     }
+}
+
+/// A header table less one key (FieldTable has no remove).
+pub(crate) fn without(
+    h: &amq_protocol::types::FieldTable,
+    key: &str,
+) -> amq_protocol::types::FieldTable {
+    let mut out = amq_protocol::types::FieldTable::default();
+    for (k, v) in h.inner().iter().filter(|(k, _)| k.as_str() != key) {
+        out.insert(k.clone(), v.clone());
+    }
+    out
 }
 
 /// RabbitMQ's `amq.ctag-` tags for consumers that did not name themselves.

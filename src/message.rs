@@ -22,6 +22,8 @@ pub struct Message {
     pub body: Bytes,
     /// Per-message TTL in ms, from the expiration property.
     pub ttl: Option<u64>,
+    /// CC and BCC routing keys it was published with, for dead-lettering.
+    pub extra_keys: Vec<Arc<str>>,
     /// What this message counts for on the gauge.
     charged: usize,
     gauge: Arc<MemoryGauge>,
@@ -46,6 +48,7 @@ impl Message {
             properties,
             body,
             ttl,
+            extra_keys: Vec::new(),
             charged,
             gauge,
         }
@@ -88,6 +91,43 @@ pub fn encode_header(body_size: u64, properties: &BasicProperties) -> Bytes {
             Bytes::new()
         }
     }
+}
+
+/// The headers whose arrays of strings are extra routing keys (RabbitMQ's
+/// sender-selected distribution); BCC is removed before the message is kept.
+pub const ROUTING_HEADERS: [&str; 2] = ["CC", "BCC"];
+
+/// The extra routing keys in `names` headers: the long strings of each array, as
+/// rabbit_basic:header_routes reads them. Any other type of value is an error, in
+/// RabbitMQ's words (`{unacceptable_type_in_header,"CC",longstr}`).
+pub fn header_routes(
+    headers: Option<&amq_protocol::types::FieldTable>,
+    names: &[&str],
+) -> Result<Vec<Arc<str>>, String> {
+    use amq_protocol::types::AMQPValue;
+    let mut keys = Vec::new();
+    let Some(headers) = headers else {
+        return Ok(keys);
+    };
+    for name in names {
+        match headers.inner().get(*name) {
+            None => {}
+            Some(AMQPValue::FieldArray(a)) => {
+                for v in a.as_slice() {
+                    if let AMQPValue::LongString(s) = v {
+                        keys.push(String::from_utf8_lossy(s.as_bytes()).into());
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(format!(
+                    "{{unacceptable_type_in_header,\"{name}\",{}}}",
+                    crate::vhost::type_name(other)
+                ))
+            }
+        }
+    }
+    Ok(keys)
 }
 
 /// The longest TTL RabbitMQ accepts, per message or per queue: ten years in ms.

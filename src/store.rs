@@ -109,14 +109,20 @@ impl StoredMessage {
             Some(h) => h.properties,
             None => return Err("unreadable content header".into()),
         };
-        Ok(Message::new(
+        // Only the publish's own key is stored; the CC keys are still in the header
+        // (BCC ones are not kept, so a dead letter after a restart goes without them).
+        let extra_keys = crate::message::header_routes(properties.headers().as_ref(), &["CC"])
+            .unwrap_or_default();
+        let mut m = Message::new(
             self.exchange.into(),
             self.routing_key.into(),
             self.header,
             properties,
             self.body,
             gauge.clone(),
-        ))
+        );
+        m.extra_keys = extra_keys;
+        Ok(m)
     }
 }
 

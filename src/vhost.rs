@@ -88,11 +88,17 @@ pub enum Routed {
 }
 
 impl Routing {
-    pub fn route(&self, exchange: &str, routing_key: &str, headers: Option<&FieldTable>) -> Routed {
+    /// Where a message published to `exchange` with these routing keys goes: the
+    /// publish's own key, then any CC and BCC keys (sender-selected distribution).
+    pub fn route(&self, exchange: &str, keys: &[&str], headers: Option<&FieldTable>) -> Routed {
         let mut queues: Vec<Arc<Queue>> = Vec::new();
         if exchange.is_empty() {
-            if let Some(q) = self.queues.get(routing_key) {
-                queues.push(q.clone());
+            for key in keys {
+                if let Some(q) = self.queues.get(*key) {
+                    if !queues.iter().any(|x| Arc::ptr_eq(x, q)) {
+                        queues.push(q.clone());
+                    }
+                }
             }
             return Routed::Queues(queues);
         }
@@ -111,7 +117,9 @@ impl Routing {
             }
             visited.push(&router.name);
             dests.clear();
-            router.route(routing_key, headers, &mut dests);
+            for key in keys {
+                router.route(key, headers, &mut dests);
+            }
             if dests.is_empty() {
                 // Unroutable here: the exchange's alternate-exchange gets it.
                 if let Some(ae) = router
@@ -1085,7 +1093,7 @@ fn check_arguments(
 }
 
 /// RabbitMQ's names for field table value types.
-fn type_name(v: &AMQPValue) -> &'static str {
+pub(crate) fn type_name(v: &AMQPValue) -> &'static str {
     match v {
         AMQPValue::Boolean(_) => "bool",
         AMQPValue::ShortShortInt(_) => "byte",
@@ -1203,21 +1211,27 @@ impl Vhost {
     }
 
     fn publish_dead_letter(&self, dl: &DeadLetter) {
+        // As rabbit_dead_letter:make_msg: with x-dead-letter-routing-key the dead
+        // letter goes by that key alone (and loses its CC header); without, by every
+        // key the message was published with, CC and BCC ones included.
         let routing_key: Arc<str> = dl
             .routing_key
             .clone()
             .unwrap_or_else(|| dl.msg.routing_key.clone());
+        let mut keys: Vec<&str> = vec![&routing_key];
+        if dl.routing_key.is_none() {
+            keys.extend(dl.msg.extra_keys.iter().map(|k| &**k));
+        }
         let properties = with_x_death(dl);
         let deaths = x_deaths(&properties);
         let msg = Arc::new(
             dl.msg
                 .republish(dl.exchange.clone(), routing_key.clone(), properties),
         );
-        let Routed::Queues(queues) = self.routing().route(
-            &dl.exchange,
-            &routing_key,
-            msg.properties.headers().as_ref(),
-        ) else {
+        let Routed::Queues(queues) =
+            self.routing()
+                .route(&dl.exchange, &keys, msg.properties.headers().as_ref())
+        else {
             return;
         };
         for q in queues {
@@ -1332,8 +1346,14 @@ fn with_x_death(dl: &DeadLetter) -> BasicProperties {
             t.insert(ShortString::from("queue"), text(&dl.queue));
             t.insert(ShortString::from("time"), AMQPValue::Timestamp(now));
             t.insert(ShortString::from("exchange"), text(&dl.msg.exchange));
+            // The publish's key, then the CC keys (BCC ones were never kept).
             let mut keys = FieldArray::default();
             keys.push(text(&dl.msg.routing_key));
+            if let Ok(cc) = crate::message::header_routes(old.headers().as_ref(), &["CC"]) {
+                for k in cc {
+                    keys.push(text(&k));
+                }
+            }
             t.insert(
                 ShortString::from("routing-keys"),
                 AMQPValue::FieldArray(keys),
@@ -1350,6 +1370,9 @@ fn with_x_death(dl: &DeadLetter) -> BasicProperties {
         array.push(d);
     }
     headers.insert(ShortString::from("x-death"), AMQPValue::FieldArray(array));
+    if dl.routing_key.is_some() {
+        headers = crate::channel::without(&headers, "CC");
+    }
     for (key, value) in [
         ("x-first-death-reason", dl.reason),
         ("x-first-death-queue", &*dl.queue),
