@@ -474,7 +474,11 @@ impl Vhost {
     pub fn declare_exchange(&self, d: ExchangeDeclare<'_>) -> AmqpResult<bool> {
         let mut t = self.lock();
         if d.passive {
-            if d.name.is_empty() || t.exchanges.contains_key(d.name) {
+            // RabbitMQ checks the default exchange before looking it up: 403.
+            if d.name.is_empty() {
+                return Err(default_exchange_refused());
+            }
+            if t.exchanges.contains_key(d.name) {
                 return Ok(false);
             }
             return Err(self.not_found_exchange(d.name));

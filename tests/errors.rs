@@ -809,6 +809,36 @@ async fn deleting_default_exchange_is_refused() {
     assert_only_channel_closed(&conn, &ch).await;
 }
 
+/// A passive declare of the default exchange closes the channel with 403, as
+/// RabbitMQ checks the default exchange before it looks the name up.
+#[tokio::test]
+async fn passive_declare_of_default_exchange_is_refused() {
+    let b = common::start().await;
+    let conn = connect(&b).await;
+    let ch = channel(&conn).await;
+
+    let result = within(
+        "exchange.declare passive",
+        ch.exchange_declare(
+            "".into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await;
+
+    assert_closed_with(
+        result,
+        403,
+        "ACCESS_REFUSED - operation not permitted on the default exchange",
+    );
+    assert_only_channel_closed(&conn, &ch).await;
+}
+
 /// An exclusive consume on a queue that already has a consumer closes the channel with 403.
 #[tokio::test]
 async fn exclusive_consume_on_consumed_queue_is_refused() {
