@@ -66,34 +66,7 @@ async fn connections_past_the_broker_limit_are_refused_with_530() {
 async fn connections_past_the_user_limit_are_refused_at_open() {
     let (b, _h) = broker(|l| l.max_connections_per_user = 1).await;
     let _one = connect_url(&url(&b)).await;
-    let mut second = tcp(&b).await;
-    second.write_all(PROTOCOL_HEADER).await.unwrap();
-    expect_method(&mut second, 0, CONNECTION_START).await;
-    let mut args = 0u32.to_be_bytes().to_vec();
-    shortstr(&mut args, "PLAIN");
-    longstr(&mut args, b"\0guest\0guest");
-    shortstr(&mut args, "en_US");
-    second
-        .write_all(&method_frame(0, CONNECTION_START_OK, &args))
-        .await
-        .unwrap();
-    expect_method(&mut second, 0, CONNECTION_TUNE).await;
-    let mut args = Vec::new();
-    args.extend_from_slice(&0u16.to_be_bytes());
-    args.extend_from_slice(&131072u32.to_be_bytes());
-    args.extend_from_slice(&0u16.to_be_bytes());
-    second
-        .write_all(&method_frame(0, CONNECTION_TUNE_OK, &args))
-        .await
-        .unwrap();
-    let mut args = Vec::new();
-    shortstr(&mut args, "/");
-    shortstr(&mut args, "");
-    args.push(0);
-    second
-        .write_all(&method_frame(0, CONNECTION_OPEN, &args))
-        .await
-        .unwrap();
+    let (mut second, _) = log_in(&b, &0u32.to_be_bytes()).await;
     assert_eq!(
         close_reason(&mut second).await,
         (
@@ -360,9 +333,6 @@ async fn blocked_publisher_that_hangs_up_is_torn_down() {
 
 /// A raw connection whose client properties ask for connection.blocked.
 async fn blockable(b: &common::TestBroker) -> Raw {
-    let mut stream = tcp(b).await;
-    stream.write_all(PROTOCOL_HEADER).await.unwrap();
-    expect_method(&mut stream, 0, CONNECTION_START).await;
     // {"capabilities": {"connection.blocked": true}}
     let mut caps = Vec::new();
     shortstr(&mut caps, "connection.blocked");
@@ -372,37 +342,9 @@ async fn blockable(b: &common::TestBroker) -> Raw {
     props.push(b'F');
     props.extend_from_slice(&(caps.len() as u32).to_be_bytes());
     props.extend_from_slice(&caps);
-    let mut args = (props.len() as u32).to_be_bytes().to_vec();
-    args.extend_from_slice(&props);
-    shortstr(&mut args, "PLAIN");
-    longstr(&mut args, b"\0guest\0guest");
-    shortstr(&mut args, "en_US");
-    stream
-        .write_all(&method_frame(0, CONNECTION_START_OK, &args))
-        .await
-        .unwrap();
-    expect_method(&mut stream, 0, CONNECTION_TUNE).await;
-    let mut args = Vec::new();
-    args.extend_from_slice(&0u16.to_be_bytes());
-    args.extend_from_slice(&131072u32.to_be_bytes());
-    args.extend_from_slice(&0u16.to_be_bytes());
-    stream
-        .write_all(&method_frame(0, CONNECTION_TUNE_OK, &args))
-        .await
-        .unwrap();
-    let mut args = Vec::new();
-    shortstr(&mut args, "/");
-    shortstr(&mut args, "");
-    args.push(0);
-    stream
-        .write_all(&method_frame(0, CONNECTION_OPEN, &args))
-        .await
-        .unwrap();
-    expect_method(&mut stream, 0, CONNECTION_OPEN_OK).await;
-    let mut raw = Raw {
-        stream,
-        frame_max: 131072,
-    };
+    let mut table = (props.len() as u32).to_be_bytes().to_vec();
+    table.extend_from_slice(&props);
+    let mut raw = handshake_with(b, &table).await;
     raw.open_channel(1).await;
     raw
 }

@@ -274,12 +274,24 @@ pub async fn tcp(b: &TestBroker) -> TcpStream {
 
 /// Protocol header, start-ok (PLAIN guest/guest), tune-ok, open vhost `/`.
 pub async fn handshake(b: &TestBroker) -> Raw {
+    handshake_with(b, &0u32.to_be_bytes()).await
+}
+
+/// `handshake` with these client properties (an encoded field table).
+pub async fn handshake_with(b: &TestBroker, client_properties: &[u8]) -> Raw {
+    let (mut stream, frame_max) = log_in(b, client_properties).await;
+    expect_method(&mut stream, 0, CONNECTION_OPEN_OK).await;
+    Raw { stream, frame_max }
+}
+
+/// Everything a handshake sends, up to and including connection.open of `/`, but
+/// not the broker's answer to it; returns the socket and the frame_max agreed.
+pub async fn log_in(b: &TestBroker, client_properties: &[u8]) -> (TcpStream, u32) {
     let mut stream = tcp(b).await;
     stream.write_all(PROTOCOL_HEADER).await.unwrap();
     expect_method(&mut stream, 0, CONNECTION_START).await;
 
-    let mut args = Vec::new();
-    empty_table(&mut args); // client-properties
+    let mut args = client_properties.to_vec();
     shortstr(&mut args, "PLAIN");
     longstr(&mut args, b"\0guest\0guest");
     shortstr(&mut args, "en_US");
@@ -309,8 +321,7 @@ pub async fn handshake(b: &TestBroker) -> Raw {
         .write_all(&method_frame(0, CONNECTION_OPEN, &args))
         .await
         .unwrap();
-    expect_method(&mut stream, 0, CONNECTION_OPEN_OK).await;
-    Raw { stream, frame_max }
+    (stream, frame_max)
 }
 
 impl Raw {
