@@ -8,21 +8,9 @@ mod support;
 use std::time::Duration;
 
 use lapin::options::*;
-use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::BasicProperties;
 use support::*;
-
-fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in entries {
-        t.insert(ShortString::from(*k), v.clone());
-    }
-    t
-}
-
-fn s(v: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(v))
-}
 
 async fn declare(ch: &lapin::Channel, name: &str, args: FieldTable) {
     ok(

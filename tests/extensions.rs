@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use lapin::{
     message::{Delivery, DeliveryResult},
     options::*,
-    types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString},
+    types::{AMQPValue, FieldArray, FieldTable},
     BasicProperties, Channel, Confirmation, Connection, ExchangeKind,
 };
 use support::*;
@@ -26,19 +26,6 @@ use tokio::sync::mpsc;
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in entries {
-        t.insert(ShortString::from(*k), v.clone());
-    }
-    t
-}
-
-/// A long string argument value (what clients send for text arguments).
-fn s(v: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(v))
-}
 
 /// A 32-bit integer argument value (what most clients send for numbers).
 fn int(v: i32) -> AMQPValue {

@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use lapin::options::*;
-use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldArray, LongString, ShortString};
 use lapin::{BasicProperties, ExchangeKind};
 use support::*;
 
@@ -19,18 +19,6 @@ fn keys(v: &[&str]) -> AMQPValue {
         a.push(AMQPValue::LongString(LongString::from(*k)));
     }
     AMQPValue::FieldArray(a)
-}
-
-fn headers(entries: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in entries {
-        t.insert(ShortString::from(*k), v.clone());
-    }
-    t
-}
-
-fn s(v: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(v))
 }
 
 async fn get_soon(ch: &lapin::Channel, q: &str) -> lapin::message::BasicGetMessage {
@@ -56,7 +44,7 @@ async fn cc_and_bcc_add_routing_keys_and_bcc_never_reaches_consumers() {
     bind(&ch, &qa, &x, "a").await;
     bind(&ch, &qb, &x, "b").await;
     bind(&ch, &qc, &x, "c").await;
-    let props = BasicProperties::default().with_headers(headers(&[
+    let props = BasicProperties::default().with_headers(table(&[
         ("CC", keys(&["b"])),
         ("BCC", keys(&["c"])),
         ("kept", s("yes")),
@@ -78,7 +66,7 @@ async fn cc_of_the_wrong_type_is_refused_as_rabbitmq_refuses_it() {
     let (_c, ch) = open(&b).await;
     let q = temp_queue(&ch, "badcc").await;
     confirm_mode(&ch).await;
-    let props = BasicProperties::default().with_headers(headers(&[("CC", s("b"))]));
+    let props = BasicProperties::default().with_headers(table(&[("CC", s("b"))]));
     let published = ch
         .basic_publish(
             "".into(),
@@ -121,7 +109,7 @@ async fn dead_letters_go_by_every_key_or_by_the_dead_letter_key_alone() {
     bind(&ch, &q_c, &dlx, "c").await;
     for (dl_key, want) in [(None, vec![&q_d, &q_b, &q_c]), (Some("b"), vec![&q_b])] {
         let dying = common::unique("dying");
-        let mut args = headers(&[
+        let mut args = table(&[
             ("x-message-ttl", AMQPValue::LongInt(0)),
             ("x-dead-letter-exchange", s(&dlx)),
         ]);
@@ -142,7 +130,7 @@ async fn dead_letters_go_by_every_key_or_by_the_dead_letter_key_alone() {
         .await;
         bind(&ch, &dying, &src, "d").await;
         let props = BasicProperties::default()
-            .with_headers(headers(&[("CC", keys(&["b"])), ("BCC", keys(&["c"]))]));
+            .with_headers(table(&[("CC", keys(&["b"])), ("BCC", keys(&["c"]))]));
         publish_props(&ch, &src, "d", b"short-lived", props).await;
         for q in &want {
             let m = get_soon(&ch, q).await;

@@ -304,6 +304,20 @@ pub async fn consume_opts(
     Sub { consumer, rx }
 }
 
+/// A field table from (key, value) pairs: arguments and headers.
+pub fn table(entries: &[(&str, lapin::types::AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert(lapin::types::ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+/// A long string value (what clients send for text arguments and headers).
+pub fn s(v: &str) -> lapin::types::AMQPValue {
+    lapin::types::AMQPValue::LongString(lapin::types::LongString::from(v))
+}
+
 pub fn text(d: &Delivery) -> String {
     String::from_utf8(d.data.clone()).expect("utf8 body")
 }
