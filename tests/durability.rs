@@ -5,13 +5,14 @@
 //!   WARRENMQ_CRASH_ROUNDS=50 cargo test --release --test durability -- --nocapture
 
 mod common;
+mod process;
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use lapin::options::*;
@@ -27,45 +28,16 @@ struct Broker {
 
 impl Broker {
     fn start(dir: &Path) -> Broker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_warrenmq"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--log-level",
-                "info",
-                "--data-dir",
-            ])
-            .arg(dir)
-            .env("RUST_LOG_STYLE", "never")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn warrenmq");
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Keep reading the log so the broker never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in out.lines().map_while(Result::ok) {
-                if !sent {
-                    if let Some(rest) = line.split("listening for AMQP 0-9-1 on ").nth(1) {
-                        let addr: String = rest.chars().filter(|c| !c.is_control()).collect();
-                        let addr = addr.trim_end_matches("[0m").trim().to_string();
-                        let _ = tx.send(addr);
-                        sent = true;
-                    }
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the broker logs where it listens");
-        let addr = addr
-            .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
-            .find(|s| s.contains(':'))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("cannot read the address from {addr:?}"));
+        let mut cmd = process::warrenmq();
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "info",
+            "--data-dir",
+        ])
+        .arg(dir);
+        let (child, addr) = process::spawn(cmd);
         Broker { child, addr }
     }
 

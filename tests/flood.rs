@@ -12,12 +12,13 @@
 //! - a basic.get / basic.recover loop that never reads its get-ok frames.
 
 mod common;
+mod process;
 mod raw;
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,29 +59,11 @@ fn start_broker(dir: &std::path::Path) -> Broker {
         64 * MIB
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_warrenmq"))
-        .arg("--config")
+    let mut cmd = process::warrenmq();
+    cmd.arg("--config")
         .arg(&config)
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "warn,warrenmq::broker=info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn warrenmq");
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in out.lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening for AMQP 0-9-1 on ").nth(1) {
-                let _ = tx.send(rest.trim().to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the broker logs where it listens")
-        .parse()
-        .expect("an address");
+        .env("RUST_LOG", "warn,warrenmq::broker=info");
+    let (child, addr) = process::spawn(cmd);
     Broker { child, addr }
 }
 

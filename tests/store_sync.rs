@@ -9,14 +9,15 @@
 //! them the test prints why and passes without checking anything.
 
 mod common;
+mod process;
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -32,53 +33,28 @@ struct Traced {
 
 impl Traced {
     fn start(dir: &Path, trace: &Path) -> Traced {
-        let mut strace = Command::new("strace")
-            .args([
-                "-f",
-                "-ttt",
-                "-y",
-                "-e",
-                "trace=openat,fsync,fdatasync",
-                "-o",
-            ])
-            .arg(trace)
-            .arg(env!("CARGO_BIN_EXE_warrenmq"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--log-level",
-                "info",
-                "--data-dir",
-            ])
-            .arg(dir)
-            .env("RUST_LOG_STYLE", "never")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn strace");
-        let out = BufReader::new(strace.stdout.take().expect("piped stdout"));
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Keep reading the log so the broker never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in out.lines().map_while(Result::ok) {
-                if !sent {
-                    if let Some(rest) = line.split("listening for AMQP 0-9-1 on ").nth(1) {
-                        let _ = tx.send(rest.to_string());
-                        sent = true;
-                    }
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the broker logs where it listens");
-        let addr = addr
-            .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
-            .find(|s| s.contains(':'))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("cannot read the address from {addr:?}"));
+        let mut cmd = Command::new("strace");
+        cmd.args([
+            "-f",
+            "-ttt",
+            "-y",
+            "-e",
+            "trace=openat,fsync,fdatasync",
+            "-o",
+        ])
+        .arg(trace)
+        .arg(env!("CARGO_BIN_EXE_warrenmq"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "info",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .env("RUST_LOG_STYLE", "never")
+        .env("NO_COLOR", "1");
+        let (strace, addr) = process::spawn(cmd);
         Traced {
             strace,
             addr,
