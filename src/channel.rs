@@ -673,12 +673,16 @@ impl Channel {
         } else {
             (header, properties)
         };
+        // What RabbitMQ's make_message refuses: "invalid message: <reason>".
+        let invalid = |why: String| {
+            AmqpError::precondition_failed(format!("invalid message: {why}")).with_method(60, 40)
+        };
+        if let Some(mode) = properties.delivery_mode().filter(|m| !matches!(m, 1 | 2)) {
+            return Err(invalid(format!("{{delivery_mode_unknown,{mode}}}")));
+        }
         let extra_keys =
             crate::message::header_routes(properties.headers().as_ref(), &ROUTING_HEADERS)
-                .map_err(|why| {
-                    AmqpError::precondition_failed(format!("invalid message: {why}"))
-                        .with_method(60, 40)
-                })?;
+                .map_err(invalid)?;
         // BCC only routes: RabbitMQ strips it before the message is kept or delivered.
         let stripped = properties
             .headers()

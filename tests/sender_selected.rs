@@ -2,6 +2,7 @@
 //! (arrays of strings) are extra routing keys; `BCC` is removed before the message
 //! is kept or delivered, so no consumer learns of the other recipients; dead
 //! letters go by every key, or by x-dead-letter-routing-key alone (without CC).
+//! The other checks of RabbitMQ's make_message (delivery mode) are here too.
 
 mod common;
 mod support;
@@ -162,5 +163,44 @@ async fn dead_letters_go_by_every_key_or_by_the_dead_letter_key_alone() {
             ch.queue_delete(dying.as_str().into(), QueueDeleteOptions::default()),
         )
         .await;
+    }
+}
+
+/// delivery_mode must be 1 or 2 (or absent), as rabbit_basic:is_message_persistent says.
+#[tokio::test]
+async fn delivery_mode_other_than_1_or_2_is_refused() {
+    let b = common::start().await;
+    let conn = connect(&b).await;
+    for mode in [0u8, 3] {
+        let ch = channel(&conn).await;
+        let q = temp_queue(&ch, "mode").await;
+        confirm_mode(&ch).await;
+        let published = ch
+            .basic_publish(
+                "".into(),
+                q.as_str().into(),
+                BasicPublishOptions::default(),
+                b"x",
+                BasicProperties::default().with_delivery_mode(mode),
+            )
+            .await;
+        let err = match published {
+            Err(e) => e,
+            Ok(confirm) => tokio::time::timeout(WAIT, confirm)
+                .await
+                .expect("an answer")
+                .expect_err("a channel error"),
+        };
+        let lapin::ErrorKind::ProtocolError(p) = err.kind() else {
+            panic!("{err:?}");
+        };
+        assert_eq!(
+            (p.get_id(), p.get_message().as_str()),
+            (
+                406,
+                format!("PRECONDITION_FAILED - invalid message: {{delivery_mode_unknown,{mode}}}")
+                    .as_str()
+            )
+        );
     }
 }
