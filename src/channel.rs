@@ -44,7 +44,6 @@ pub struct ChannelShared {
     pub generation: u64,
     pub conn: Arc<ConnShared>,
     open: AtomicBool,
-    flow: AtomicBool,
     /// A persisted message was acked, nacked or rejected: its deletion should be
     /// synced soon rather than left to sled's periodic flush.
     settled_persistent: AtomicBool,
@@ -57,9 +56,7 @@ impl ChannelShared {
     }
 
     pub fn can_deliver(&self) -> bool {
-        self.open.load(Ordering::Acquire)
-            && self.flow.load(Ordering::Acquire)
-            && self.conn.outbox.has_room()
+        self.open.load(Ordering::Acquire) && self.conn.outbox.has_room()
     }
 
     /// Called by a queue, under its lock: assigns the delivery tag and writes basic.deliver.
@@ -408,7 +405,6 @@ impl Channel {
                 generation,
                 conn,
                 open: AtomicBool::new(true),
-                flow: AtomicBool::new(true),
                 settled_persistent: AtomicBool::new(false),
                 state: Mutex::new(DeliveryState::default()),
             }),
@@ -873,14 +869,14 @@ impl Channel {
                     "second 'channel.open' seen".into(),
                 ))
             }
+            // RabbitMQ 3.x does not implement channel.flow active=false (540).
             C::Channel(channel::AMQPMethod::Flow(f)) => {
-                self.shared.flow.store(f.active, Ordering::Release);
-                self.reply(C::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
-                    active: f.active,
-                })));
-                if f.active {
-                    self.kick_consumers();
+                if !f.active {
+                    return Err(AmqpError::not_implemented("active=false".into()));
                 }
+                self.reply(C::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
+                    active: true,
+                })));
             }
             C::Channel(channel::AMQPMethod::FlowOk(_)) => {}
             C::Access(amq_protocol::protocol::access::AMQPMethod::Request(_)) => {

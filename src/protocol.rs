@@ -124,7 +124,10 @@ pub fn read_frame_with(
             // amq-protocol decodes tables recursively: bound them before it sees them.
             check_method_tables(&payload, tables)?;
             match parse_class(&payload[..]) {
-                Ok(([], class)) => Ok(Some(Frame::Method(channel, Box::new(class)))),
+                Ok(([], class)) => {
+                    check_prefetch_size(&payload)?;
+                    Ok(Some(Frame::Method(channel, Box::new(class))))
+                }
                 _ => Err(method_parse_error(&payload)),
             }
         }
@@ -362,6 +365,19 @@ pub fn check_content_header(payload: &[u8], limits: &TableLimits) -> Result<usiz
         Err(TableError::Malformed) => Err(malformed()),
         Err(e) => Err(e.into_amqp("message headers")),
     }
+}
+
+/// basic.qos with a prefetch size: RabbitMQ does not implement it (540), and
+/// amq-protocol drops the field, so it is read here from the raw arguments.
+fn check_prefetch_size(payload: &[u8]) -> Result<(), AmqpError> {
+    if payload.get(..4) != Some(&[0, 60, 0, 10]) {
+        return Ok(());
+    }
+    let size = be_u32(payload, 4).unwrap_or(0);
+    if size == 0 {
+        return Ok(());
+    }
+    Err(AmqpError::not_implemented(format!("prefetch_size!=0 ({size})")).with_method(60, 10))
 }
 
 /// Limits for what the broker itself stored: as deep as any configuration allows.

@@ -430,3 +430,46 @@ async fn connection_method_on_nonzero_channel_is_command_invalid() {
     );
     assert_broker_still_serves(&b).await;
 }
+
+/// RabbitMQ does not implement a prefetch size: basic.qos with one closes the
+/// connection with 540 (clients' "not implemented" tests expect exactly this).
+#[tokio::test]
+async fn qos_prefetch_size_is_not_implemented() {
+    let b = common::start().await;
+    let mut raw = handshake(&b).await;
+    raw.open_channel(1).await;
+    let mut args = Vec::new();
+    args.extend_from_slice(&1u32.to_be_bytes()); // prefetch-size
+    args.extend_from_slice(&0u16.to_be_bytes()); // prefetch-count
+    args.push(0); // global
+    raw.send(&method_frame(1, (60, 10), &args)).await;
+    let close = raw.expect_connection_close().await;
+    assert_eq!(
+        (
+            close.code,
+            close.text.as_str(),
+            close.class_id,
+            close.method_id
+        ),
+        (540, "NOT_IMPLEMENTED - prefetch_size!=0 (1)", 60, 10)
+    );
+}
+
+/// channel.flow active=false is not implemented by RabbitMQ 3.x: 540.
+#[tokio::test]
+async fn channel_flow_off_is_not_implemented() {
+    let b = common::start().await;
+    let mut raw = handshake(&b).await;
+    raw.open_channel(1).await;
+    raw.send(&method_frame(1, (20, 20), &[0])).await;
+    let close = raw.expect_connection_close().await;
+    assert_eq!(
+        (
+            close.code,
+            close.text.as_str(),
+            close.class_id,
+            close.method_id
+        ),
+        (540, "NOT_IMPLEMENTED - active=false", 20, 20)
+    );
+}
