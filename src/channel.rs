@@ -556,7 +556,6 @@ impl Channel {
 
     pub fn handle_header(
         &mut self,
-        (class_id, weight): (u16, u16),
         raw: Bytes,
         body_size: u64,
         properties: BasicProperties,
@@ -568,7 +567,8 @@ impl Channel {
         };
         // RabbitMQ's command assembler: a header for another class, or with a
         // weight, is not the header basic.publish waits for.
-        if weight != 0 {
+        let class_id = raw.get(..2).map_or(0, |c| u16::from_be_bytes([c[0], c[1]]));
+        if raw.get(2..4) != Some(&[0, 0][..]) {
             return Err(AmqpError::unexpected_frame(
                 "expected content header for class 60, got non content header frame instead".into(),
             )
@@ -732,13 +732,13 @@ impl Channel {
         if exchange.is_empty() {
             return Ok(());
         }
-        match self.routing().route(exchange, &[""], None) {
-            Routed::NoExchange => Err(self.vhost.not_found_exchange(exchange)),
-            Routed::Internal => Err(AmqpError::access_refused(format!(
+        match self.routing().internal(exchange) {
+            None => Err(self.vhost.not_found_exchange(exchange)),
+            Some(true) => Err(AmqpError::access_refused(format!(
                 "cannot publish to internal {}",
                 crate::error::exchange_name(exchange, &self.vhost.name)
             ))),
-            Routed::Queues(_) => Ok(()),
+            Some(false) => Ok(()),
         }
     }
 

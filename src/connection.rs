@@ -47,6 +47,13 @@ async fn hung_up(reader: &OwnedReadHalf) {
     }
 }
 
+/// What a connection ends with when the broker shuts down (RabbitMQ's 320).
+fn shutting_down() -> End {
+    End::Error(AmqpError::connection_forced(
+        "broker forced connection closure with reason 'shutdown'".into(),
+    ))
+}
+
 /// A reply held back until the store has synced: channel, method, cancellations.
 type Deferred = (u16, AMQPClass, Option<crate::vhost::Cancellations>);
 
@@ -530,11 +537,7 @@ impl Connection {
                 partial_since = partial_since.map(|_| last_read);
             }
             tokio::select! {
-                _ = self.shutdown.changed() => {
-                    return End::Error(AmqpError::connection_forced(
-                        "broker forced connection closure with reason 'shutdown'".into(),
-                    ));
-                }
+                _ = self.shutdown.changed() => return shutting_down(),
                 Some(ev) = self.events.recv() => self.on_event(ev),
                 _ = self.shared.outbox.drained.notified() => {
                     if self.shared.outbox.is_closed() {
@@ -593,11 +596,7 @@ impl Connection {
                 last_beat = Instant::now();
             }
             tokio::select! {
-                _ = self.shutdown.changed() => {
-                    return Some(End::Error(AmqpError::connection_forced(
-                        "broker forced connection closure with reason 'shutdown'".into(),
-                    )));
-                }
+                _ = self.shutdown.changed() => return Some(shutting_down()),
                 Some(ev) = self.events.recv() => self.on_event(ev),
                 _ = self.shared.outbox.drained.notified() => {
                     for ch in self.channels.values() {
@@ -626,11 +625,7 @@ impl Connection {
         let mut progress = Instant::now();
         while self.shared.outbox.over_hard_limit() {
             tokio::select! {
-                _ = self.shutdown.changed() => {
-                    return Some(End::Error(AmqpError::connection_forced(
-                        "broker forced connection closure with reason 'shutdown'".into(),
-                    )));
-                }
+                _ = self.shutdown.changed() => return Some(shutting_down()),
                 Some(ev) = self.events.recv() => self.on_event(ev),
                 _ = self.shared.outbox.drained.notified() => {
                     if self.shared.outbox.is_closed() {
@@ -766,14 +761,12 @@ impl Connection {
                 ch.handle(*class)
             }
             Frame::Header {
-                class_id,
-                weight,
                 raw,
                 body_size,
                 properties,
                 ..
             } => ch
-                .handle_header((class_id, weight), raw, body_size, *properties)
+                .handle_header(raw, body_size, *properties)
                 .map(|_| After::Nothing),
             Frame::Body(_, body) => ch.handle_body(body).map(|_| After::Nothing),
             Frame::Heartbeat(_) => Ok(After::Nothing),

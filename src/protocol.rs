@@ -35,9 +35,6 @@ pub enum Frame {
     /// A content header: its raw payload (forwarded to consumers as is) and its decoded form.
     Header {
         channel: u16,
-        /// Must be 60 (basic) and 0; the channel checks them, as RabbitMQ does.
-        class_id: u16,
-        weight: u16,
         raw: Bytes,
         body_size: u64,
         properties: Box<BasicProperties>,
@@ -136,10 +133,6 @@ pub fn read_frame_with(
             match parse_content_header(&payload[..]) {
                 Ok(([], header)) => Ok(Some(Frame::Header {
                     channel,
-                    class_id: header.class_id,
-                    weight: payload
-                        .get(2..4)
-                        .map_or(0, |w| u16::from_be_bytes([w[0], w[1]])),
                     // Copied for the same reason as small bodies: it lives as long as the message.
                     raw: Bytes::copy_from_slice(&payload),
                     body_size: header.body_size,

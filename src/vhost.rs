@@ -88,6 +88,11 @@ pub enum Routed {
 }
 
 impl Routing {
+    /// Whether an exchange is internal; None when there is no such exchange.
+    pub fn internal(&self, exchange: &str) -> Option<bool> {
+        self.exchanges.get(exchange).map(|r| r.internal)
+    }
+
     /// Where a message published to `exchange` with these routing keys goes: the
     /// publish's own key, then any CC and BCC keys (sender-selected distribution).
     pub fn route(&self, exchange: &str, keys: &[&str], headers: Option<&FieldTable>) -> Routed {

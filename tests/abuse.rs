@@ -55,22 +55,7 @@ async fn expiration_beyond_ten_years_is_refused_as_rabbitmq_does() {
         let q = temp_queue(&ch, "exp").await;
         confirm_mode(&ch).await;
         let props = BasicProperties::default().with_expiration(value.into());
-        let published = ch
-            .basic_publish(
-                "".into(),
-                q.as_str().into(),
-                BasicPublishOptions::default(),
-                b"x",
-                props,
-            )
-            .await;
-        let (code, text) = match published {
-            Err(e) => reply(&e),
-            Ok(confirm) => match tokio::time::timeout(WAIT, confirm).await {
-                Ok(Err(e)) => reply(&e),
-                other => panic!("expiration {value}: expected a channel error, got {other:?}"),
-            },
-        };
+        let (code, text) = publish_refused(&ch, &q, props).await;
         assert_eq!(code, 406, "{value}: {text}");
         assert_eq!(
             text,
@@ -90,15 +75,6 @@ async fn expiration_beyond_ten_years_is_refused_as_rabbitmq_does() {
     .await;
     publish(&ch, "", &q, b"after").await;
     assert_eq!(drain(&ch, &q).await, strs(&["far", "after"]));
-}
-
-fn reply(e: &lapin::Error) -> (u16, String) {
-    match e.kind() {
-        lapin::ErrorKind::ProtocolError(err) => {
-            (err.get_id(), err.get_message().as_str().to_string())
-        }
-        other => panic!("expected an AMQP error, got {other:?}"),
-    }
 }
 
 /// x-message-ttl and x-expires typed as timestamps near 2^64 used to overflow.

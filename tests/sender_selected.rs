@@ -68,29 +68,13 @@ async fn cc_of_the_wrong_type_is_refused_as_rabbitmq_refuses_it() {
     let q = temp_queue(&ch, "badcc").await;
     confirm_mode(&ch).await;
     let props = BasicProperties::default().with_headers(table(&[("CC", s("b"))]));
-    let published = ch
-        .basic_publish(
-            "".into(),
-            q.as_str().into(),
-            BasicPublishOptions::default(),
-            b"x",
-            props,
-        )
-        .await;
-    let err = match published {
-        Err(e) => e,
-        Ok(confirm) => tokio::time::timeout(WAIT, confirm)
-            .await
-            .expect("an answer")
-            .expect_err("a channel error"),
-    };
-    let lapin::ErrorKind::ProtocolError(p) = err.kind() else {
-        panic!("{err:?}");
-    };
-    assert_eq!(p.get_id(), 406);
     assert_eq!(
-        p.get_message().as_str(),
-        "PRECONDITION_FAILED - invalid message: {unacceptable_type_in_header,\"CC\",longstr}"
+        publish_refused(&ch, &q, props).await,
+        (
+            406,
+            "PRECONDITION_FAILED - invalid message: {unacceptable_type_in_header,\"CC\",longstr}"
+                .to_string()
+        )
     );
 }
 
@@ -175,31 +159,12 @@ async fn delivery_mode_other_than_1_or_2_is_refused() {
         let ch = channel(&conn).await;
         let q = temp_queue(&ch, "mode").await;
         confirm_mode(&ch).await;
-        let published = ch
-            .basic_publish(
-                "".into(),
-                q.as_str().into(),
-                BasicPublishOptions::default(),
-                b"x",
-                BasicProperties::default().with_delivery_mode(mode),
-            )
-            .await;
-        let err = match published {
-            Err(e) => e,
-            Ok(confirm) => tokio::time::timeout(WAIT, confirm)
-                .await
-                .expect("an answer")
-                .expect_err("a channel error"),
-        };
-        let lapin::ErrorKind::ProtocolError(p) = err.kind() else {
-            panic!("{err:?}");
-        };
+        let props = BasicProperties::default().with_delivery_mode(mode);
         assert_eq!(
-            (p.get_id(), p.get_message().as_str()),
+            publish_refused(&ch, &q, props).await,
             (
                 406,
                 format!("PRECONDITION_FAILED - invalid message: {{delivery_mode_unknown,{mode}}}")
-                    .as_str()
             )
         );
     }

@@ -78,6 +78,32 @@ where
     }
 }
 
+/// A publish (on a confirm-mode channel) that the broker must refuse by closing
+/// the channel; returns (reply code, reply text). The refusal may surface from the
+/// publish itself or from its confirm, depending on timing.
+pub async fn publish_refused(ch: &Channel, queue: &str, props: BasicProperties) -> (u16, String) {
+    let published = ch
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            b"x",
+            props,
+        )
+        .await;
+    let err = match published {
+        Err(e) => e,
+        Ok(confirm) => match tokio::time::timeout(WAIT, confirm).await {
+            Ok(Err(e)) => e,
+            other => panic!("expected a channel error, got {other:?}"),
+        },
+    };
+    match err.kind() {
+        lapin::ErrorKind::ProtocolError(p) => (p.get_id(), p.get_message().as_str().to_string()),
+        other => panic!("expected an AMQP error, got {other:?}"),
+    }
+}
+
 /// A transient (non-durable) queue with a unique name, exclusive to this
 /// connection so it disappears with the test's connection.
 pub async fn temp_queue(ch: &Channel, prefix: &str) -> String {
