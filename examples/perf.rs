@@ -646,7 +646,7 @@ async fn publish(
         } else {
             basic::AMQPProperties::default()
         };
-        warrenmq::message::encode_header(o.size as u64, &props)
+        warrenmq::model::message::encode_header(o.size as u64, &props)
     };
     let publish = {
         let mut b = BytesMut::new();

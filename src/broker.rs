@@ -16,9 +16,9 @@ use tracing::{error, info};
 use crate::auth::LoginThrottle;
 use crate::config::Config;
 use crate::connection;
-use crate::message::MemoryGauge;
+use crate::model::message::MemoryGauge;
+use crate::model::vhost::Vhost;
 use crate::store::{Store, StoreError};
-use crate::vhost::Vhost;
 use std::time::Instant;
 use tracing::warn;
 
@@ -160,7 +160,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
             gauge.clone(),
             config.limits.queue_memory_budget as usize,
         ));
-        vhost.set_limits(crate::vhost::VhostLimits {
+        vhost.set_limits(crate::model::vhost::VhostLimits {
             queues: config.limits.max_queues_per_vhost as usize,
             exchanges: config.limits.max_exchanges_per_vhost as usize,
             bindings: config.limits.max_bindings_per_exchange as usize,

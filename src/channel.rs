@@ -14,13 +14,18 @@ use bytes::{Bytes, BytesMut};
 
 use crate::connection::{ConnEvent, ConnShared, Synced};
 use crate::error::{queue_name, AmqpError, AmqpResult};
-use crate::exchange::Destination;
-use crate::message::{valid_expiration, MemoryGauge, Message, Reservation, ROUTING_HEADERS};
-use crate::protocol::{short, write_get_ok, write_method, write_return};
-use crate::queue::{ConsumeRefused, Consumer, Enqueued, Queue, QueuedMessage};
-use crate::vhost::{
-    Cancellations, ExchangeDeclare, QueueDeclare, Routed, Routing, Vhost, REPLY_TO,
+use crate::model::change::{
+    Actor, BindingSpec, Cancellations, Change, ExchangeSpec, Outcome, QueueSpec,
 };
+use crate::model::exchange::Destination;
+use crate::model::message::{
+    valid_expiration, without, MemoryGauge, Message, Reservation, ROUTING_HEADERS,
+};
+use crate::model::queue::{ConsumeRefused, Consumer, Deliver, Enqueued, Queue, QueuedMessage};
+use crate::model::topology::Routed;
+use crate::model::values::int_value;
+use crate::model::vhost::{Vhost, REPLY_TO};
+use crate::protocol::{short, write_get_ok, write_method, write_return};
 
 /// A delivery awaiting ack.
 struct Unacked {
@@ -54,13 +59,15 @@ impl ChannelShared {
     fn lock(&self) -> MutexGuard<'_, DeliveryState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    pub fn can_deliver(&self) -> bool {
+impl Deliver for ChannelShared {
+    fn can_deliver(&self) -> bool {
         self.open.load(Ordering::Acquire) && self.conn.outbox.has_room()
     }
 
     /// Called by a queue, under its lock: assigns the delivery tag and writes basic.deliver.
-    pub fn deliver(
+    fn deliver(
         &self,
         queue: &Arc<Queue>,
         consumer: &Arc<Consumer>,
@@ -103,6 +110,28 @@ impl ChannelShared {
         Ok(())
     }
 
+    /// The queue of one of this channel's consumers was deleted.
+    fn cancelled(&self, tag: &Arc<str>) {
+        if !self.open.load(Ordering::Acquire) {
+            return;
+        }
+        if self.conn.consumer_cancel_notify() {
+            self.send(&AMQPClass::Basic(basic::AMQPMethod::Cancel(
+                basic::Cancel {
+                    consumer_tag: short(&**tag),
+                    nowait: true,
+                },
+            )));
+        }
+        self.conn.event(ConnEvent::ConsumerGone {
+            channel: self.id,
+            generation: self.generation,
+            tag: tag.clone(),
+        });
+    }
+}
+
+impl ChannelShared {
     fn get_ok(&self, queue: &Arc<Queue>, m: QueuedMessage, remaining: u32, no_ack: bool) {
         let mut st = self.lock();
         st.next_tag += 1;
@@ -133,26 +162,6 @@ impl ChannelShared {
         } else {
             queue.forget(&m);
         }
-    }
-
-    /// The queue of one of this channel's consumers was deleted.
-    pub fn consumer_cancelled(&self, tag: &Arc<str>) {
-        if !self.open.load(Ordering::Acquire) {
-            return;
-        }
-        if self.conn.consumer_cancel_notify() {
-            self.send(&AMQPClass::Basic(basic::AMQPMethod::Cancel(
-                basic::Cancel {
-                    consumer_tag: short(&**tag),
-                    nowait: true,
-                },
-            )));
-        }
-        self.conn.event(ConnEvent::ConsumerGone {
-            channel: self.id,
-            generation: self.generation,
-            tag: tag.clone(),
-        });
     }
 
     pub fn send(&self, class: &AMQPClass) {
@@ -356,8 +365,7 @@ pub struct Channel {
     pub shared: Arc<ChannelShared>,
     vhost: Arc<Vhost>,
     gauge: Arc<MemoryGauge>,
-    routing: Option<Arc<Routing>>,
-    consumers: HashMap<Arc<str>, Arc<Queue>>,
+    consumers: HashMap<Arc<str>, (Arc<Queue>, Arc<Consumer>)>,
     incoming: Option<Incoming>,
     confirm: bool,
     publish_seq: u64,
@@ -410,7 +418,6 @@ impl Channel {
             }),
             vhost,
             gauge,
-            routing: None,
             consumers: HashMap::new(),
             incoming: None,
             confirm: false,
@@ -429,8 +436,9 @@ impl Channel {
         }
     }
 
-    fn conn_id(&self) -> u64 {
-        self.shared.conn.id
+    /// Who this channel's topology changes and queue access count as.
+    fn actor(&self) -> Actor {
+        Actor::Connection(self.shared.conn.id)
     }
 
     fn reply(&self, class: AMQPClass) {
@@ -440,8 +448,8 @@ impl Channel {
     /// Releases what the channel holds: consumers are cancelled, unacked messages requeued.
     pub fn release(&mut self) {
         self.shared.open.store(false, Ordering::Release);
-        for (tag, q) in std::mem::take(&mut self.consumers) {
-            self.drop_consumer(&tag, &q);
+        for (q, c) in std::mem::take(&mut self.consumers).into_values() {
+            self.drop_consumer(&q, &c);
         }
         requeue(self.shared.take_all());
         self.incoming = None;
@@ -458,8 +466,8 @@ impl Channel {
 
     /// Detaches a consumer from its queue; an auto-delete queue may go with it,
     /// and a direct reply-to pseudo-queue always does.
-    fn drop_consumer(&mut self, tag: &str, q: &Arc<Queue>) {
-        if q.remove_consumer(&self.shared, tag) {
+    fn drop_consumer(&mut self, q: &Arc<Queue>, c: &Arc<Consumer>) {
+        if q.remove_consumer(c) {
             self.vhost.delete_queue_instance(q);
         }
         if self.reply_queue.as_ref().is_some_and(|r| Arc::ptr_eq(r, q)) {
@@ -590,7 +598,7 @@ impl Channel {
         }
         if body_size > 0 {
             inc.held
-                .grow(&self.gauge, crate::message::header_cost(&raw));
+                .grow(&self.gauge, crate::model::message::header_cost(&raw));
         }
         inc.header = Some((raw, properties, body_size));
         if body_size == 0 {
@@ -663,7 +671,7 @@ impl Channel {
             };
             let properties = properties.with_reply_to(short(&*q.name));
             (
-                crate::message::encode_header(inc.received, &properties),
+                crate::model::message::encode_header(inc.received, &properties),
                 properties,
             )
         } else {
@@ -677,7 +685,7 @@ impl Channel {
             return Err(invalid(format!("{{delivery_mode_unknown,{mode}}}")));
         }
         let extra_keys =
-            crate::message::header_routes(properties.headers().as_ref(), &ROUTING_HEADERS)
+            crate::model::message::header_routes(properties.headers().as_ref(), &ROUTING_HEADERS)
                 .map_err(invalid)?;
         // BCC only routes: RabbitMQ strips it before the message is kept or delivered.
         let stripped = properties
@@ -689,7 +697,7 @@ impl Channel {
             Some(h) => {
                 let properties = properties.with_headers(h);
                 (
-                    crate::message::encode_header(inc.received, &properties),
+                    crate::model::message::encode_header(inc.received, &properties),
                     properties,
                 )
             }
@@ -717,7 +725,7 @@ impl Channel {
                 .map_err(|e| e.with_method(60, 40))?;
         }
         if let Some(tx) = self.tx.as_mut() {
-            let whole = p.body.len() + crate::message::header_cost(&p.header) + TX_OVERHEAD;
+            let whole = p.body.len() + crate::model::message::header_cost(&p.header) + TX_OVERHEAD;
             held.at_least(&self.gauge, whole);
             p._held = Some(held);
             tx.publishes.push(p);
@@ -732,7 +740,7 @@ impl Channel {
         if exchange.is_empty() {
             return Ok(());
         }
-        match self.routing().internal(exchange) {
+        match self.vhost.topology().internal(exchange) {
             None => Err(self.vhost.not_found_exchange(exchange)),
             Some(true) => Err(AmqpError::access_refused(format!(
                 "cannot publish to internal {}",
@@ -742,28 +750,20 @@ impl Channel {
         }
     }
 
-    fn routing(&mut self) -> Arc<Routing> {
-        match &self.routing {
-            Some(r) if r.version == self.vhost.version() => r.clone(),
-            _ => {
-                let r = self.vhost.routing();
-                self.routing = Some(r.clone());
-                r
-            }
-        }
-    }
-
     /// Routes a publish. At a commit (`committed`), an exchange deleted since the
     /// publish was checked routes nowhere, as the message was already accepted.
     fn route(&mut self, p: Publish, committed: bool) -> AmqpResult<()> {
-        let routing = self.routing();
         let reply = p.exchange.is_empty() && p.routing_key.starts_with(REPLY_TO);
         let queues = if reply {
             self.vhost.reply_queue(&p.routing_key).into_iter().collect()
         } else {
             let mut keys: Vec<&str> = vec![&p.routing_key];
             keys.extend(p.extra_keys.iter().map(|k| &**k));
-            match routing.route(&p.exchange, &keys, p.properties.headers().as_ref()) {
+            let routed =
+                self.vhost
+                    .topology()
+                    .route(&p.exchange, &keys, p.properties.headers().as_ref());
+            match routed {
                 Routed::NoExchange if committed => Vec::new(),
                 Routed::NoExchange => return Err(self.vhost.not_found_exchange(&p.exchange)),
                 Routed::Internal => {
@@ -918,7 +918,7 @@ impl Channel {
     }
 
     fn kick_consumers(&self) {
-        for q in self.consumers.values() {
+        for (q, _) in self.consumers.values() {
             q.kick();
         }
     }
@@ -955,73 +955,72 @@ impl Channel {
 
     fn exchange_method(&mut self, m: exchange::AMQPMethod) -> AmqpResult<After> {
         use exchange::AMQPMethod as M;
-        let vhost = self.vhost.clone();
-        let conn = self.conn_id();
-        Ok(match m {
-            M::Declare(d) => {
-                let durable = vhost.declare_exchange(ExchangeDeclare {
-                    name: d.exchange.as_str(),
-                    kind: d.kind.as_str(),
+        let (change, nowait, ok) = match m {
+            M::Declare(d) => (
+                Change::DeclareExchange(ExchangeSpec {
+                    name: d.exchange.to_string(),
+                    kind: d.kind.to_string(),
                     passive: d.passive,
                     durable: d.durable,
                     auto_delete: d.auto_delete,
                     internal: d.internal,
-                    arguments: &d.arguments,
-                })?;
-                let ok = AMQPClass::Exchange(M::DeclareOk(exchange::DeclareOk {}));
-                self.answer(durable, d.nowait, ok, None)
-            }
-            M::Delete(d) => {
-                let durable = vhost.delete_exchange(d.exchange.as_str(), d.if_unused)?;
-                let ok = AMQPClass::Exchange(M::DeleteOk(exchange::DeleteOk {}));
-                self.answer(durable, d.nowait, ok, None)
-            }
-            M::Bind(b) => {
-                let durable = vhost.bind(
-                    b.source.as_str(),
-                    Destination::Exchange(b.destination.as_str().into()),
-                    b.routing_key.as_str(),
-                    &b.arguments,
-                    conn,
-                )?;
-                let ok = AMQPClass::Exchange(M::BindOk(exchange::BindOk {}));
-                self.answer(durable, b.nowait, ok, None)
-            }
-            M::Unbind(b) => {
-                let durable = vhost.unbind(
-                    b.source.as_str(),
-                    Destination::Exchange(b.destination.as_str().into()),
-                    b.routing_key.as_str(),
-                    &b.arguments,
-                    conn,
-                )?;
-                let ok = AMQPClass::Exchange(M::UnbindOk(exchange::UnbindOk {}));
-                self.answer(durable, b.nowait, ok, None)
-            }
+                    arguments: d.arguments,
+                }),
+                d.nowait,
+                M::DeclareOk(exchange::DeclareOk {}),
+            ),
+            M::Delete(d) => (
+                Change::DeleteExchange {
+                    name: d.exchange.to_string(),
+                    if_unused: d.if_unused,
+                },
+                d.nowait,
+                M::DeleteOk(exchange::DeleteOk {}),
+            ),
+            M::Bind(b) => (
+                Change::Bind(BindingSpec {
+                    source: b.source.to_string(),
+                    destination: Destination::Exchange(b.destination.as_str().into()),
+                    routing_key: b.routing_key.to_string(),
+                    arguments: b.arguments,
+                }),
+                b.nowait,
+                M::BindOk(exchange::BindOk {}),
+            ),
+            M::Unbind(b) => (
+                Change::Unbind(BindingSpec {
+                    source: b.source.to_string(),
+                    destination: Destination::Exchange(b.destination.as_str().into()),
+                    routing_key: b.routing_key.to_string(),
+                    arguments: b.arguments,
+                }),
+                b.nowait,
+                M::UnbindOk(exchange::UnbindOk {}),
+            ),
             other => {
                 return Err(AmqpError::command_invalid(format!(
                     "unexpected method {}",
                     class_name(&AMQPClass::Exchange(other))
                 )))
             }
-        })
+        };
+        let applied = self.vhost.apply(change, self.actor())?;
+        Ok(self.answer(applied.durable, nowait, AMQPClass::Exchange(ok), None))
     }
 
     fn queue_method(&mut self, m: queue::AMQPMethod) -> AmqpResult<After> {
         use queue::AMQPMethod as M;
-        let vhost = self.vhost.clone();
-        let conn = self.conn_id();
-        Ok(match m {
+        let (change, nowait) = match m {
             M::Declare(d) => {
                 let name = if d.passive && d.queue.as_str().is_empty() {
                     self.resolve_queue("")?.to_string()
                 } else {
-                    d.queue.as_str().to_string()
+                    d.queue.to_string()
                 };
                 // Direct reply-to names exist for passive declares, as in RabbitMQ.
                 if d.passive
                     && (name == REPLY_TO
-                        || (name.starts_with(REPLY_TO) && vhost.reply_queue(&name).is_some()))
+                        || (name.starts_with(REPLY_TO) && self.vhost.reply_queue(&name).is_some()))
                 {
                     let ok = AMQPClass::Queue(M::DeclareOk(queue::DeclareOk {
                         queue: short(name.as_str()),
@@ -1030,60 +1029,48 @@ impl Channel {
                     }));
                     return Ok(self.answer(false, d.nowait, ok, None));
                 }
-                let (q, messages, consumers, durable) = vhost.declare_queue(QueueDeclare {
-                    name: &name,
+                let change = Change::DeclareQueue(QueueSpec {
+                    name,
                     passive: d.passive,
                     durable: d.durable,
                     exclusive: d.exclusive,
                     auto_delete: d.auto_delete,
-                    arguments: &d.arguments,
-                    connection: conn,
-                })?;
-                self.last_queue = Some(q.name.clone());
-                let ok = AMQPClass::Queue(M::DeclareOk(queue::DeclareOk {
-                    queue: short(&*q.name),
-                    message_count: messages,
-                    consumer_count: consumers,
-                }));
-                self.answer(durable, d.nowait, ok, None)
+                    arguments: d.arguments,
+                });
+                (change, d.nowait)
             }
             M::Bind(b) => {
                 let q = self.resolve_queue(b.queue.as_str())?;
-                let durable = vhost.bind(
-                    b.exchange.as_str(),
-                    Destination::Queue(q),
-                    b.routing_key.as_str(),
-                    &b.arguments,
-                    conn,
-                )?;
-                let ok = AMQPClass::Queue(M::BindOk(queue::BindOk {}));
-                self.answer(durable, b.nowait, ok, None)
+                let change = Change::Bind(BindingSpec {
+                    source: b.exchange.to_string(),
+                    destination: Destination::Queue(q),
+                    routing_key: b.routing_key.to_string(),
+                    arguments: b.arguments,
+                });
+                (change, b.nowait)
             }
             M::Unbind(b) => {
                 let q = self.resolve_queue(b.queue.as_str())?;
-                let durable = vhost.unbind(
-                    b.exchange.as_str(),
-                    Destination::Queue(q),
-                    b.routing_key.as_str(),
-                    &b.arguments,
-                    conn,
-                )?;
-                let ok = AMQPClass::Queue(M::UnbindOk(queue::UnbindOk {}));
-                self.answer(durable, false, ok, None)
+                let change = Change::Unbind(BindingSpec {
+                    source: b.exchange.to_string(),
+                    destination: Destination::Queue(q),
+                    routing_key: b.routing_key.to_string(),
+                    arguments: b.arguments,
+                });
+                (change, false)
             }
             M::Purge(p) => {
-                let q = self.resolve_queue(p.queue.as_str())?;
-                let queue = vhost.queue(&q, conn)?;
-                let n = queue.purge();
-                let ok = AMQPClass::Queue(M::PurgeOk(queue::PurgeOk { message_count: n }));
-                self.answer(queue.store.is_some() && n > 0, p.nowait, ok, None)
+                let queue = self.resolve_queue(p.queue.as_str())?.to_string();
+                (Change::Purge { queue }, p.nowait)
             }
             M::Delete(d) => {
-                let q = self.resolve_queue(d.queue.as_str())?;
-                let (n, cancellations, durable) =
-                    vhost.delete_queue(&q, d.if_unused, d.if_empty, conn)?;
-                let ok = AMQPClass::Queue(M::DeleteOk(queue::DeleteOk { message_count: n }));
-                self.answer(durable, d.nowait, ok, Some(cancellations))
+                let name = self.resolve_queue(d.queue.as_str())?.to_string();
+                let change = Change::DeleteQueue {
+                    name,
+                    if_unused: d.if_unused,
+                    if_empty: d.if_empty,
+                };
+                (change, d.nowait)
             }
             other => {
                 return Err(AmqpError::command_invalid(format!(
@@ -1091,7 +1078,42 @@ impl Channel {
                     class_name(&AMQPClass::Queue(other))
                 )))
             }
-        })
+        };
+        let is_bind = matches!(change, Change::Bind(_));
+        let applied = self.vhost.apply(change, self.actor())?;
+        let (reply, cancel) = match applied.outcome {
+            Outcome::Queue {
+                queue,
+                messages,
+                consumers,
+            } => {
+                self.last_queue = Some(queue.name.clone());
+                let ok = M::DeclareOk(queue::DeclareOk {
+                    queue: short(&*queue.name),
+                    message_count: messages,
+                    consumer_count: consumers,
+                });
+                (ok, None)
+            }
+            Outcome::QueueDeleted {
+                messages,
+                cancellations,
+            } => (
+                M::DeleteOk(queue::DeleteOk {
+                    message_count: messages,
+                }),
+                Some(cancellations),
+            ),
+            Outcome::Purged { messages } => (
+                M::PurgeOk(queue::PurgeOk {
+                    message_count: messages,
+                }),
+                None,
+            ),
+            Outcome::Done if is_bind => (M::BindOk(queue::BindOk {}), None),
+            Outcome::Done => (M::UnbindOk(queue::UnbindOk {}), None),
+        };
+        Ok(self.answer(applied.durable, nowait, AMQPClass::Queue(reply), cancel))
     }
 
     fn basic_method(&mut self, m: basic::AMQPMethod) -> AmqpResult<()> {
@@ -1125,8 +1147,8 @@ impl Channel {
             M::Consume(c) => self.consume(c)?,
             M::Cancel(c) => {
                 let tag = c.consumer_tag.as_str();
-                if let Some(q) = self.consumers.remove(tag) {
-                    self.drop_consumer(tag, &q);
+                if let Some((q, c)) = self.consumers.remove(tag) {
+                    self.drop_consumer(&q, &c);
                 }
                 if !c.nowait {
                     self.reply(AMQPClass::Basic(M::CancelOk(basic::CancelOk {
@@ -1136,7 +1158,7 @@ impl Channel {
             }
             M::Get(g) => {
                 let name = self.resolve_queue(g.queue.as_str())?;
-                let q = self.vhost.queue(&name, self.conn_id())?;
+                let q = self.vhost.queue(&name, self.actor())?;
                 match q.get() {
                     Some((m, remaining)) => self.shared.get_ok(&q, m, remaining, g.no_ack),
                     None => self.reply(AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {}))),
@@ -1221,7 +1243,7 @@ impl Channel {
             self.reply_queue = Some(q.clone());
             q
         } else {
-            self.vhost.queue(&name, self.conn_id())?
+            self.vhost.queue(&name, self.actor())?
         };
         let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
             generated_tag().into()
@@ -1235,7 +1257,7 @@ impl Channel {
         }
         let consumer = Arc::new(Consumer {
             tag: tag.clone(),
-            channel: self.shared.clone(),
+            channel: self.shared.clone() as Arc<dyn Deliver>,
             no_ack: c.no_ack,
             exclusive: c.exclusive,
             prefetch: self.consumer_prefetch,
@@ -1244,14 +1266,14 @@ impl Channel {
                 .arguments
                 .inner()
                 .get("x-priority")
-                .and_then(crate::exchange::int_value)
+                .and_then(int_value)
                 .map(|p| p.clamp(i64::MIN as i128, i64::MAX as i128) as i64)
                 .unwrap_or(0),
         });
         let nowait = c.nowait;
         let shared = self.shared.clone();
         let ok_tag = tag.clone();
-        let added = q.add_consumer(consumer, move || {
+        let added = q.add_consumer(consumer.clone(), move || {
             if !nowait {
                 shared.send(&AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(
                     basic::ConsumeOk {
@@ -1262,7 +1284,7 @@ impl Channel {
         });
         match added {
             Ok(()) => {
-                self.consumers.insert(tag, q);
+                self.consumers.insert(tag, (q, consumer));
                 Ok(())
             }
             Err(ConsumeRefused::ExclusiveInUse) => Err(AmqpError::access_refused(format!(
@@ -1338,18 +1360,6 @@ impl Channel {
         }
         Ok(After::Nothing)
     }
-}
-
-/// A header table less one key (FieldTable has no remove).
-pub(crate) fn without(
-    h: &amq_protocol::types::FieldTable,
-    key: &str,
-) -> amq_protocol::types::FieldTable {
-    let mut out = amq_protocol::types::FieldTable::default();
-    for (k, v) in h.inner().iter().filter(|(k, _)| k.as_str() != key) {
-        out.insert(k.clone(), v.clone());
-    }
-    out
 }
 
 /// RabbitMQ's `amq.ctag-` tags for consumers that did not name themselves.

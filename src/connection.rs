@@ -22,12 +22,12 @@ use crate::auth::{authenticate, AuthFailure};
 use crate::broker::BrokerState;
 use crate::channel::{class_name, After, Channel};
 use crate::error::AmqpError;
+use crate::model::vhost::Vhost;
 use crate::outbox::Outbox;
 use crate::protocol::{
     check_protocol_header, read_frame_with, short, write_heartbeat, write_method, Frame, Greeting,
     TableLimits, PROTOCOL_HEADER,
 };
-use crate::vhost::Vhost;
 
 /// Idle time before the kernel starts probing a silent peer.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
@@ -55,7 +55,7 @@ fn shutting_down() -> End {
 }
 
 /// A reply held back until the store has synced: channel, method, cancellations.
-type Deferred = (u16, AMQPClass, Option<crate::vhost::Cancellations>);
+type Deferred = (u16, AMQPClass, Option<crate::model::change::Cancellations>);
 
 /// Things other tasks tell a connection. Each names the channel by number and by
 /// generation: a channel number closed and opened again is another channel, and

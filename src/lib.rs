@@ -6,13 +6,10 @@ pub mod channel;
 pub mod config;
 pub mod connection;
 pub mod error;
-pub mod exchange;
-pub mod message;
+pub mod model;
 pub mod outbox;
 pub mod protocol;
-pub mod queue;
 pub mod store;
-pub mod vhost;
 
 pub use broker::{start, BrokerHandle};
 pub use config::Config;

@@ -25,9 +25,6 @@ use amq_protocol::types::FieldTable;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::exchange::{Destination, ExchangeKind};
-use crate::message::Message;
-
 /// Called once the writes made before it are on disk (Ok) or could not be (Err).
 pub type SyncWaiter = Box<dyn FnOnce(Result<(), String>) + Send>;
 
@@ -69,7 +66,8 @@ pub struct Store {
 pub struct StoredExchange {
     pub vhost: String,
     pub name: String,
-    pub kind: ExchangeKind,
+    /// The exchange type's code (`ExchangeType::code`).
+    pub kind: u8,
     pub auto_delete: bool,
     pub internal: bool,
     pub arguments: FieldTable,
@@ -83,12 +81,29 @@ pub struct StoredQueue {
     pub arguments: FieldTable,
 }
 
+/// A binding's destination as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredDestination {
+    Queue(String),
+    Exchange(String),
+}
+
 pub struct StoredBinding {
     pub vhost: String,
     pub source: String,
-    pub destination: Destination,
+    pub destination: StoredDestination,
     pub routing_key: String,
     pub arguments: FieldTable,
+}
+
+/// What the store keeps of a message: what it was published to, and its content
+/// header and body as they came off the wire.
+#[derive(Clone, Copy)]
+pub struct MessageParts<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub header: &'a [u8],
+    pub body: &'a [u8],
 }
 
 /// What a durable queue's messages looked like on disk.
@@ -100,30 +115,6 @@ pub struct StoredMessage {
     pub routing_key: String,
     pub header: Bytes,
     pub body: Bytes,
-}
-
-impl StoredMessage {
-    /// The message as the broker holds it in memory, its header decoded.
-    pub fn into_message(self, gauge: &Arc<crate::message::MemoryGauge>) -> Result<Message, String> {
-        let properties = match crate::protocol::decode_stored_header(&self.header) {
-            Some(h) => h.properties,
-            None => return Err("unreadable content header".into()),
-        };
-        // Only the publish's own key is stored; the CC keys are still in the header
-        // (BCC ones are not kept, so a dead letter after a restart goes without them).
-        let extra_keys = crate::message::header_routes(properties.headers().as_ref(), &["CC"])
-            .unwrap_or_default();
-        let mut m = Message::new(
-            self.exchange.into(),
-            self.routing_key.into(),
-            self.header,
-            properties,
-            self.body,
-            gauge.clone(),
-        );
-        m.extra_keys = extra_keys;
-        Ok(m)
-    }
 }
 
 const EXCHANGE: u8 = b'x';
@@ -199,7 +190,7 @@ fn queue_key(vhost: &str, name: &str) -> Vec<u8> {
 fn binding_key(
     vhost: &str,
     source: &str,
-    dest: &Destination,
+    dest: &StoredDestination,
     rk: &str,
     args: &FieldTable,
 ) -> Vec<u8> {
@@ -207,11 +198,11 @@ fn binding_key(
     put_str(&mut k, vhost);
     put_str(&mut k, source);
     match dest {
-        Destination::Queue(q) => {
+        StoredDestination::Queue(q) => {
             k.push(b'q');
             put_str(&mut k, q);
         }
-        Destination::Exchange(x) => {
+        StoredDestination::Exchange(x) => {
             k.push(b'x');
             put_str(&mut k, x);
         }
@@ -367,12 +358,7 @@ impl Store {
     }
 
     pub fn put_exchange(&self, vhost: &str, x: &StoredExchange) -> Result<(), StoreError> {
-        let mut v = vec![
-            1u8,
-            kind_byte(x.kind),
-            x.auto_delete as u8,
-            x.internal as u8,
-        ];
+        let mut v = vec![1u8, x.kind, x.auto_delete as u8, x.internal as u8];
         v.extend_from_slice(&encode_table(&x.arguments));
         self.meta.insert(exchange_key(vhost, &x.name), v)?;
         Ok(())
@@ -428,18 +414,18 @@ impl Store {
         Ok(())
     }
 
-    pub fn put_message(&self, queue: u64, seq: u64, m: &Message) -> Result<(), StoreError> {
+    pub fn put_message(&self, queue: u64, seq: u64, m: MessageParts<'_>) -> Result<(), StoreError> {
         let mut v = Vec::with_capacity(
             16 + m.exchange.len() + m.routing_key.len() + m.header.len() + m.body.len(),
         );
         v.push(1u8);
         // When it was stored, so that TTLs keep running across a restart.
         v.extend_from_slice(&wall_ms().to_be_bytes());
-        put_str(&mut v, &m.exchange);
-        put_str(&mut v, &m.routing_key);
+        put_str(&mut v, m.exchange);
+        put_str(&mut v, m.routing_key);
         v.extend_from_slice(&(m.header.len() as u32).to_be_bytes());
-        v.extend_from_slice(&m.header);
-        v.extend_from_slice(&m.body);
+        v.extend_from_slice(m.header);
+        v.extend_from_slice(m.body);
         self.messages.insert(message_key(queue, seq), v)?;
         Ok(())
     }
@@ -470,7 +456,7 @@ impl Store {
             if r.u8()? != 1 {
                 return Err("unknown record version".to_string());
             }
-            let kind = kind_from(r.u8()?).ok_or("unknown exchange type")?;
+            let kind = r.u8()?;
             Ok(StoredExchange {
                 vhost,
                 name,
@@ -492,8 +478,8 @@ impl Store {
             let vhost = key.str()?;
             let source = key.str()?;
             let destination = match key.u8()? {
-                b'q' => Destination::Queue(key.str()?.into()),
-                b'x' => Destination::Exchange(key.str()?.into()),
+                b'q' => StoredDestination::Queue(key.str()?),
+                b'x' => StoredDestination::Exchange(key.str()?),
                 _ => return Err("unknown binding destination".to_string()),
             };
             Ok(StoredBinding {
@@ -528,18 +514,12 @@ impl Store {
     }
 
     /// One message read back for delivery after it was paged out of memory.
-    pub fn load_message(
-        &self,
-        queue: u64,
-        seq: u64,
-        gauge: &Arc<crate::message::MemoryGauge>,
-    ) -> Result<Option<Message>, StoreError> {
+    pub fn load_message(&self, queue: u64, seq: u64) -> Result<Option<StoredMessage>, StoreError> {
         let key = message_key(queue, seq);
         let Some(v) = self.messages.get(key)? else {
             return Ok(None);
         };
         parse_message(&key, v)
-            .and_then(|m| m.into_message(gauge))
             .map(Some)
             .map_err(|why| self.corrupt(&key, why))
     }
@@ -662,25 +642,6 @@ pub fn wall_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-fn kind_byte(k: ExchangeKind) -> u8 {
-    match k {
-        ExchangeKind::Direct => 1,
-        ExchangeKind::Fanout => 2,
-        ExchangeKind::Topic => 3,
-        ExchangeKind::Headers => 4,
-    }
-}
-
-fn kind_from(b: u8) -> Option<ExchangeKind> {
-    Some(match b {
-        1 => ExchangeKind::Direct,
-        2 => ExchangeKind::Fanout,
-        3 => ExchangeKind::Topic,
-        4 => ExchangeKind::Headers,
-        _ => return None,
-    })
 }
 
 /// How old a timestamp must be before whatever changes the file or directory later

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::Bytes;
-use warrenmq::message::{encode_header, MemoryGauge, Message};
+use warrenmq::model::change::{Actor, Change, Outcome, QueueSpec};
+use warrenmq::model::message::{encode_header, MemoryGauge, Message};
+use warrenmq::model::vhost::Vhost;
 use warrenmq::store::Store;
-use warrenmq::vhost::{QueueDeclare, Vhost};
 
 fn stored(store: &Store, queue: u64) -> usize {
     store
@@ -33,18 +34,22 @@ async fn dead_letter_is_stored_before_its_source_is_deleted() {
         64 << 20,
     ));
     let declare = |name: &'static str, arguments: &FieldTable| {
-        vhost
-            .declare_queue(QueueDeclare {
-                name,
-                passive: false,
-                durable: true,
-                exclusive: false,
-                auto_delete: false,
-                arguments,
-                connection: 1,
-            })
+        let change = Change::DeclareQueue(QueueSpec {
+            name: name.into(),
+            passive: false,
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments: arguments.clone(),
+        });
+        match vhost
+            .apply(change, Actor::Operator)
             .expect("declare")
-            .0
+            .outcome
+        {
+            Outcome::Queue { queue, .. } => queue,
+            _ => panic!("a declare reports its queue"),
+        }
     };
     let dlq = declare("dlq", &FieldTable::default());
     let mut args = FieldTable::default();

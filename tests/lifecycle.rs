@@ -201,7 +201,8 @@ async fn publisher_is_blocked_above_memory_watermark_and_unblocked_below() {
     publisher.method().await;
 
     // 2 MiB of messages with nobody consuming them.
-    let header = warrenmq::message::encode_header(16 * 1024, &basic::AMQPProperties::default());
+    let header =
+        warrenmq::model::message::encode_header(16 * 1024, &basic::AMQPProperties::default());
     let mut out = BytesMut::new();
     for _ in 0..128 {
         write_method(

@@ -17,10 +17,10 @@ use std::time::Instant;
 use amq_protocol::types::{AMQPValue, FieldTable};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::channel::ChannelShared;
+use super::dead_letter::DeadLetter;
+use super::message::{MemoryGauge, Message};
+use super::values::{int_value, string_value, type_name};
 use crate::error::{queue_name, AmqpError, AmqpResult};
-use crate::exchange::{int_value, string_value};
-use crate::message::{MemoryGauge, Message};
 use crate::store::Store;
 
 fn epoch() -> Instant {
@@ -63,9 +63,27 @@ impl QueuedMessage {
     }
 }
 
+/// What a queue delivers to: the channel a consumer sits on. The queue knows
+/// nothing else of channels or connections. Called under the queue's lock, so
+/// implementations take only their own, smaller locks (queue, then channel).
+pub trait Deliver: Send + Sync {
+    /// Whether the channel can take a delivery now (open, its connection not backed up).
+    fn can_deliver(&self) -> bool;
+    /// Assigns a delivery tag and sends the message to the consumer; hands the
+    /// message back when the channel-wide prefetch is full.
+    fn deliver(
+        &self,
+        queue: &Arc<Queue>,
+        consumer: &Arc<Consumer>,
+        m: QueuedMessage,
+    ) -> Result<(), QueuedMessage>;
+    /// The consumer's queue was deleted (consumer cancel notify).
+    fn cancelled(&self, tag: &Arc<str>);
+}
+
 pub struct Consumer {
     pub tag: Arc<str>,
-    pub channel: Arc<ChannelShared>,
+    pub channel: Arc<dyn Deliver>,
     pub no_ack: bool,
     pub exclusive: bool,
     /// Per-consumer prefetch (basic.qos global=false) in force when it started; 0 is unlimited.
@@ -91,15 +109,16 @@ impl Consumer {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Overflow {
+    #[default]
     DropHead,
     RejectPublish,
     RejectPublishDlx,
 }
 
 /// The x-arguments a queue acts on, checked when it is declared.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct QueueArgs {
     pub message_ttl: Option<u64>,
     pub expires: Option<u64>,
@@ -142,7 +161,7 @@ impl QueueArgs {
         // RabbitMQ's check_expiry: at most ten years.
         let expiry = |k: &str| -> AmqpResult<Option<u64>> {
             match non_negative(k)? {
-                Some(n) if n > crate::message::MAX_EXPIRY => {
+                Some(n) if n > super::message::MAX_EXPIRY => {
                     Err(bad(k, format!("{{value_too_large,{n}}}")))
                 }
                 other => Ok(other),
@@ -223,45 +242,12 @@ impl QueueArgs {
     }
 }
 
-fn type_name(v: &AMQPValue) -> &'static str {
-    match v {
-        AMQPValue::ShortString(_) | AMQPValue::LongString(_) => "longstr",
-        AMQPValue::Boolean(_) => "bool",
-        AMQPValue::FieldTable(_) => "table",
-        AMQPValue::FieldArray(_) => "array",
-        AMQPValue::Float(_) | AMQPValue::Double(_) => "double",
-        AMQPValue::Void => "void",
-        _ => "signedint",
-    }
-}
-
 /// Work for the vhost's housekeeping task.
 pub enum Housekeeping {
     /// Route this message to the queue's dead-letter exchange.
     DeadLetter(DeadLetter),
     /// Look at this queue again at `now_ms()` = the given time (TTL and x-expires).
     Wake(Weak<Queue>, u64),
-}
-
-pub struct DeadLetter {
-    pub msg: Arc<Message>,
-    pub queue: Arc<str>,
-    pub reason: &'static str,
-    pub exchange: Arc<str>,
-    pub routing_key: Option<Arc<str>>,
-    /// The dead queue's stored copy (store, queue id, seq): deleted once routed.
-    pub source: Option<(Arc<Store>, u64, u64)>,
-}
-
-impl DeadLetter {
-    /// The dead letter has been routed (or could not be): its source copy goes.
-    pub fn forget_source(&mut self) {
-        if let Some((store, queue, seq)) = self.source.take() {
-            if let Err(e) = store.delete_message(queue, seq) {
-                tracing::error!(queue = %self.queue, "cannot delete a dead-lettered message: {e}");
-            }
-        }
-    }
 }
 
 pub struct Queue {
@@ -565,7 +551,7 @@ impl Queue {
         let mut m = self.queued(&mut st, msg);
         if let Some((store, id)) = &self.store {
             if m.msg.persistent() {
-                if let Err(e) = store.put_message(*id, m.seq, &m.msg) {
+                if let Err(e) = store.put_message(*id, m.seq, m.msg.parts()) {
                     tracing::error!(queue = %self.name, "cannot persist a message: {e}");
                     return Enqueued::Rejected;
                 }
@@ -672,7 +658,11 @@ impl Queue {
             Some(m) => m,
             None => {
                 let (store, id) = self.store.as_ref()?;
-                match store.load_message(*id, e.seq, &self.gauge) {
+                let loaded = store
+                    .load_message(*id, e.seq)
+                    .map_err(|e| e.to_string())
+                    .and_then(|m| m.map(|m| Message::from_stored(m, &self.gauge)).transpose());
+                match loaded {
                     Ok(Some(m)) => Arc::new(m),
                     Ok(None) => {
                         tracing::error!(queue = %self.name, seq = e.seq, "a paged-out message is missing from the store");
@@ -852,10 +842,9 @@ impl Queue {
     }
 
     /// Removes a consumer; true when an auto-delete queue has just lost its last one.
-    pub fn remove_consumer(&self, channel: &Arc<ChannelShared>, tag: &str) -> bool {
+    pub fn remove_consumer(&self, consumer: &Arc<Consumer>) -> bool {
         let mut st = self.lock();
-        st.consumers
-            .retain(|c| !(Arc::ptr_eq(&c.channel, channel) && &*c.tag == tag));
+        st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
         if st.next_consumer >= st.consumers.len() {
             st.next_consumer = 0;
         }

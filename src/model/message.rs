@@ -6,6 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use amq_protocol::protocol::BasicProperties;
+use amq_protocol::types::FieldTable;
+
+use crate::store::{MessageParts, StoredMessage};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
@@ -122,7 +125,7 @@ pub fn header_routes(
             Some(other) => {
                 return Err(format!(
                     "{{unacceptable_type_in_header,\"{name}\",{}}}",
-                    crate::vhost::type_name(other)
+                    super::values::type_name(other)
                 ))
             }
         }
@@ -280,5 +283,47 @@ impl MemoryGauge {
 
     pub fn over(&self) -> bool {
         self.used() > self.high
+    }
+}
+
+/// A header table less one key (FieldTable has no remove).
+pub fn without(h: &FieldTable, key: &str) -> FieldTable {
+    let mut out = FieldTable::default();
+    for (k, v) in h.inner().iter().filter(|(k, _)| k.as_str() != key) {
+        out.insert(k.clone(), v.clone());
+    }
+    out
+}
+
+impl Message {
+    /// A message read back from the store, its header decoded.
+    pub fn from_stored(m: StoredMessage, gauge: &Arc<MemoryGauge>) -> Result<Message, String> {
+        let properties = match crate::protocol::decode_stored_header(&m.header) {
+            Some(h) => h.properties,
+            None => return Err("unreadable content header".into()),
+        };
+        // Only the publish's own key is stored; the CC keys are still in the header
+        // (BCC ones are not kept, so a dead letter after a restart goes without them).
+        let extra_keys = header_routes(properties.headers().as_ref(), &["CC"]).unwrap_or_default();
+        let mut msg = Message::new(
+            m.exchange.into(),
+            m.routing_key.into(),
+            m.header,
+            properties,
+            m.body,
+            gauge.clone(),
+        );
+        msg.extra_keys = extra_keys;
+        Ok(msg)
+    }
+
+    /// What the store keeps of this message.
+    pub fn parts(&self) -> MessageParts<'_> {
+        MessageParts {
+            exchange: &self.exchange,
+            routing_key: &self.routing_key,
+            header: &self.header,
+            body: &self.body,
+        }
     }
 }

@@ -1,0 +1,332 @@
+//! Exchanges: what a publisher addresses, and the bindings through which each type
+//! routes. One file per exchange type, each a persistent routing table behind the
+//! [`Router`] trait: binding or unbinding returns a new table that shares all but
+//! the changed part with the old one, so a change costs a handful of allocations
+//! whatever the exchange holds, and publishers keep routing on the table they
+//! loaded without taking a lock. Adding a type is a file and a line in [`TYPES`].
+
+mod direct;
+mod fanout;
+mod headers;
+mod topic;
+
+use std::sync::Arc;
+
+use amq_protocol::types::FieldTable;
+
+use crate::error::AmqpResult;
+use crate::model::pmap::PMap;
+use crate::model::values::string_value;
+
+pub use topic::topic_match;
+
+/// Where a binding leads: a queue or another exchange (exchange-to-exchange bindings).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Destination {
+    Queue(Arc<str>),
+    Exchange(Arc<str>),
+}
+
+/// One binding as a router sees it.
+pub struct Binding<'a> {
+    pub destination: &'a Destination,
+    pub routing_key: &'a str,
+    pub arguments: &'a FieldTable,
+}
+
+/// One exchange type's routing table. Tables are values: `bind` and `unbind` leave
+/// `self` as it was and return the changed table. The model calls `bind` only for
+/// a binding the exchange does not have yet and `unbind` only for one it has.
+pub trait Router: Send + Sync {
+    fn bind(&self, b: &Binding<'_>) -> Arc<dyn Router>;
+    fn unbind(&self, b: &Binding<'_>) -> Arc<dyn Router>;
+    /// Appends the destinations a message with this key and these headers goes to.
+    /// A destination may appear more than once; the caller removes repeats.
+    fn route<'a>(
+        &'a self,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+        out: &mut Vec<&'a Destination>,
+    );
+}
+
+/// An exchange type: its name in `exchange.declare`, its code in the store, its
+/// empty table and what it requires of binding arguments.
+pub struct ExchangeType {
+    pub name: &'static str,
+    /// The byte the store writes for this type; never reuse one.
+    pub code: u8,
+    pub empty: fn() -> Arc<dyn Router>,
+    pub check_binding: fn(&FieldTable) -> AmqpResult<()>,
+}
+
+impl PartialEq for ExchangeType {
+    fn eq(&self, other: &Self) -> bool {
+        self.code == other.code
+    }
+}
+
+impl std::fmt::Debug for ExchangeType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// Every exchange type this broker knows.
+pub static TYPES: &[ExchangeType] = &[direct::TYPE, fanout::TYPE, topic::TYPE, headers::TYPE];
+
+pub fn by_name(name: &str) -> Option<&'static ExchangeType> {
+    TYPES.iter().find(|t| t.name == name)
+}
+
+pub fn by_code(code: u8) -> Option<&'static ExchangeType> {
+    TYPES.iter().find(|t| t.code == code)
+}
+
+/// Binding arguments that every type accepts.
+fn any_arguments(_: &FieldTable) -> AmqpResult<()> {
+    Ok(())
+}
+
+/// What an exchange is, as declared. Immutable: a redeclare with other properties
+/// is refused, so only its bindings ever change.
+#[derive(Debug)]
+pub struct ExchangeDef {
+    pub name: Arc<str>,
+    pub kind: &'static ExchangeType,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+    /// The `alternate-exchange` argument: where messages it cannot route go.
+    pub alternate: Option<Arc<str>>,
+}
+
+impl ExchangeDef {
+    pub fn new(
+        name: &str,
+        kind: &'static ExchangeType,
+        (durable, auto_delete, internal): (bool, bool, bool),
+        arguments: FieldTable,
+    ) -> ExchangeDef {
+        ExchangeDef {
+            name: name.into(),
+            kind,
+            durable,
+            auto_delete,
+            internal,
+            alternate: arguments
+                .inner()
+                .get("alternate-exchange")
+                .and_then(string_value)
+                .map(Arc::from),
+            arguments,
+        }
+    }
+
+    /// Whether it survives a restart.
+    pub fn is_stored(&self) -> bool {
+        self.durable && !self.auto_delete
+    }
+}
+
+/// The bindings from one exchange to one destination: (routing key, arguments).
+pub type BindingsTo = Arc<[(Arc<str>, FieldTable)]>;
+
+/// An exchange with its bindings and its routing table, as one immutable value.
+#[derive(Clone)]
+pub struct Exchange {
+    pub def: Arc<ExchangeDef>,
+    /// Its bindings by destination, for finding, listing and removing them.
+    bindings: PMap<Destination, BindingsTo>,
+    binding_count: usize,
+    router: Arc<dyn Router>,
+}
+
+impl Exchange {
+    pub fn new(def: ExchangeDef) -> Exchange {
+        Exchange {
+            router: (def.kind.empty)(),
+            def: Arc::new(def),
+            bindings: PMap::new(),
+            binding_count: 0,
+        }
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.def.name
+    }
+
+    pub fn binding_count(&self) -> usize {
+        self.binding_count
+    }
+
+    pub fn has(&self, dest: &Destination, key: &str, args: &FieldTable) -> bool {
+        self.bindings
+            .get(dest)
+            .is_some_and(|v| v.iter().any(|(k, a)| &**k == key && a == args))
+    }
+
+    /// Whether any binding from this exchange leads to `dest`.
+    pub fn leads_to(&self, dest: &Destination) -> bool {
+        self.bindings.contains_key(dest)
+    }
+
+    /// The bindings from this exchange to `dest`.
+    pub fn bindings_to(&self, dest: &Destination) -> Option<&BindingsTo> {
+        self.bindings.get(dest)
+    }
+
+    /// Every binding: (destination, routing key, arguments).
+    pub fn bindings(&self) -> impl Iterator<Item = (&Destination, &Arc<str>, &FieldTable)> {
+        self.bindings
+            .iter()
+            .flat_map(|(d, v)| v.iter().map(move |(k, a)| (d, k, a)))
+    }
+
+    /// This exchange with one more binding (unchanged if it has it already).
+    pub fn bind(&self, dest: &Destination, key: &str, args: &FieldTable) -> Exchange {
+        if self.has(dest, key, args) {
+            return self.clone();
+        }
+        let mut next = self.clone();
+        let mut list: Vec<(Arc<str>, FieldTable)> = self
+            .bindings
+            .get(dest)
+            .map(|v| v.to_vec())
+            .unwrap_or_default();
+        list.push((key.into(), args.clone()));
+        next.bindings.insert(dest.clone(), list.into());
+        next.binding_count += 1;
+        next.router = self.router.bind(&Binding {
+            destination: dest,
+            routing_key: key,
+            arguments: args,
+        });
+        next
+    }
+
+    /// This exchange less one binding (unchanged if it has no such binding).
+    pub fn unbind(&self, dest: &Destination, key: &str, args: &FieldTable) -> Exchange {
+        if !self.has(dest, key, args) {
+            return self.clone();
+        }
+        let mut next = self.clone();
+        let rest: Vec<(Arc<str>, FieldTable)> = self
+            .bindings
+            .get(dest)
+            .map(|v| {
+                v.iter()
+                    .filter(|(k, a)| !(&**k == key && a == args))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if rest.is_empty() {
+            next.bindings.remove(dest);
+        } else {
+            next.bindings.insert(dest.clone(), rest.into());
+        }
+        next.binding_count -= 1;
+        next.router = self.router.unbind(&Binding {
+            destination: dest,
+            routing_key: key,
+            arguments: args,
+        });
+        next
+    }
+
+    /// This exchange without any binding to `dest`.
+    pub fn unbind_all(&self, dest: &Destination) -> Exchange {
+        let mut next = self.clone();
+        if let Some(list) = self.bindings.get(dest) {
+            for (key, args) in list.iter() {
+                next = next.unbind(dest, key, args);
+            }
+        }
+        next
+    }
+
+    pub fn route<'a>(
+        &'a self,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+        out: &mut Vec<&'a Destination>,
+    ) {
+        self.router.route(routing_key, headers, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(name: &str) -> Destination {
+        Destination::Queue(name.into())
+    }
+
+    fn def(kind: &str) -> ExchangeDef {
+        ExchangeDef::new(
+            "x",
+            by_name(kind).expect("known type"),
+            (false, false, false),
+            FieldTable::default(),
+        )
+    }
+
+    fn routed(x: &Exchange, key: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        x.route(key, None, &mut out);
+        let mut names: Vec<String> = out
+            .into_iter()
+            .map(|d| match d {
+                Destination::Queue(n) | Destination::Exchange(n) => n.to_string(),
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn bindings_are_values_old_tables_route_as_before() {
+        for kind in ["direct", "fanout", "topic"] {
+            let none = FieldTable::default();
+            let empty = Exchange::new(def(kind));
+            let one = empty.bind(&q("a"), "k", &none);
+            let two = one.bind(&q("b"), "k", &none);
+            let again = two.bind(&q("b"), "k", &none);
+            assert_eq!(
+                again.binding_count(),
+                2,
+                "{kind}: a repeated binding is one"
+            );
+            assert!(routed(&empty, "k").is_empty(), "{kind}");
+            assert_eq!(routed(&one, "k"), ["a"], "{kind}");
+            assert_eq!(routed(&two, "k"), ["a", "b"], "{kind}");
+            let less = two.unbind(&q("a"), "k", &none);
+            assert_eq!(routed(&less, "k"), ["b"], "{kind}");
+            assert_eq!(
+                routed(&two, "k"),
+                ["a", "b"],
+                "{kind}: the old value is untouched"
+            );
+            assert_eq!(less.unbind_all(&q("b")).binding_count(), 0, "{kind}");
+        }
+    }
+
+    #[test]
+    fn a_destination_bound_twice_stays_until_both_go() {
+        let none = FieldTable::default();
+        for kind in ["direct", "fanout", "topic"] {
+            let x = Exchange::new(def(kind))
+                .bind(&q("a"), "k", &none)
+                .bind(&q("a"), "k.#", &none)
+                .bind(&q("a"), "#", &none);
+            let x = x.unbind(&q("a"), "k.#", &none);
+            assert!(!routed(&x, "k").is_empty(), "{kind}");
+            let x = x.unbind(&q("a"), "k", &none).unbind(&q("a"), "#", &none);
+            assert!(routed(&x, "k").is_empty(), "{kind}");
+            assert!(!x.leads_to(&q("a")), "{kind}");
+        }
+    }
+}

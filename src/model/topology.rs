@@ -1,0 +1,139 @@
+//! A vhost's exchanges, queues and bindings as one immutable value. Every change
+//! makes a new value that shares everything it did not touch with the old one
+//! (persistent maps: O(log n) per change), and the vhost swaps it in atomically.
+//! Publishers load the current value without a lock and route on it; a change
+//! never makes them wait, nor recompile anything but the exchange it concerns.
+
+use std::sync::Arc;
+
+use amq_protocol::types::FieldTable;
+
+use super::exchange::{Destination, Exchange};
+use super::pmap::PMap;
+use super::queue::Queue;
+
+#[derive(Clone, Default)]
+pub struct Topology {
+    pub(super) exchanges: PMap<Arc<str>, Arc<Exchange>>,
+    pub(super) queues: PMap<Arc<str>, Arc<Queue>>,
+    /// For each destination, the exchanges with bindings to it: deleting a queue
+    /// or an exchange finds its bindings here instead of scanning every exchange.
+    pub(super) bound_from: PMap<Destination, PMap<Arc<str>, ()>>,
+}
+
+/// Where a publish goes.
+pub enum Routed {
+    NoExchange,
+    Internal,
+    Queues(Vec<Arc<Queue>>),
+}
+
+impl Topology {
+    pub fn exchange(&self, name: &str) -> Option<&Arc<Exchange>> {
+        self.exchanges.get(name)
+    }
+
+    pub fn queue(&self, name: &str) -> Option<&Arc<Queue>> {
+        self.queues.get(name)
+    }
+
+    pub fn exchanges(&self) -> impl Iterator<Item = &Arc<Exchange>> {
+        self.exchanges.values()
+    }
+
+    pub fn queues(&self) -> impl Iterator<Item = &Arc<Queue>> {
+        self.queues.values()
+    }
+
+    pub fn exchange_count(&self) -> usize {
+        self.exchanges.len()
+    }
+
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Whether an exchange is internal; None when there is no such exchange.
+    pub fn internal(&self, exchange: &str) -> Option<bool> {
+        self.exchanges.get(exchange).map(|x| x.def.internal)
+    }
+
+    /// Where a message published to `exchange` with these routing keys goes: the
+    /// publish's own key, then any CC and BCC keys (sender-selected distribution).
+    /// Exchange-to-exchange bindings and alternate exchanges are followed, each
+    /// exchange visited once; each queue is named once.
+    pub fn route(&self, exchange: &str, keys: &[&str], headers: Option<&FieldTable>) -> Routed {
+        let mut queues: Vec<Arc<Queue>> = Vec::new();
+        if exchange.is_empty() {
+            for key in keys {
+                if let Some(q) = self.queues.get(*key) {
+                    queues.push(q.clone());
+                }
+            }
+            dedup(&mut queues);
+            return Routed::Queues(queues);
+        }
+        let Some(first) = self.exchanges.get(exchange) else {
+            return Routed::NoExchange;
+        };
+        if first.def.internal {
+            return Routed::Internal;
+        }
+        let mut visited: Vec<&str> = Vec::new();
+        let mut pending: Vec<&Exchange> = vec![first];
+        let mut dests: Vec<&Destination> = Vec::new();
+        while let Some(x) = pending.pop() {
+            if visited.contains(&&*x.def.name) {
+                continue;
+            }
+            visited.push(&x.def.name);
+            dests.clear();
+            for key in keys {
+                x.route(key, headers, &mut dests);
+            }
+            if dests.is_empty() {
+                // Unroutable here: the exchange's alternate-exchange gets it.
+                if let Some(ae) = x.def.alternate.as_ref().and_then(|a| self.exchanges.get(a)) {
+                    pending.push(ae);
+                }
+            }
+            for d in dests.drain(..) {
+                match d {
+                    Destination::Queue(name) => {
+                        if let Some(q) = self.queues.get(name) {
+                            queues.push(q.clone());
+                        }
+                    }
+                    Destination::Exchange(name) => {
+                        if let Some(x) = self.exchanges.get(name) {
+                            pending.push(x);
+                        }
+                    }
+                }
+            }
+        }
+        dedup(&mut queues);
+        Routed::Queues(queues)
+    }
+}
+
+/// Each queue once. Sorting by address keeps a fanout to thousands of queues
+/// O(n log n); small lists, the common case, are checked in place.
+fn dedup(queues: &mut Vec<Arc<Queue>>) {
+    if queues.len() <= 1 {
+        return;
+    }
+    if queues.len() <= 8 {
+        let mut i = 1;
+        while i < queues.len() {
+            if queues[..i].iter().any(|q| Arc::ptr_eq(q, &queues[i])) {
+                queues.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        return;
+    }
+    queues.sort_unstable_by_key(|q| Arc::as_ptr(q) as usize);
+    queues.dedup_by(|a, b| Arc::ptr_eq(a, b));
+}
