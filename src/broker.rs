@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,84 +15,13 @@ use tracing::{error, info};
 
 use crate::auth::LoginThrottle;
 use crate::config::Config;
-use crate::connection;
 use crate::model::message::MemoryGauge;
 use crate::model::vhost::Vhost;
+use crate::session::connection;
+use crate::session::context::BrokerState;
 use crate::store::{Store, StoreError};
 use std::time::Instant;
 use tracing::warn;
-
-/// State every connection shares. Only read on the publish path.
-pub struct BrokerState {
-    pub config: Config,
-    pub vhosts: HashMap<String, Arc<Vhost>>,
-    pub gauge: Arc<MemoryGauge>,
-    pub store: Arc<Store>,
-    /// Paces failed logins per client address.
-    pub login_throttle: LoginThrottle,
-    next_connection: AtomicU64,
-    /// Client connections open now, handshakes included.
-    open_connections: std::sync::atomic::AtomicUsize,
-    /// Open connections per user, for `limits.max_connections_per_user`.
-    user_connections: std::sync::Mutex<HashMap<String, u32>>,
-}
-
-/// Counts a connection as open until dropped.
-pub struct OpenConnection {
-    broker: Arc<BrokerState>,
-    /// How many were open with this one, itself included.
-    pub open: usize,
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.broker.open_connections.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl BrokerState {
-    pub fn connection_opened(self: &Arc<Self>) -> OpenConnection {
-        let open = self.open_connections.fetch_add(1, Ordering::AcqRel) + 1;
-        OpenConnection {
-            broker: self.clone(),
-            open,
-        }
-    }
-
-    /// Counts a connection of `user`; Err(limit) when the user has reached its limit.
-    pub fn user_connected(&self, user: &str) -> Result<(), u32> {
-        let limit = self.config.limits.max_connections_per_user;
-        let mut map = self
-            .user_connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(user.to_string()).or_insert(0);
-        if limit != 0 && *n >= limit {
-            return Err(limit);
-        }
-        *n += 1;
-        Ok(())
-    }
-
-    pub fn user_disconnected(&self, user: &str) {
-        let mut map = self
-            .user_connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(user) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(user);
-            }
-        }
-    }
-}
-
-impl BrokerState {
-    pub fn next_connection_id(&self) -> u64 {
-        self.next_connection.fetch_add(1, Ordering::Relaxed) + 1
-    }
-}
 
 /// A running broker.
 pub struct BrokerHandle {

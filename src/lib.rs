@@ -2,13 +2,11 @@
 //! See ARCHITECTURE.md for the path of a message through these modules.
 pub mod auth;
 pub mod broker;
-pub mod channel;
 pub mod config;
-pub mod connection;
 pub mod error;
 pub mod model;
-pub mod outbox;
 pub mod protocol;
+pub mod session;
 pub mod store;
 
 pub use broker::{start, BrokerHandle};

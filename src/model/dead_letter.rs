@@ -1,8 +1,8 @@
 //! Dead-lettering: a message that expired, was rejected without requeue or
 //! overflowed a queue is republished to the queue's dead-letter exchange with
 //! RabbitMQ's `x-death` bookkeeping, unless that would send it round a cycle.
-//! Queues hand dead letters to the vhost's housekeeper, which routes them here,
-//! off every queue's lock.
+//! Queues hand dead letters to the vhost's housekeeper, which routes them off
+//! every queue's lock.
 
 use std::sync::Arc;
 
@@ -10,7 +10,6 @@ use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 
 use super::message::{header_routes, without, Message};
-use super::topology::{Routed, Topology};
 use super::values::{int_value, string_value};
 use crate::store::Store;
 
@@ -34,15 +33,9 @@ impl DeadLetter {
         }
     }
 
-    /// Routes the dead letter on `topology` and hands it to the queues it reaches;
-    /// then its source copy goes. The stored copy at the destination is written
-    /// before the source's is deleted, so a crash in between duplicates, never loses.
-    pub fn route(mut self, topology: &Topology) {
-        self.publish(topology);
-        self.forget_source();
-    }
-
-    fn publish(&self, topology: &Topology) {
+    /// The message to republish, its x-death headers updated, and the keys to
+    /// route it by.
+    pub fn republished(&self) -> Republished {
         // As rabbit_dead_letter:make_msg: with x-dead-letter-routing-key the dead
         // letter goes by that key alone (and loses its CC header); without, by every
         // key the message was published with, CC and BCC ones included.
@@ -50,29 +43,38 @@ impl DeadLetter {
             .routing_key
             .clone()
             .unwrap_or_else(|| self.msg.routing_key.clone());
-        let mut keys: Vec<&str> = vec![&routing_key];
+        let mut keys: Vec<Arc<str>> = vec![routing_key.clone()];
         if self.routing_key.is_none() {
-            keys.extend(self.msg.extra_keys.iter().map(|k| &**k));
+            keys.extend(self.msg.extra_keys.iter().cloned());
         }
         let properties = with_x_death(self);
         let deaths = x_deaths(&properties);
-        let msg = Arc::new(self.msg.republish(
-            self.exchange.clone(),
-            routing_key.clone(),
-            properties,
-        ));
-        let Routed::Queues(queues) =
-            topology.route(&self.exchange, &keys, msg.properties.headers().as_ref())
-        else {
-            return;
-        };
-        for q in queues {
-            if self.reason != "rejected" && is_cycle(&q.name, &deaths) {
-                tracing::debug!(queue = %q.name, "dead letter dropped: it would cycle");
-                continue;
-            }
-            q.publish(msg.clone());
+        let msg = Arc::new(
+            self.msg
+                .republish(self.exchange.clone(), routing_key, properties),
+        );
+        Republished {
+            msg,
+            keys,
+            deaths,
+            rejected: self.reason == "rejected",
         }
+    }
+}
+
+/// A dead letter ready to route.
+pub struct Republished {
+    pub msg: Arc<Message>,
+    pub keys: Vec<Arc<str>>,
+    deaths: Vec<Option<(String, String)>>,
+    rejected: bool,
+}
+
+impl Republished {
+    /// Whether the dead letter may go to `queue`: not if that closes a cycle
+    /// (rejections excepted, as in RabbitMQ).
+    pub fn may_enter(&self, queue: &str) -> bool {
+        self.rejected || !is_cycle(queue, &self.deaths)
     }
 }
 

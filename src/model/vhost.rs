@@ -29,7 +29,7 @@ use super::message::MemoryGauge;
 use super::persist::StoreTopology;
 use super::pmap::PMap;
 use super::queue::{Housekeeping, Queue, QueueArgs};
-use super::topology::Topology;
+use super::topology::{Routed, Topology};
 use super::values::{display_value, string_value, type_name, value_eq};
 use crate::error::{exchange_name, queue_name, AmqpError, AmqpResult};
 use crate::store::Store;
@@ -332,8 +332,23 @@ impl Vhost {
 }
 
 impl Keeper for Vhost {
-    fn dead_letter(&self, dl: DeadLetter) {
-        dl.route(&self.topology());
+    /// Routes a dead letter and hands it to the queues it reaches; then its
+    /// source copy goes. The copy at the destination is stored before the
+    /// source's is deleted, so a crash in between duplicates, never loses.
+    fn dead_letter(&self, mut dl: DeadLetter) {
+        let r = dl.republished();
+        let keys: Vec<&str> = r.keys.iter().map(|k| &**k).collect();
+        let headers = r.msg.properties.headers().as_ref();
+        if let Routed::Queues(queues) = self.topology().route(&dl.exchange, &keys, headers) {
+            for q in queues {
+                if r.may_enter(&q.name) {
+                    q.publish(r.msg.clone());
+                } else {
+                    tracing::debug!(queue = %q.name, "dead letter dropped: it would cycle");
+                }
+            }
+        }
+        dl.forget_source();
     }
 
     fn expired(&self, q: &Arc<Queue>) {

@@ -4,30 +4,27 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use amq_protocol::protocol::{channel, connection, AMQPClass};
-use amq_protocol::types::{AMQPValue, FieldTable, LongString};
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, warn, Instrument};
 
-use crate::auth::{authenticate, AuthFailure};
-use crate::broker::BrokerState;
-use crate::channel::{class_name, After, Channel};
+mod handshake;
+
+use super::channel::{After, Channel};
+use super::context::BrokerState;
+use super::shared::{ConnEvent, ConnShared};
 use crate::error::AmqpError;
 use crate::model::vhost::Vhost;
-use crate::outbox::Outbox;
-use crate::protocol::{
-    check_protocol_header, read_frame_with, short, write_heartbeat, write_method, Frame, Greeting,
-    TableLimits, PROTOCOL_HEADER,
-};
+
+use crate::protocol::{read_frame_with, short, write_heartbeat, write_method, Frame, TableLimits};
 
 /// Idle time before the kernel starts probing a silent peer.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
@@ -56,65 +53,6 @@ fn shutting_down() -> End {
 
 /// A reply held back until the store has synced: channel, method, cancellations.
 type Deferred = (u16, AMQPClass, Option<crate::model::change::Cancellations>);
-
-/// Things other tasks tell a connection. Each names the channel by number and by
-/// generation: a channel number closed and opened again is another channel, and
-/// must not receive what was meant for the old one (a confirm above all).
-pub enum ConnEvent {
-    /// A consumer's queue was deleted; the channel forgets the consumer.
-    ConsumerGone {
-        channel: u16,
-        generation: u64,
-        tag: Arc<str>,
-    },
-    /// The store flushed what a publisher confirm waited for.
-    Synced {
-        channel: u16,
-        generation: u64,
-        confirm: Synced,
-        ok: bool,
-    },
-}
-
-/// The confirm a store flush releases.
-#[derive(Debug, Clone, Copy)]
-pub enum Synced {
-    /// basic.ack multiple=true up to this tag (a nack when the flush failed).
-    AckUpTo(u64),
-    /// basic.nack of one publish, held back so that it follows earlier acks.
-    Nack(u64),
-}
-
-/// The parts of a connection that queues and channels reach from other tasks.
-pub struct ConnShared {
-    pub id: u64,
-    pub outbox: Outbox,
-    frame_max: AtomicU32,
-    cancel_notify: AtomicBool,
-    events: mpsc::UnboundedSender<ConnEvent>,
-    /// The authenticated user, once the handshake got that far.
-    user: std::sync::OnceLock<String>,
-    /// Numbers every channel this connection opens.
-    generations: std::sync::atomic::AtomicU64,
-}
-
-impl ConnShared {
-    pub fn frame_max(&self) -> u32 {
-        self.frame_max.load(Ordering::Relaxed)
-    }
-
-    pub fn consumer_cancel_notify(&self) -> bool {
-        self.cancel_notify.load(Ordering::Relaxed)
-    }
-
-    pub fn user(&self) -> &str {
-        self.user.get().map(|s| s.as_str()).unwrap_or("")
-    }
-
-    pub fn event(&self, e: ConnEvent) {
-        let _ = self.events.send(e);
-    }
-}
 
 /// Why the connection loop ended.
 enum End {
@@ -160,15 +98,7 @@ pub async fn serve(
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         let (reader, writer) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(ConnShared {
-            id,
-            outbox: Outbox::default(),
-            frame_max: AtomicU32::new(broker.config.limits.frame_max),
-            cancel_notify: AtomicBool::new(false),
-            events: tx,
-            user: std::sync::OnceLock::new(),
-            generations: std::sync::atomic::AtomicU64::new(0),
-        });
+        let shared = Arc::new(ConnShared::new(id, broker.config.limits.frame_max, tx));
         let writer_shared = shared.clone();
         let writer_task = tokio::spawn(
             async move { writer_shared.outbox.run_writer(writer).await }.in_current_span(),
@@ -293,194 +223,6 @@ impl Connection {
             }
             self.input.fill(Some(deadline)).await?;
         }
-    }
-
-    /// Waits for one connection-class method on channel 0 during the handshake.
-    async fn expect(
-        &mut self,
-        deadline: Instant,
-        what: &str,
-    ) -> Result<connection::AMQPMethod, End> {
-        // A loop, not recursion: a client may send any number of heartbeats first.
-        loop {
-            return match self.next_frame(deadline).await? {
-                Frame::Method(0, class) => match *class {
-                    AMQPClass::Connection(m) => Ok(m),
-                    other => Err(AmqpError::command_invalid(format!(
-                        "expected {what}, got {}",
-                        class_name(&other)
-                    ))
-                    .into()),
-                },
-                Frame::Heartbeat(0) => continue,
-                _ => Err(AmqpError::unexpected_frame(format!("expected {what}")).into()),
-            };
-        }
-    }
-
-    async fn handshake(&mut self) -> Result<(), End> {
-        let limits = self.broker.config.limits.clone();
-        // A config built in code skips the file's bounds: saturate rather than overflow.
-        let deadline = Instant::now()
-            .checked_add(Duration::from_secs(limits.handshake_timeout.max(1)))
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        loop {
-            match check_protocol_header(&self.input.buf) {
-                Greeting::Accepted => {
-                    self.input.buf.advance(PROTOCOL_HEADER.len());
-                    break;
-                }
-                Greeting::Refused => {
-                    self.shared
-                        .outbox
-                        .append()
-                        .buf()
-                        .extend_from_slice(PROTOCOL_HEADER);
-                    return Err(End::Done);
-                }
-                Greeting::Incomplete => self.input.fill(Some(deadline)).await?,
-            }
-        }
-        self.send(
-            0,
-            &AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
-                version_major: 0,
-                version_minor: 9,
-                server_properties: server_properties(),
-                mechanisms: LongString::from("PLAIN AMQPLAIN"),
-                locales: LongString::from("en_US"),
-            })),
-        );
-        if let Some(max) = self.over_broker_limit {
-            warn!("refusing a connection: node connection limit ({max}) is reached");
-            return Err(AmqpError::not_allowed(format!(
-                "connection refused: node connection limit ({max}) is reached"
-            ))
-            .into());
-        }
-        let start_ok = match self.expect(deadline, "'connection.start_ok'").await? {
-            connection::AMQPMethod::StartOk(s) => s,
-            _ => {
-                return Err(
-                    AmqpError::command_invalid("expected 'connection.start_ok'".into()).into(),
-                )
-            }
-        };
-        self.read_capabilities(&start_ok.client_properties);
-        let mechanism = start_ok.mechanism.as_str().to_string();
-        let user = match authenticate(
-            &self.broker.config.users,
-            &mechanism,
-            start_ok.response.as_bytes(),
-            self.peer.ip(),
-        ) {
-            Ok(u) => u.clone(),
-            Err(AuthFailure::BadCredentials) => {
-                warn!("login refused using mechanism {mechanism}");
-                // Bounded (LoginThrottle::MAX_DELAY): slows password guessing down.
-                tokio::time::sleep(self.broker.login_throttle.failed(self.peer.ip())).await;
-                return Err(AmqpError::access_refused(format!(
-                    "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
-                ))
-                .with_method(10, 11)
-                .into());
-            }
-            Err(AuthFailure::NotFromLoopback) => {
-                warn!("user may only connect from loopback");
-                tokio::time::sleep(self.broker.login_throttle.failed(self.peer.ip())).await;
-                return Err(AmqpError::access_refused(
-                    "user may only connect via localhost".into(),
-                )
-                .with_method(10, 11)
-                .into());
-            }
-        };
-        let _ = self.shared.user.set(user.name.clone());
-        self.send(
-            0,
-            &AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
-                channel_max: limits.channel_max,
-                frame_max: limits.frame_max,
-                heartbeat: limits.heartbeat,
-            })),
-        );
-        let tune_ok = match self.expect(deadline, "'connection.tune_ok'").await? {
-            connection::AMQPMethod::TuneOk(t) => t,
-            _ => {
-                return Err(
-                    AmqpError::command_invalid("expected 'connection.tune_ok'".into()).into(),
-                )
-            }
-        };
-        let frame_max = if tune_ok.frame_max == 0 {
-            limits.frame_max
-        } else {
-            tune_ok.frame_max
-        };
-        if frame_max > limits.frame_max || frame_max < 4096 {
-            return Err(AmqpError::not_allowed(format!(
-                "negotiated frame_max = {frame_max} is outside the permitted range 4096 to {}",
-                limits.frame_max
-            ))
-            .with_method(10, 31)
-            .into());
-        }
-        self.frame_max = frame_max;
-        self.shared.frame_max.store(frame_max, Ordering::Relaxed);
-        self.channel_max = match tune_ok.channel_max {
-            0 => limits.channel_max,
-            n => n.min(limits.channel_max),
-        };
-        self.heartbeat = tune_ok.heartbeat;
-        let open = match self.expect(deadline, "'connection.open'").await? {
-            connection::AMQPMethod::Open(o) => o,
-            _ => {
-                return Err(AmqpError::command_invalid("expected 'connection.open'".into()).into())
-            }
-        };
-        let vhost_name = open.virtual_host.as_str();
-        let Some(vhost) = self.broker.vhosts.get(vhost_name).cloned() else {
-            return Err(
-                AmqpError::not_allowed(format!("vhost {vhost_name} not found"))
-                    .with_method(10, 40)
-                    .into(),
-            );
-        };
-        if !user.vhosts.iter().any(|v| v == vhost_name) {
-            return Err(AmqpError::not_allowed(format!(
-                "access to vhost '{vhost_name}' refused for user '{}'",
-                user.name
-            ))
-            .with_method(10, 40)
-            .into());
-        }
-        if let Err(limit) = self.broker.user_connected(&user.name) {
-            return Err(AmqpError::not_allowed(format!(
-                "connection refused for user '{}': user connection limit ({limit}) is reached",
-                user.name
-            ))
-            .with_method(10, 40)
-            .into());
-        }
-        self.counted_user = Some(user.name.clone());
-        self.vhost = Some(vhost);
-        self.send(
-            0,
-            &AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
-        );
-        info!(user = %user.name, vhost = vhost_name, "connection opened");
-        Ok(())
-    }
-
-    fn read_capabilities(&mut self, props: &FieldTable) {
-        let Some(AMQPValue::FieldTable(caps)) = props.inner().get("capabilities") else {
-            return;
-        };
-        let on = |k: &str| matches!(caps.inner().get(k), Some(AMQPValue::Boolean(true)));
-        self.shared
-            .cancel_notify
-            .store(on("consumer_cancel_notify"), Ordering::Relaxed);
-        self.blocked_capable = on("connection.blocked");
     }
 
     async fn main_loop(&mut self) -> End {
@@ -818,7 +560,7 @@ impl Connection {
         let Some(vhost) = self.vhost.clone() else {
             return Err(AmqpError::channel_error("connection not open".into()).into());
         };
-        let generation = self.shared.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        let generation = self.shared.next_generation();
         let ch = Channel::new(
             (id, generation),
             self.shared.clone(),
@@ -943,32 +685,4 @@ impl Connection {
             v.connection_closed(self.shared.id);
         }
     }
-}
-
-fn server_properties() -> FieldTable {
-    let mut caps = FieldTable::default();
-    for cap in [
-        "publisher_confirms",
-        "exchange_exchange_bindings",
-        "basic.nack",
-        "consumer_cancel_notify",
-        "connection.blocked",
-        "authentication_failure_close",
-        "per_consumer_qos",
-    ] {
-        caps.insert(short(cap), AMQPValue::Boolean(true));
-    }
-    let mut props = FieldTable::default();
-    let text = |s: &str| AMQPValue::LongString(LongString::from(s));
-    props.insert(short("product"), text("WarrenMQ"));
-    props.insert(short("version"), text(env!("CARGO_PKG_VERSION")));
-    props.insert(short("platform"), text("Rust"));
-    props.insert(short("copyright"), text("WarrenMQ contributors"));
-    props.insert(
-        short("information"),
-        text("Licensed under the Apache License 2.0"),
-    );
-    props.insert(short("cluster_name"), text("warrenmq"));
-    props.insert(short("capabilities"), AMQPValue::FieldTable(caps));
-    props
 }

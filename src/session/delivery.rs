@@ -1,0 +1,283 @@
+//! A channel's deliveries: the delivery-tag counter, the unacked messages and the
+//! channel-wide prefetch, behind a small per-channel mutex that queues take (after
+//! their own) when they deliver, so tags reach the wire in order. This is the
+//! session layer's side of the model's `Deliver` trait; settling (ack, nack,
+//! reject, requeue) goes back to the queues from here.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use amq_protocol::protocol::{basic, AMQPClass};
+
+use super::shared::{ConnEvent, ConnShared};
+use crate::error::{AmqpError, AmqpResult};
+use crate::model::queue::{Consumer, Deliver, Queue, QueuedMessage};
+use crate::protocol::{short, write_get_ok, write_method};
+
+/// A delivery awaiting ack.
+pub(super) struct Unacked {
+    pub(super) tag: u64,
+    queue: Arc<Queue>,
+    msg: QueuedMessage,
+    consumer: Option<Arc<Consumer>>,
+}
+
+#[derive(Default)]
+pub(super) struct DeliveryState {
+    next_tag: u64,
+    pub(super) unacked: BTreeMap<u64, Unacked>,
+    /// basic.qos global=true: unacked deliveries allowed on the whole channel; 0 is unlimited.
+    pub(super) prefetch: u32,
+}
+
+pub struct ChannelShared {
+    pub id: u16,
+    /// Tells this channel from an earlier one with the same number.
+    pub generation: u64,
+    pub conn: Arc<ConnShared>,
+    open: AtomicBool,
+    /// A persisted message was acked, nacked or rejected: its deletion should be
+    /// synced soon rather than left to sled's periodic flush.
+    settled_persistent: AtomicBool,
+    state: Mutex<DeliveryState>,
+}
+
+impl ChannelShared {
+    pub fn new(id: u16, generation: u64, conn: Arc<ConnShared>) -> ChannelShared {
+        ChannelShared {
+            id,
+            generation,
+            conn,
+            open: AtomicBool::new(true),
+            settled_persistent: AtomicBool::new(false),
+            state: Mutex::new(DeliveryState::default()),
+        }
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, DeliveryState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// The channel is closing: queues stop delivering to it.
+    pub fn close(&self) {
+        self.open.store(false, Ordering::Release);
+    }
+
+    /// Whether a persisted message was settled since the last call.
+    pub fn take_settled_persistent(&self) -> bool {
+        self.settled_persistent.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl Deliver for ChannelShared {
+    fn can_deliver(&self) -> bool {
+        self.open.load(Ordering::Acquire) && self.conn.outbox.has_room()
+    }
+
+    /// Called by a queue, under its lock: assigns the delivery tag and writes basic.deliver.
+    fn deliver(
+        &self,
+        queue: &Arc<Queue>,
+        consumer: &Arc<Consumer>,
+        m: QueuedMessage,
+    ) -> Result<(), QueuedMessage> {
+        let mut st = self.lock();
+        if !consumer.no_ack && st.prefetch != 0 && st.unacked.len() as u32 >= st.prefetch {
+            return Err(m);
+        }
+        st.next_tag += 1;
+        let tag = st.next_tag;
+        self.conn
+            .outbox
+            .note_delivery(m.msg.body.len() + m.msg.header.len());
+        self.conn.outbox.append().deliver(
+            self.id,
+            &consumer.tag,
+            tag,
+            m.redelivered,
+            &m.msg.exchange,
+            &m.msg.routing_key,
+            &m.msg.header,
+            &m.msg.body,
+            self.conn.frame_max(),
+        );
+        if !consumer.no_ack {
+            consumer.unacked.fetch_add(1, Ordering::AcqRel);
+            st.unacked.insert(
+                tag,
+                Unacked {
+                    tag,
+                    queue: queue.clone(),
+                    msg: m,
+                    consumer: Some(consumer.clone()),
+                },
+            );
+        } else {
+            queue.forget(&m);
+        }
+        Ok(())
+    }
+
+    /// The queue of one of this channel's consumers was deleted.
+    fn cancelled(&self, tag: &Arc<str>) {
+        if !self.open.load(Ordering::Acquire) {
+            return;
+        }
+        if self.conn.consumer_cancel_notify() {
+            self.send(&AMQPClass::Basic(basic::AMQPMethod::Cancel(
+                basic::Cancel {
+                    consumer_tag: short(&**tag),
+                    nowait: true,
+                },
+            )));
+        }
+        self.conn.event(ConnEvent::ConsumerGone {
+            channel: self.id,
+            generation: self.generation,
+            tag: tag.clone(),
+        });
+    }
+}
+
+impl ChannelShared {
+    pub(super) fn get_ok(
+        &self,
+        queue: &Arc<Queue>,
+        m: QueuedMessage,
+        remaining: u32,
+        no_ack: bool,
+    ) {
+        let mut st = self.lock();
+        st.next_tag += 1;
+        let tag = st.next_tag;
+        {
+            let mut out = self.conn.outbox.append();
+            write_get_ok(
+                out.buf(),
+                self.id,
+                tag,
+                m.redelivered,
+                &m.msg.exchange,
+                &m.msg.routing_key,
+                remaining,
+            );
+            out.content(self.id, &m.msg.header, &m.msg.body, self.conn.frame_max());
+        }
+        if !no_ack {
+            st.unacked.insert(
+                tag,
+                Unacked {
+                    tag,
+                    queue: queue.clone(),
+                    msg: m,
+                    consumer: None,
+                },
+            );
+        } else {
+            queue.forget(&m);
+        }
+    }
+
+    pub fn send(&self, class: &AMQPClass) {
+        write_method(self.conn.outbox.append().buf(), self.id, class);
+    }
+
+    /// Removes deliveries by tag (with `multiple`, every tag up to it; tag 0 means all).
+    pub(super) fn take(&self, tag: u64, multiple: bool) -> AmqpResult<Vec<Unacked>> {
+        let taken = self.take_inner(tag, multiple)?;
+        if taken.iter().any(|u| u.msg.is_persisted()) {
+            self.settled_persistent.store(true, Ordering::Release);
+        }
+        Ok(taken)
+    }
+
+    fn take_inner(&self, tag: u64, multiple: bool) -> AmqpResult<Vec<Unacked>> {
+        let mut st = self.lock();
+        if multiple {
+            let upto = if tag == 0 { u64::MAX } else { tag };
+            if tag != 0
+                && !st.unacked.contains_key(&tag)
+                && st.unacked.range(..=upto).next().is_none()
+            {
+                return Err(unknown_tag(tag));
+            }
+            let rest = st.unacked.split_off(&upto.saturating_add(1));
+            let taken = std::mem::replace(&mut st.unacked, rest);
+            Ok(taken.into_values().collect())
+        } else {
+            st.unacked
+                .remove(&tag)
+                .map(|u| vec![u])
+                .ok_or_else(|| unknown_tag(tag))
+        }
+    }
+
+    pub(super) fn take_all(&self) -> Vec<Unacked> {
+        std::mem::take(&mut self.lock().unacked)
+            .into_values()
+            .collect()
+    }
+}
+
+fn unknown_tag(tag: u64) -> AmqpError {
+    AmqpError::precondition_failed(format!("unknown delivery tag {tag}"))
+}
+
+/// Gives credit back for settled deliveries, forgets them, and kicks each queue once.
+pub(super) fn settle(done: Vec<Unacked>) {
+    for u in &done {
+        u.queue.forget(&u.msg);
+    }
+    release(done);
+}
+
+/// Gives credit back for deliveries that were dealt with, and kicks each queue once.
+pub(super) fn release(done: Vec<Unacked>) {
+    let mut queues: Vec<Arc<Queue>> = Vec::new();
+    for u in &done {
+        if let Some(c) = &u.consumer {
+            c.release_credit();
+        }
+        if !queues.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
+            queues.push(u.queue.clone());
+        }
+    }
+    drop(done);
+    for q in queues {
+        q.kick();
+    }
+}
+
+/// Requeues deliveries, or rejects them (dead-lettering where the queue says so).
+pub(super) fn nack_taken(taken: Vec<Unacked>, requeue_it: bool) {
+    if requeue_it {
+        requeue(taken);
+    } else {
+        for u in &taken {
+            u.queue.rejected(u.msg.clone());
+        }
+        release(taken);
+    }
+}
+
+/// Puts deliveries back in their queues, in their original positions.
+pub(super) fn requeue(done: Vec<Unacked>) {
+    let mut per_queue: Vec<(Arc<Queue>, Vec<QueuedMessage>)> = Vec::new();
+    for u in done {
+        if let Some(c) = &u.consumer {
+            c.release_credit();
+        }
+        match per_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+            Some((_, v)) => v.push(u.msg),
+            None => per_queue.push((u.queue, vec![u.msg])),
+        }
+    }
+    for (q, msgs) in per_queue {
+        q.requeue(msgs);
+    }
+}
