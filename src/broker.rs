@@ -19,7 +19,7 @@ use crate::model::message::MemoryGauge;
 use crate::model::vhost::Vhost;
 use crate::session::connection;
 use crate::session::context::BrokerState;
-use crate::store::{Store, StoreError};
+use crate::store::{SledStore, Store, StoreError};
 use std::time::Instant;
 use tracing::warn;
 
@@ -28,8 +28,9 @@ pub struct BrokerHandle {
     addrs: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
-    store: std::sync::Weak<Store>,
-    committer: Option<tokio::task::JoinHandle<()>>,
+    store: std::sync::Weak<dyn Store>,
+    /// The store's thread: it ends, releasing the database, once the store is dropped.
+    store_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl BrokerHandle {
@@ -48,15 +49,16 @@ impl BrokerHandle {
         let _ = self.stop.send(true);
         let _ = self.task.await;
         // The store goes once the last connection and queue let go of it; its
-        // committer then ends and with it the database.
+        // thread then syncs what is left and ends, and with it the database.
         for _ in 0..500 {
             if self.store.strong_count() == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if let Some(c) = self.committer {
-            let _ = tokio::time::timeout(Duration::from_secs(5), c).await;
+        if let Some(t) = self.store_thread {
+            let joined = tokio::task::spawn_blocking(move || t.join());
+            let _ = tokio::time::timeout(Duration::from_secs(5), joined).await;
         }
     }
 }
@@ -65,6 +67,8 @@ impl BrokerHandle {
 pub enum StartError {
     #[error("{0}")]
     Store(#[from] StoreError),
+    #[error("recovery failed: {0}")]
+    Recovery(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -78,28 +82,22 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         config.limits.memory_high_watermark as usize,
     ));
     let started = Instant::now();
-    let store = Store::open(&config.data_dir)?;
-    let (exchanges, queues, bindings) = (store.exchanges()?, store.queues()?, store.bindings()?);
-    let mut vhosts = HashMap::new();
-    let (mut nq, mut nm, mut skipped) = (0, 0, 0);
-    for v in &config.vhosts {
-        let vhost = Arc::new(Vhost::new(
-            &v.name,
-            Some(store.clone()),
-            gauge.clone(),
-            config.limits.queue_memory_budget as usize,
-        ));
-        vhost.set_limits(crate::model::vhost::VhostLimits {
-            queues: config.limits.max_queues_per_vhost as usize,
-            exchanges: config.limits.max_exchanges_per_vhost as usize,
-            bindings: config.limits.max_bindings_per_exchange as usize,
-        });
-        let r = vhost.recover(&exchanges, &queues, &bindings, &gauge)?;
-        nq += r.queues;
-        nm += r.messages;
-        skipped += r.skipped;
+    // Opening the store and reading it back is disk work: off the async workers.
+    let recovery = {
+        let (config, gauge) = (config.clone(), gauge.clone());
+        tokio::task::spawn_blocking(move || recover(&config, &gauge))
+    };
+    let Recovery {
+        store,
+        thread,
+        vhosts,
+        queues,
+        counts: (nq, nm, skipped),
+    } = recovery
+        .await
+        .map_err(|e| StartError::Recovery(e.to_string()))??;
+    for vhost in vhosts.values() {
         vhost.start_housekeeping();
-        vhosts.insert(v.name.clone(), vhost);
     }
     for q in queues.iter().filter(|q| !vhosts.contains_key(&q.vhost)) {
         warn!(
@@ -169,7 +167,6 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         user_connections: Default::default(),
     });
     let (stop, stop_rx) = watch::channel(false);
-    let committer = store.take_committer();
     let weak_store = Arc::downgrade(&store);
     drop(store);
     let task = tokio::spawn(accept_all(listeners, state, stop_rx));
@@ -178,7 +175,52 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         stop,
         task,
         store: weak_store,
-        committer,
+        store_thread: thread,
+    })
+}
+
+/// What start-up read back from the store.
+struct Recovery {
+    store: Arc<dyn Store>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    vhosts: HashMap<String, Arc<Vhost>>,
+    queues: Vec<crate::store::StoredQueue>,
+    /// Queues, messages, and message records that could not be read.
+    counts: (usize, usize, usize),
+}
+
+/// Opens the store and rebuilds every configured vhost from it.
+fn recover(config: &Config, gauge: &Arc<MemoryGauge>) -> Result<Recovery, StoreError> {
+    let sled = SledStore::open(&config.data_dir)?;
+    let thread = sled.take_thread();
+    let store: Arc<dyn Store> = sled;
+    let (exchanges, queues, bindings) = (store.exchanges()?, store.queues()?, store.bindings()?);
+    let mut vhosts = HashMap::new();
+    let (mut nq, mut nm, mut skipped) = (0, 0, 0);
+    for v in &config.vhosts {
+        let vhost = Arc::new(Vhost::new(
+            &v.name,
+            Some(store.clone()),
+            gauge.clone(),
+            config.limits.queue_memory_budget as usize,
+        ));
+        vhost.set_limits(crate::model::vhost::VhostLimits {
+            queues: config.limits.max_queues_per_vhost as usize,
+            exchanges: config.limits.max_exchanges_per_vhost as usize,
+            bindings: config.limits.max_bindings_per_exchange as usize,
+        });
+        let r = vhost.recover(&exchanges, &queues, &bindings, gauge)?;
+        nq += r.queues;
+        nm += r.messages;
+        skipped += r.skipped;
+        vhosts.insert(v.name.clone(), vhost);
+    }
+    Ok(Recovery {
+        store,
+        thread,
+        vhosts,
+        queues,
+        counts: (nq, nm, skipped),
     })
 }
 

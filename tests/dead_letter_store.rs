@@ -12,9 +12,9 @@ use bytes::Bytes;
 use warrenmq::model::change::{Actor, Change, Outcome, QueueSpec};
 use warrenmq::model::message::{encode_header, MemoryGauge, Message};
 use warrenmq::model::vhost::Vhost;
-use warrenmq::store::Store;
+use warrenmq::store::{SledStore, Store};
 
-fn stored(store: &Store, queue: u64) -> usize {
+fn stored(store: &dyn Store, queue: u64) -> usize {
     store
         .messages(queue)
         .filter(|m| matches!(m, Ok(Ok(_))))
@@ -25,7 +25,7 @@ fn stored(store: &Store, queue: u64) -> usize {
 async fn dead_letter_is_stored_before_its_source_is_deleted() {
     let dir = std::env::temp_dir().join(format!("warrenmq-dlstore-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let store = Store::open(&dir).expect("store opens");
+    let store: Arc<dyn Store> = SledStore::open(&dir).expect("store opens");
     let gauge = Arc::new(MemoryGauge::new(1 << 30));
     let vhost = Arc::new(Vhost::new(
         "/",
@@ -69,23 +69,29 @@ async fn dead_letter_is_stored_before_its_source_is_deleted() {
     let msg = Message::new("".into(), "src".into(), header, properties, body, gauge);
     // TTL 0 and no consumer: it dies at once and goes to the housekeeper.
     src.publish(Arc::new(msg));
+    // Writes are requests to the store's thread: a sync says they are on disk.
+    store.synced().await.expect("sync");
 
     // The housekeeper has not run: the message must still be stored somewhere.
     assert_eq!(
-        stored(&store, src_id) + stored(&store, dlq_id),
+        stored(&*store, src_id) + stored(&*store, dlq_id),
         1,
         "between dying and being dead-lettered, the message is on disk"
     );
 
     vhost.start_housekeeping();
     for _ in 0..100 {
-        if stored(&store, dlq_id) == 1 {
+        store.synced().await.expect("sync");
+        if stored(&*store, dlq_id) == 1 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    assert_eq!(stored(&store, dlq_id), 1, "the dead letter is stored");
-    assert_eq!(stored(&store, src_id), 0, "then its source copy goes");
+    // The source's deletion is requested right after the dead letter's write.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    store.synced().await.expect("sync");
+    assert_eq!(stored(&*store, dlq_id), 1, "the dead letter is stored");
+    assert_eq!(stored(&*store, src_id), 0, "then its source copy goes");
     drop((src, dlq, vhost, store));
     let _ = std::fs::remove_dir_all(&dir);
 }

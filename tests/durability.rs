@@ -653,3 +653,120 @@ async fn ttl_keeps_running_across_a_restart() {
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A broker in this process with a tiny per-queue memory budget, so that a
+/// durable backlog of a few hundred 1 KiB messages lives mostly on disk.
+async fn small_budget_broker(dir: &Path) -> warrenmq::BrokerHandle {
+    warrenmq::start(warrenmq::Config {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        data_dir: dir.to_path_buf(),
+        limits: warrenmq::config::Limits {
+            queue_memory_budget: 16 * 1024,
+            ..Default::default()
+        },
+        ..warrenmq::Config::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// A consumer of a backlog that is mostly on disk gets every message, in order,
+/// while the broker reads the rest back as it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_of_a_paged_backlog_gets_it_all_in_order() {
+    let dir = data_dir("paged-consume");
+    let broker = small_budget_broker(&dir).await;
+    let url = format!("amqp://guest:guest@{}/%2f", broker.local_addr());
+    let conn = connect_url(&url).await;
+    let ch = channel(&conn).await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ok(
+        "queue.declare",
+        ch.queue_declare("paged-consume".into(), durable, FieldTable::default()),
+    )
+    .await;
+    support::confirm_mode(&ch).await;
+    let body = |i: usize| format!("{i:06}-{}", "y".repeat(1000));
+    for i in 0..600 {
+        support::publish_props(
+            &ch,
+            "",
+            "paged-consume",
+            body(i).as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await;
+    }
+    ok("confirms", ch.wait_for_confirms()).await;
+    ok("basic.qos", ch.basic_qos(20, BasicQosOptions::default())).await;
+    let mut sub = support::consume(&ch, "paged-consume", false).await;
+    for i in 0..600 {
+        let d = sub.next().await;
+        assert_eq!(String::from_utf8_lossy(&d.data), body(i), "message {i}");
+        ok("ack", d.acker.ack(BasicAckOptions::default())).await;
+    }
+    sub.expect_nothing(support::QUIET).await;
+    drop(conn);
+    broker.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Messages that expire while paged out to disk are read back and dead-lettered
+/// like any other: none is lost on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paged_out_messages_that_expire_are_dead_lettered() {
+    let dir = data_dir("paged-dlx");
+    let broker = small_budget_broker(&dir).await;
+    let url = format!("amqp://guest:guest@{}/%2f", broker.local_addr());
+    let conn = connect_url(&url).await;
+    let ch = channel(&conn).await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ok(
+        "queue.declare",
+        ch.queue_declare("paged-dlq".into(), durable, FieldTable::default()),
+    )
+    .await;
+    let args = support::table(&[
+        ("x-message-ttl", AMQPValue::LongInt(300)),
+        ("x-dead-letter-exchange", support::s("")),
+        ("x-dead-letter-routing-key", support::s("paged-dlq")),
+    ]);
+    ok(
+        "queue.declare",
+        ch.queue_declare("paged-ttl".into(), durable, args),
+    )
+    .await;
+    support::confirm_mode(&ch).await;
+    let body = |i: usize| format!("{i:06}-{}", "z".repeat(1000));
+    for i in 0..300 {
+        support::publish_props(
+            &ch,
+            "",
+            "paged-ttl",
+            body(i).as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await;
+    }
+    ok("confirms", ch.wait_for_confirms()).await;
+    let mut sub = support::consume(&ch, "paged-dlq", true).await;
+    let mut got: Vec<String> = Vec::new();
+    for _ in 0..300 {
+        got.push(String::from_utf8_lossy(&sub.next().await.data).into_owned());
+    }
+    got.sort();
+    let expected: Vec<String> = (0..300).map(body).collect();
+    assert_eq!(got, expected);
+    sub.expect_nothing(support::QUIET).await;
+    let (left, _) = support::counts(&ch, "paged-ttl").await;
+    assert_eq!(left, 0);
+    drop(conn);
+    broker.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

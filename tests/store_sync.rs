@@ -126,8 +126,12 @@ struct Call {
 fn calls(trace: &str) -> Vec<Call> {
     let mut out = Vec::new();
     for line in trace.lines() {
-        let mut parts = line.splitn(3, ' ');
-        let (Some(_pid), Some(at), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        // strace pads the pid column (`%-5d`): split on runs of spaces.
+        let mut parts = line.trim_start().splitn(2, ' ');
+        let (Some(_pid), Some(tail)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Some((at, rest)) = tail.trim_start().split_once(' ') else {
             continue;
         };
         let Ok(at) = at.parse::<f64>() else {

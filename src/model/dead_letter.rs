@@ -20,16 +20,14 @@ pub struct DeadLetter {
     pub exchange: Arc<str>,
     pub routing_key: Option<Arc<str>>,
     /// The dead queue's stored copy (store, queue id, seq): deleted once routed.
-    pub source: Option<(Arc<Store>, u64, u64)>,
+    pub source: Option<(Arc<dyn Store>, u64, u64)>,
 }
 
 impl DeadLetter {
     /// The dead letter has been routed (or could not be): its source copy goes.
     pub fn forget_source(&mut self) {
         if let Some((store, queue, seq)) = self.source.take() {
-            if let Err(e) = store.delete_message(queue, seq) {
-                tracing::error!(queue = %self.queue, "cannot delete a dead-lettered message: {e}");
-            }
+            store.delete_message(queue, seq);
         }
     }
 

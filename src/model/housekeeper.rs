@@ -37,6 +37,25 @@ pub async fn housekeeper<K: Keeper>(owner: Weak<K>, mut rx: UnboundedReceiver<Ho
         tokio::select! {
             msg = rx.recv() => match msg {
                 None => return,
+                Some(Housekeeping::PagedOut(p)) => {
+                    // The read goes through the store's thread; others go on meanwhile.
+                    let owner = owner.clone();
+                    tokio::spawn(async move {
+                        let read = p.store.read(p.queue, vec![p.seq]).await;
+                        let dl = match read.into_iter().next().map(|(_, r)| r) {
+                            Some(Ok(Some(m))) => (p.make)(m),
+                            _ => None,
+                        };
+                        match (dl, owner.upgrade()) {
+                            (Some(dl), Some(v)) => v.dead_letter(dl),
+                            (None, _) => {
+                                tracing::error!(seq = p.seq, "a paged-out message could not be read back to dead-letter it; it is dropped");
+                                p.store.delete_message(p.queue, p.seq);
+                            }
+                            (Some(_), None) => {}
+                        }
+                    });
+                }
                 Some(Housekeeping::DeadLetter(dl)) => {
                     let Some(v) = owner.upgrade() else { return };
                     v.dead_letter(dl);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::FieldTable;
 
-use crate::store::{MessageParts, StoredMessage};
+use crate::store::{MessageRecord, StoredMessage};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
@@ -317,13 +317,13 @@ impl Message {
         Ok(msg)
     }
 
-    /// What the store keeps of this message.
-    pub fn parts(&self) -> MessageParts<'_> {
-        MessageParts {
-            exchange: &self.exchange,
-            routing_key: &self.routing_key,
-            header: &self.header,
-            body: &self.body,
+    /// What the store keeps of this message (shared, not copied).
+    pub fn record(&self) -> MessageRecord {
+        MessageRecord {
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            header: self.header.clone(),
+            body: self.body.clone(),
         }
     }
 }

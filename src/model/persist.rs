@@ -8,7 +8,7 @@ use super::change::{BindingEvent, Event, TopologyListener};
 use super::exchange::Destination;
 use crate::store::{Store, StoredBinding, StoredDestination, StoredExchange, StoredQueue};
 
-pub struct StoreTopology(pub Arc<Store>);
+pub struct StoreTopology(pub Arc<dyn Store>);
 
 fn stored_binding(vhost: &str, b: &BindingEvent) -> StoredBinding {
     StoredBinding {
@@ -27,57 +27,50 @@ impl TopologyListener for StoreTopology {
     fn changed(&self, vhost: &str, events: &[Event]) -> Result<bool, String> {
         let store = &self.0;
         let mut durable = false;
-        let fail = |e: crate::store::StoreError| e.to_string();
         for e in events {
             match e {
                 Event::ExchangeDeclared(x) if x.is_stored() => {
-                    store
-                        .put_exchange(
-                            vhost,
-                            &StoredExchange {
-                                vhost: vhost.to_string(),
-                                name: x.name.to_string(),
-                                kind: x.kind.code,
-                                auto_delete: x.auto_delete,
-                                internal: x.internal,
-                                arguments: x.arguments.clone(),
-                            },
-                        )
-                        .map_err(fail)?;
+                    store.put_exchange(
+                        vhost,
+                        &StoredExchange {
+                            vhost: vhost.to_string(),
+                            name: x.name.to_string(),
+                            kind: x.kind.code,
+                            auto_delete: x.auto_delete,
+                            internal: x.internal,
+                            arguments: x.arguments.clone(),
+                        },
+                    );
                     durable = true;
                 }
                 Event::ExchangeDeleted(x) if x.is_stored() => {
-                    store.delete_exchange(vhost, &x.name).map_err(fail)?;
+                    store.delete_exchange(vhost, &x.name);
                     durable = true;
                 }
                 Event::QueueDeclared(q) => {
                     if let Some((_, id)) = &q.store {
-                        store
-                            .put_queue(&StoredQueue {
-                                vhost: vhost.to_string(),
-                                name: q.name.to_string(),
-                                id: *id,
-                                auto_delete: q.auto_delete,
-                                arguments: q.arguments.clone(),
-                            })
-                            .map_err(fail)?;
+                        store.put_queue(&StoredQueue {
+                            vhost: vhost.to_string(),
+                            name: q.name.to_string(),
+                            id: *id,
+                            auto_delete: q.auto_delete,
+                            arguments: q.arguments.clone(),
+                        });
                         durable = true;
                     }
                 }
                 Event::QueueDeleted(q) => {
                     if let Some((_, id)) = &q.store {
-                        store.delete_queue(vhost, &q.name, *id).map_err(fail)?;
+                        store.delete_queue(vhost, &q.name, *id);
                         durable = true;
                     }
                 }
                 Event::Bound(b) if b.durable => {
-                    store.put_binding(&stored_binding(vhost, b)).map_err(fail)?;
+                    store.put_binding(&stored_binding(vhost, b));
                     durable = true;
                 }
                 Event::Unbound(b) if b.durable => {
-                    store
-                        .delete_binding(&stored_binding(vhost, b))
-                        .map_err(fail)?;
+                    store.delete_binding(&stored_binding(vhost, b));
                     durable = true;
                 }
                 // The queue deleted the stored copies itself, as it does for acks.

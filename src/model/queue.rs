@@ -22,11 +22,16 @@ use super::message::{MemoryGauge, Message};
 use super::values::{int_value, string_value, type_name};
 use crate::error::{queue_name, AmqpError, AmqpResult};
 use crate::store::Store;
+use crate::store::{ReadBack, StoredMessage};
+use tokio::sync::oneshot;
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
 }
+
+/// At most this many paged-out messages are read back at a time.
+const PAGE_IN_MAX: usize = 256;
 
 /// Ready messages beyond which a queue with consumers counts as backlogged.
 const BACKLOG: usize = 1024;
@@ -244,10 +249,20 @@ impl QueueArgs {
 
 /// Work for the vhost's housekeeping task.
 pub enum Housekeeping {
+    /// Read this paged-out message back, then dead-letter it.
+    PagedOut(PagedOut),
     /// Route this message to the queue's dead-letter exchange.
     DeadLetter(DeadLetter),
     /// Look at this queue again at `now_ms()` = the given time (TTL and x-expires).
     Wake(Weak<Queue>, u64),
+}
+
+/// A paged-out message to dead-letter once read back from the store.
+pub struct PagedOut {
+    pub store: Arc<dyn Store>,
+    pub queue: u64,
+    pub seq: u64,
+    pub make: Box<dyn FnOnce(StoredMessage) -> Option<DeadLetter> + Send>,
 }
 
 pub struct Queue {
@@ -261,7 +276,7 @@ pub struct Queue {
     housekeeping: UnboundedSender<Housekeeping>,
     me: Weak<Queue>,
     /// For durable queues: the store and this queue's id in it.
-    pub store: Option<(Arc<Store>, u64)>,
+    pub store: Option<(Arc<dyn Store>, u64)>,
     /// Bytes of persisted bodies kept in memory; beyond, they stay on disk only.
     memory_budget: usize,
     /// Consumers are attached but ready messages pile up: publishers should let
@@ -377,6 +392,35 @@ impl Ready {
         Some(e)
     }
 
+    /// Attaches a body read back from the store to its paged-out entry.
+    fn attach(&mut self, seq: u64, msg: Arc<Message>) {
+        for level in self.levels.iter_mut().rev() {
+            if let Some(e) = level
+                .iter_mut()
+                .take(PAGE_IN_MAX * 2)
+                .find(|e| e.seq == seq && e.msg.is_none())
+            {
+                e.msg = Some(msg);
+                self.resident += e.size;
+                return;
+            }
+        }
+    }
+
+    /// Drops a paged-out entry whose message cannot be read back.
+    fn remove_seq(&mut self, seq: u64) {
+        for level in self.levels.iter_mut() {
+            if let Some(i) = level.iter().position(|e| e.seq == seq) {
+                if let Some(e) = level.remove(i) {
+                    self.len -= 1;
+                    self.bytes -= e.size;
+                    self.resident -= e.resident_bytes();
+                }
+                return;
+            }
+        }
+    }
+
     fn clear(&mut self) -> Vec<Entry> {
         self.len = 0;
         self.bytes = 0;
@@ -395,6 +439,18 @@ struct QueueState {
     /// Earliest wake-up already asked of the housekeeper.
     wake_at: Option<u64>,
     last_used: u64,
+    /// A page-in request is with the store.
+    paging: bool,
+    /// basic.get callers waiting for that page-in.
+    page_waiters: Vec<oneshot::Sender<()>>,
+}
+
+/// What basic.get finds.
+pub enum Got {
+    Message(QueuedMessage, u32),
+    Empty,
+    /// The head is on disk only: ask again once this resolves.
+    PagingIn(oneshot::Receiver<()>),
 }
 
 /// Why a consumer could not be added.
@@ -425,7 +481,7 @@ impl Queue {
         arguments: FieldTable,
         args: QueueArgs,
         housekeeping: UnboundedSender<Housekeeping>,
-        store: Option<(Arc<Store>, u64)>,
+        store: Option<(Arc<dyn Store>, u64)>,
         memory: (usize, Arc<MemoryGauge>),
     ) -> Arc<Queue> {
         let levels = args.max_priority.map(|p| p as usize + 1).unwrap_or(1);
@@ -451,6 +507,8 @@ impl Queue {
                 deleted: false,
                 wake_at: None,
                 last_used: now_ms(),
+                paging: false,
+                page_waiters: Vec::new(),
             }),
         });
         if let Some(ms) = q.args.expires {
@@ -475,18 +533,44 @@ impl Queue {
             .send(Housekeeping::Wake(self.me.clone(), at));
     }
 
-    /// A ready message leaves without delivery: forgotten, and dead-lettered if configured.
+    /// A ready message leaves without delivery: forgotten, and dead-lettered if
+    /// configured. A paged-out message is read back by the housekeeper first.
     fn drop_entry(&self, e: Entry, reason: &'static str) {
         let (seq, persisted) = (e.seq, e.persisted);
-        match self
-            .args
-            .dead_letter_exchange
-            .is_some()
-            .then(|| self.resolve(e))
-        {
-            Some(Some(m)) => self.dead_letter(m, reason),
-            _ => self.forget_stored(seq, persisted),
+        let Some(exchange) = self.args.dead_letter_exchange.clone() else {
+            self.forget_stored(seq, persisted);
+            return;
+        };
+        if let Some(m) = self.resolve(e) {
+            self.dead_letter(m, reason);
+            return;
         }
+        let Some((store, id)) = self.store.clone() else {
+            return;
+        };
+        let self_store = store.clone();
+        let (queue, routing_key, gauge) = (
+            self.name.clone(),
+            self.args.dead_letter_routing_key.clone(),
+            self.gauge.clone(),
+        );
+        let make = Box::new(move |stored: StoredMessage| {
+            let msg = Message::from_stored(stored, &gauge).ok()?;
+            Some(DeadLetter {
+                msg: Arc::new(msg),
+                queue,
+                reason,
+                exchange,
+                routing_key,
+                source: Some((store, id, seq)),
+            })
+        });
+        let _ = self.housekeeping.send(Housekeeping::PagedOut(PagedOut {
+            store: self_store,
+            queue: id,
+            seq,
+            make,
+        }));
     }
 
     /// Hands a message to the dead-letter exchange. Its stored copy here is deleted
@@ -551,10 +635,8 @@ impl Queue {
         let mut m = self.queued(&mut st, msg);
         if let Some((store, id)) = &self.store {
             if m.msg.persistent() {
-                if let Err(e) = store.put_message(*id, m.seq, m.msg.parts()) {
-                    tracing::error!(queue = %self.name, "cannot persist a message: {e}");
-                    return Enqueued::Rejected;
-                }
+                // A request to the store's thread: no disk work under this lock.
+                store.put_message(*id, m.seq, m.msg.record());
                 m.persisted = true;
             }
         }
@@ -616,9 +698,7 @@ impl Queue {
             return;
         }
         if let Some((store, id)) = &self.store {
-            if let Err(e) = store.delete_message(*id, seq) {
-                tracing::error!(queue = %self.name, "cannot delete a settled message: {e}");
-            }
+            store.delete_message(*id, seq);
         }
     }
 
@@ -652,37 +732,78 @@ impl Queue {
         resident + size <= self.memory_budget
     }
 
-    /// The message itself, read back from the store if it was paged out.
+    /// The message of a resident entry; None when it is paged out.
     fn resolve(&self, e: Entry) -> Option<QueuedMessage> {
-        let msg = match e.msg {
-            Some(m) => m,
-            None => {
-                let (store, id) = self.store.as_ref()?;
-                let loaded = store
-                    .load_message(*id, e.seq)
-                    .map_err(|e| e.to_string())
-                    .and_then(|m| m.map(|m| Message::from_stored(m, &self.gauge)).transpose());
-                match loaded {
-                    Ok(Some(m)) => Arc::new(m),
-                    Ok(None) => {
-                        tracing::error!(queue = %self.name, seq = e.seq, "a paged-out message is missing from the store");
-                        return None;
-                    }
-                    Err(err) => {
-                        tracing::error!(queue = %self.name, seq = e.seq, "cannot read a paged-out message: {err}");
-                        return None;
-                    }
-                }
-            }
-        };
         Some(QueuedMessage {
-            msg,
+            msg: e.msg?,
             seq: e.seq,
             redelivered: e.redelivered,
             level: e.level,
             expires: e.expires,
             persisted: e.persisted,
         })
+    }
+
+    /// Asks the store for the paged-out messages at the head of the queue (up to a
+    /// quarter of the memory budget); delivery resumes when they are back. The read
+    /// runs on the store's thread, never under this lock.
+    fn page_in(self: &Arc<Self>, st: &mut QueueState) {
+        if st.paging {
+            return;
+        }
+        let Some((store, id)) = &self.store else {
+            return;
+        };
+        let (mut seqs, mut bytes) = (Vec::new(), 0usize);
+        let enough = |n: usize, b: usize| n >= PAGE_IN_MAX || b >= self.memory_budget / 4;
+        'levels: for level in st.ready.levels.iter().rev() {
+            for e in level.iter().take(PAGE_IN_MAX) {
+                if e.msg.is_none() {
+                    seqs.push(e.seq);
+                    bytes += e.size;
+                }
+                if enough(seqs.len(), bytes) {
+                    break 'levels;
+                }
+            }
+        }
+        if seqs.is_empty() {
+            return;
+        }
+        st.paging = true;
+        let me = self.clone();
+        store.read_messages(*id, seqs, Box::new(move |read| me.paged_in(read)));
+    }
+
+    /// Messages read back from the store: attached to their entries, then delivered.
+    fn paged_in(self: &Arc<Self>, read: ReadBack) {
+        let mut st = self.lock();
+        st.paging = false;
+        for (seq, got) in read {
+            let msg = match got.and_then(|m| match m {
+                Some(m) => Message::from_stored(m, &self.gauge).map(Some),
+                None => Ok(None),
+            }) {
+                Ok(Some(m)) => Arc::new(m),
+                Ok(None) => {
+                    tracing::error!(queue = %self.name, seq, "a paged-out message is missing from the store");
+                    st.ready.remove_seq(seq);
+                    continue;
+                }
+                Err(err) => {
+                    tracing::error!(queue = %self.name, seq, "cannot read a paged-out message: {err}");
+                    st.ready.remove_seq(seq);
+                    continue;
+                }
+            };
+            st.ready.attach(seq, msg);
+        }
+        for w in std::mem::take(&mut st.page_waiters) {
+            let _ = w.send(());
+        }
+        if !st.deleted {
+            self.drain(&mut st);
+        }
     }
 
     /// A message's effective TTL here: the lower of the queue's and its own.
@@ -790,6 +911,10 @@ impl Queue {
             };
             let consumer = st.consumers[idx].clone();
             self.expire_head(st, now);
+            if st.ready.front().is_some_and(|e| e.msg.is_none()) {
+                self.page_in(st);
+                return;
+            }
             let Some(e) = st.ready.pop_front() else {
                 return;
             };
@@ -807,15 +932,19 @@ impl Queue {
     }
 
     /// basic.get: the next ready message, if any, with the count left behind it.
-    pub fn get(&self) -> Option<(QueuedMessage, u32)> {
+    pub fn get(self: &Arc<Self>) -> Got {
         let mut st = self.lock();
         st.last_used = now_ms();
         self.expire_head(&mut st, now_ms());
-        loop {
-            let e = st.ready.pop_front()?;
-            if let Some(m) = self.resolve(e) {
-                return Some((m, st.ready.len as u32));
-            }
+        if st.ready.front().is_some_and(|e| e.msg.is_none()) {
+            let (tx, rx) = oneshot::channel();
+            st.page_waiters.push(tx);
+            self.page_in(&mut st);
+            return Got::PagingIn(rx);
+        }
+        match st.ready.pop_front().and_then(|e| self.resolve(e)) {
+            Some(m) => Got::Message(m, st.ready.len as u32),
+            None => Got::Empty,
         }
     }
 

@@ -58,7 +58,7 @@ pub struct Vhost {
     pub(super) housekeeping: UnboundedSender<Housekeeping>,
     housekeeping_rx: Mutex<Option<UnboundedReceiver<Housekeeping>>>,
     /// Where durable entities and persistent messages go; None runs purely in memory.
-    pub store: Option<Arc<Store>>,
+    pub store: Option<Arc<dyn Store>>,
     pub(super) gauge: Arc<MemoryGauge>,
     pub(super) queue_memory_budget: usize,
     /// Direct reply-to: the pseudo-queue behind each `amq.rabbitmq.reply-to.*`
@@ -98,7 +98,7 @@ const PREDECLARED: &[(&str, &str, bool)] = &[
 impl Vhost {
     pub fn new(
         name: &str,
-        store: Option<Arc<Store>>,
+        store: Option<Arc<dyn Store>>,
         gauge: Arc<MemoryGauge>,
         queue_memory_budget: usize,
     ) -> Vhost {

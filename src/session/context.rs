@@ -18,7 +18,7 @@ pub struct BrokerState {
     pub config: Config,
     pub vhosts: HashMap<String, Arc<Vhost>>,
     pub gauge: Arc<MemoryGauge>,
-    pub store: Arc<Store>,
+    pub store: Arc<dyn Store>,
     /// Paces failed logins per client address.
     pub login_throttle: LoginThrottle,
     pub(crate) next_connection: AtomicU64,

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use amq_protocol::protocol::{basic, AMQPClass};
 
-use super::{class_name, Channel, TxOp};
+use super::{class_name, After, Channel, TxOp};
 use crate::error::{queue_name, AmqpError, AmqpResult};
-use crate::model::queue::{ConsumeRefused, Consumer, Deliver};
+use crate::model::queue::{ConsumeRefused, Consumer, Deliver, Got};
 use crate::model::values::int_value;
 use crate::model::vhost::REPLY_TO;
 use crate::protocol::short;
@@ -25,7 +25,7 @@ fn generated_tag() -> String {
 }
 
 impl Channel {
-    pub(super) fn basic_method(&mut self, m: basic::AMQPMethod) -> AmqpResult<()> {
+    pub(super) fn basic_method(&mut self, m: basic::AMQPMethod) -> AmqpResult<After> {
         use basic::AMQPMethod as M;
         match m {
             M::Publish(p) => self.publish(p)?,
@@ -56,8 +56,13 @@ impl Channel {
                 let name = self.resolve_queue(g.queue.as_str())?;
                 let q = self.vhost.queue(&name, self.actor())?;
                 match q.get() {
-                    Some((m, remaining)) => self.shared.get_ok(&q, m, remaining, g.no_ack),
-                    None => self.reply(AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {}))),
+                    Got::Message(m, remaining) => self.shared.get_ok(&q, m, remaining, g.no_ack),
+                    Got::Empty => self.reply(AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {}))),
+                    // The head is on disk: ask again once it is read back, and
+                    // meanwhile nothing else on this connection overtakes the get.
+                    Got::PagingIn(ready) => {
+                        return Ok(After::Retry(ready, AMQPClass::Basic(M::Get(g))));
+                    }
                 }
             }
             M::Ack(a) => {
@@ -107,7 +112,7 @@ impl Channel {
                 )))
             }
         }
-        Ok(())
+        Ok(After::Nothing)
     }
 
     pub(super) fn nack(&self, tag: u64, multiple: bool, requeue_it: bool) -> AmqpResult<()> {

@@ -61,6 +61,9 @@ pub enum After {
     /// A durable change was made: send this reply (then tell these consumers their
     /// queue is gone) only once the store has synced it.
     SyncThenReply(AMQPClass, Option<Cancellations>),
+    /// Handle this method again once `ready` resolves (basic.get of a message
+    /// being read back from disk); nothing else on the connection goes first.
+    Retry(tokio::sync::oneshot::Receiver<()>, AMQPClass),
 }
 
 impl Channel {
@@ -188,7 +191,7 @@ impl Channel {
             }
             C::Exchange(m) => return self.exchange_method(m),
             C::Queue(m) => return self.queue_method(m),
-            C::Basic(m) => self.basic_method(m)?,
+            C::Basic(m) => return self.basic_method(m),
             C::Confirm(confirm::AMQPMethod::Select(s)) => {
                 if self.tx.is_some() {
                     return Err(AmqpError::precondition_failed(

@@ -52,7 +52,13 @@ fn shutting_down() -> End {
 }
 
 /// A reply held back until the store has synced: channel, method, cancellations.
-type Deferred = (u16, AMQPClass, Option<crate::model::change::Cancellations>);
+/// Input that must wait before the connection reads on.
+enum Pending {
+    /// A durable change: its reply (channel, method, cancellations) waits for the store.
+    Sync(u16, AMQPClass, Option<crate::model::change::Cancellations>),
+    /// A method to handle again once the receiver resolves.
+    Retry(u16, tokio::sync::oneshot::Receiver<()>, AMQPClass),
+}
 
 /// Why the connection loop ended.
 enum End {
@@ -429,7 +435,13 @@ impl Connection {
         while let Some(frame) = read_frame_with(&mut self.input.buf, self.frame_max, &self.tables)?
         {
             any = true;
-            if let Some((channel, reply, cancel)) = self.handle_frame(frame)? {
+            let mut pending = self.handle_frame(frame)?;
+            while let Some(Pending::Retry(channel, ready, class)) = pending {
+                // A closed channel or a dropped sender: the retry just finds out.
+                let _ = ready.await;
+                pending = self.handle_frame(Frame::Method(channel, Box::new(class)))?;
+            }
+            if let Some(Pending::Sync(channel, reply, cancel)) = pending {
                 // A durable change: the reply waits for the store, and so does the
                 // rest of this connection's input, which keeps replies in order.
                 let synced = match self.vhost.as_ref().and_then(|v| v.store.clone()) {
@@ -456,7 +468,7 @@ impl Connection {
     }
 
     /// Handles one frame; returns a reply that must wait for a store sync, if any.
-    fn handle_frame(&mut self, frame: Frame) -> Result<Option<Deferred>, End> {
+    fn handle_frame(&mut self, frame: Frame) -> Result<Option<Pending>, End> {
         tracing::trace!(?frame, "frame");
         let channel_id = match &frame {
             Frame::Method(c, _) | Frame::Body(c, _) | Frame::Heartbeat(c) => *c,
@@ -515,7 +527,10 @@ impl Connection {
         };
         match result {
             Ok(After::Nothing) => Ok(None),
-            Ok(After::SyncThenReply(reply, cancel)) => Ok(Some((channel_id, reply, cancel))),
+            Ok(After::SyncThenReply(reply, cancel)) => {
+                Ok(Some(Pending::Sync(channel_id, reply, cancel)))
+            }
+            Ok(After::Retry(ready, class)) => Ok(Some(Pending::Retry(channel_id, ready, class))),
             Ok(After::Closed) => {
                 self.channels.remove(&channel_id);
                 Ok(None)

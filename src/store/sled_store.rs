@@ -1,0 +1,723 @@
+//! The store on sled. Two trees: `meta` holds one key per entity; `messages` one
+//! key per (queue id, sequence number), both big-endian so a prefix scan reads a
+//! queue in order. Few trees, because many trees inflate sled's disk use.
+//!
+//! One thread owns every write: callers send requests over a channel and go on.
+//! The thread takes whatever has queued up, applies it in order (message writes
+//! as one batch), and if any waiter asked for a sync, flushes sled, syncs the blob
+//! files sled wrote (see `blobs`) and fdatasyncs its log, then releases them all.
+//! Under load one fdatasync covers thousands of messages; alone, a publisher waits
+//! about one. Reads of paged-out messages go through the same thread, so they see
+//! every write made before them.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use amq_protocol::frame::WriteContext;
+use amq_protocol::types::generation::gen_field_table;
+use amq_protocol::types::FieldTable;
+use bytes::Bytes;
+
+use super::blobs::Blobs;
+use super::{
+    wall_ms, MessageRecord, ReadBack, ReadDone, Store, StoreError, StoredBinding,
+    StoredDestination, StoredExchange, StoredMessage, StoredMessages, StoredQueue, SyncWaiter,
+    UnreadableMessage,
+};
+
+/// A request to the store's thread.
+enum Op {
+    PutMeta(Vec<u8>, Vec<u8>),
+    DeleteMeta(Vec<u8>),
+    PutMessage {
+        key: [u8; 16],
+        stored_at: u64,
+        m: MessageRecord,
+    },
+    DeleteMessage([u8; 16]),
+    DeleteQueueMessages(u64),
+    Read {
+        queue: u64,
+        seqs: Vec<u64>,
+        done: ReadDone,
+    },
+    Sync(SyncWaiter),
+}
+
+pub struct SledStore {
+    dir: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    messages: sled::Tree,
+    ops: Mutex<Option<mpsc::Sender<Op>>>,
+    /// Held across the allocation and its record's request, so that the record
+    /// on disk always ends above every id handed out.
+    next_queue_id: Mutex<u64>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    _lock: File,
+}
+
+const EXCHANGE: u8 = b'x';
+const QUEUE: u8 = b'q';
+const BINDING: u8 = b'b';
+const NEXT_QUEUE_ID: &[u8] = b"next-queue-id";
+const FORMAT: &[u8] = b"format";
+const FORMAT_VERSION: &[u8] = b"warrenmq-store-1";
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let b = s.as_bytes();
+    out.extend_from_slice(&(b.len() as u16).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+fn encode_table(t: &FieldTable) -> Vec<u8> {
+    gen_field_table(t)(WriteContext::from(Vec::new()))
+        .map(|c| c.write)
+        .unwrap_or_default()
+}
+
+/// Reads back what `put_str` and friends wrote; every read is checked.
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.b.len() < n {
+            return Err("record is truncated".into());
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        let b = self.take(8)?;
+        Ok(u64::from_be_bytes(b.try_into().map_err(|_| "bad u64")?))
+    }
+    fn str(&mut self) -> Result<String, String> {
+        let n = self.take(2)?;
+        let n = u16::from_be_bytes([n[0], n[1]]) as usize;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "name is not UTF-8".to_string())
+    }
+    fn table(&mut self) -> Result<FieldTable, String> {
+        match crate::protocol::decode_stored_table(self.b) {
+            Some((rest, t)) => {
+                self.b = rest;
+                Ok(t)
+            }
+            None => Err("unreadable arguments table".into()),
+        }
+    }
+}
+
+fn exchange_key(vhost: &str, name: &str) -> Vec<u8> {
+    let mut k = vec![EXCHANGE];
+    put_str(&mut k, vhost);
+    put_str(&mut k, name);
+    k
+}
+
+fn queue_key(vhost: &str, name: &str) -> Vec<u8> {
+    let mut k = vec![QUEUE];
+    put_str(&mut k, vhost);
+    put_str(&mut k, name);
+    k
+}
+
+fn binding_key(
+    vhost: &str,
+    source: &str,
+    dest: &StoredDestination,
+    rk: &str,
+    args: &FieldTable,
+) -> Vec<u8> {
+    let mut k = vec![BINDING];
+    put_str(&mut k, vhost);
+    put_str(&mut k, source);
+    match dest {
+        StoredDestination::Queue(q) => {
+            k.push(b'q');
+            put_str(&mut k, q);
+        }
+        StoredDestination::Exchange(x) => {
+            k.push(b'x');
+            put_str(&mut k, x);
+        }
+    }
+    put_str(&mut k, rk);
+    k.extend_from_slice(&encode_table(args));
+    k
+}
+
+fn message_key(queue: u64, seq: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&queue.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+impl SledStore {
+    pub fn open(dir: &Path) -> Result<Arc<SledStore>, StoreError> {
+        let io = |what: &'static str| {
+            let dir = dir.to_path_buf();
+            move |source| StoreError::Io { dir, what, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io("cannot create it"))?;
+        let lock =
+            File::create(dir.join("warrenmq.lock")).map_err(io("cannot create the lock file"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked(dir.to_path_buf()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io("cannot lock the lock file")(e)),
+        }
+        let existed = dir.join("db").join("db").exists();
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(64 * 1024 * 1024)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|source| StoreError::Open {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+        let open = |name: &str| {
+            db.open_tree(name).map_err(|source| StoreError::Open {
+                dir: dir.to_path_buf(),
+                source,
+            })
+        };
+        let meta = open("meta")?;
+        let messages = open("messages")?;
+        // sled drops what it cannot read as if it were a torn write. A database that
+        // was there but lost even its format record is corrupt, not empty: refuse it.
+        match meta.get(FORMAT)? {
+            Some(v) if v.as_ref() == FORMAT_VERSION => {}
+            Some(v) => {
+                return Err(StoreError::Corrupt {
+                    dir: dir.to_path_buf(),
+                    key: "format".into(),
+                    why: format!("unknown format {:?}", String::from_utf8_lossy(&v)),
+                })
+            }
+            None if existed => {
+                return Err(StoreError::Corrupt {
+                    dir: dir.to_path_buf(),
+                    key: "format".into(),
+                    why: "the database exists but its format record is missing or unreadable"
+                        .into(),
+                })
+            }
+            None => {
+                meta.insert(FORMAT, FORMAT_VERSION)?;
+                db.flush().map_err(|source| StoreError::Open {
+                    dir: dir.to_path_buf(),
+                    source,
+                })?;
+            }
+        }
+        let next = next_queue_id(dir, &meta)?;
+        // sled syncs none of its blob files nor any directory: the store thread does.
+        let blobs = Blobs::open(dir).map_err(io("cannot sync the database's files"))?;
+        // sled keeps its log in one file, `db`; this handle is only for fdatasync.
+        let file = match File::open(dir.join("db").join("db")) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!("cannot open the database file for fdatasync: {e}; confirms rely on sled's flush alone");
+                None
+            }
+        };
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            db: db.clone(),
+            meta: meta.clone(),
+            messages: messages.clone(),
+            file,
+            blobs,
+            failed: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("warrenmq-store".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io("cannot start the store thread"))?;
+        Ok(Arc::new(SledStore {
+            dir: dir.to_path_buf(),
+            db,
+            meta,
+            messages,
+            ops: Mutex::new(Some(tx)),
+            next_queue_id: Mutex::new(next),
+            thread: Mutex::new(Some(thread)),
+            _lock: lock,
+        }))
+    }
+
+    fn corrupt(&self, key: &[u8], why: String) -> StoreError {
+        StoreError::Corrupt {
+            dir: self.dir.clone(),
+            key: format!("{key:?}"),
+            why,
+        }
+    }
+
+    fn send(&self, op: Op) {
+        let ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let refused = match ops.as_ref() {
+            Some(tx) => tx.send(op).err().map(|e| e.0),
+            None => Some(op),
+        };
+        drop(ops);
+        match refused {
+            Some(Op::Sync(w)) => w(Err("the store is shut down".into())),
+            Some(Op::Read { seqs, done, .. }) => done(
+                seqs.into_iter()
+                    .map(|s| (s, Err("the store is shut down".to_string())))
+                    .collect(),
+            ),
+            _ => {}
+        }
+    }
+
+    /// The store's thread, to wait for: it ends once the store is dropped, after
+    /// applying and syncing whatever it was sent.
+    pub fn take_thread(&self) -> Option<std::thread::JoinHandle<()>> {
+        self.thread.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Every meta record under one tag, parsed; an unreadable one is corruption.
+    fn scan_meta<T>(
+        &self,
+        tag: u8,
+        parse: impl Fn(&mut Reader<'_>, &mut Reader<'_>) -> Result<T, String>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.meta.scan_prefix([tag]) {
+            let (k, v) = kv?;
+            let parsed = parse(&mut Reader { b: &k[1..] }, &mut Reader { b: &v });
+            out.push(parsed.map_err(|why| self.corrupt(&k, why))?);
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+impl Store for SledStore {
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    fn sync(&self, waiter: SyncWaiter) {
+        self.send(Op::Sync(waiter));
+    }
+
+    fn new_queue_id(&self) -> Result<u64, StoreError> {
+        // Two vhosts may declare at once; without the lock their record writes could
+        // be requested out of order and leave the stored counter at an id already
+        // given out.
+        let mut next = self.next_queue_id.lock().unwrap_or_else(|p| p.into_inner());
+        let id = *next;
+        self.send(Op::PutMeta(
+            NEXT_QUEUE_ID.to_vec(),
+            (id + 1).to_be_bytes().to_vec(),
+        ));
+        *next = id + 1;
+        Ok(id)
+    }
+
+    fn put_exchange(&self, vhost: &str, x: &StoredExchange) {
+        let mut v = vec![1u8, x.kind, x.auto_delete as u8, x.internal as u8];
+        v.extend_from_slice(&encode_table(&x.arguments));
+        self.send(Op::PutMeta(exchange_key(vhost, &x.name), v));
+    }
+
+    fn delete_exchange(&self, vhost: &str, name: &str) {
+        self.send(Op::DeleteMeta(exchange_key(vhost, name)));
+    }
+
+    fn put_queue(&self, q: &StoredQueue) {
+        let mut v = vec![1u8];
+        v.extend_from_slice(&q.id.to_be_bytes());
+        v.push(q.auto_delete as u8);
+        v.extend_from_slice(&encode_table(&q.arguments));
+        self.send(Op::PutMeta(queue_key(&q.vhost, &q.name), v));
+    }
+
+    fn delete_queue(&self, vhost: &str, name: &str, id: u64) {
+        self.send(Op::DeleteMeta(queue_key(vhost, name)));
+        self.send(Op::DeleteQueueMessages(id));
+    }
+
+    fn put_binding(&self, b: &StoredBinding) {
+        let key = binding_key(
+            &b.vhost,
+            &b.source,
+            &b.destination,
+            &b.routing_key,
+            &b.arguments,
+        );
+        self.send(Op::PutMeta(key, vec![1u8]));
+    }
+
+    fn delete_binding(&self, b: &StoredBinding) {
+        self.send(Op::DeleteMeta(binding_key(
+            &b.vhost,
+            &b.source,
+            &b.destination,
+            &b.routing_key,
+            &b.arguments,
+        )));
+    }
+
+    fn put_message(&self, queue: u64, seq: u64, m: MessageRecord) {
+        // When it was stored, so that TTLs keep running across a restart.
+        self.send(Op::PutMessage {
+            key: message_key(queue, seq),
+            stored_at: wall_ms(),
+            m,
+        });
+    }
+
+    fn delete_message(&self, queue: u64, seq: u64) {
+        self.send(Op::DeleteMessage(message_key(queue, seq)));
+    }
+
+    fn read_messages(&self, queue: u64, seqs: Vec<u64>, done: ReadDone) {
+        self.send(Op::Read { queue, seqs, done });
+    }
+
+    fn exchanges(&self) -> Result<Vec<StoredExchange>, StoreError> {
+        self.scan_meta(EXCHANGE, |key, r| {
+            let (vhost, name) = (key.str()?, key.str()?);
+            if r.u8()? != 1 {
+                return Err("unknown record version".to_string());
+            }
+            let kind = r.u8()?;
+            Ok(StoredExchange {
+                vhost,
+                name,
+                kind,
+                auto_delete: r.u8()? != 0,
+                internal: r.u8()? != 0,
+                arguments: r.table()?,
+            })
+        })
+    }
+
+    fn queues(&self) -> Result<Vec<StoredQueue>, StoreError> {
+        self.scan_meta(QUEUE, parse_queue)
+    }
+
+    /// A binding is all key: the value is a placeholder.
+    fn bindings(&self) -> Result<Vec<StoredBinding>, StoreError> {
+        self.scan_meta(BINDING, |key, _| {
+            let vhost = key.str()?;
+            let source = key.str()?;
+            let destination = match key.u8()? {
+                b'q' => StoredDestination::Queue(key.str()?),
+                b'x' => StoredDestination::Exchange(key.str()?),
+                _ => return Err("unknown binding destination".to_string()),
+            };
+            Ok(StoredBinding {
+                vhost,
+                source,
+                destination,
+                routing_key: key.str()?,
+                arguments: key.table()?,
+            })
+        })
+    }
+
+    fn messages(&self, queue: u64) -> StoredMessages<'_> {
+        Box::new(
+            self.messages
+                .scan_prefix(queue.to_be_bytes())
+                .map(move |kv| {
+                    let (k, v) = kv?;
+                    Ok(parse_message(&k, v).map_err(|why| UnreadableMessage {
+                        seq: <[u8; 8]>::try_from(k.get(8..).unwrap_or_default())
+                            .ok()
+                            .map(u64::from_be_bytes),
+                        why,
+                    }))
+                }),
+        )
+    }
+}
+
+/// The store's thread and what it owns.
+struct Writer {
+    db: sled::Db,
+    meta: sled::Tree,
+    messages: sled::Tree,
+    file: Option<File>,
+    blobs: Blobs,
+    /// The first write that failed. Every sync after it fails too: the broker
+    /// cannot tell which waiter's writes it covered, so none is released as done.
+    failed: Option<String>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Op>) {
+        while let Ok(first) = rx.recv() {
+            let mut waiters = Vec::new();
+            let mut batch = sled::Batch::default();
+            let mut pending = false;
+            for op in std::iter::once(first).chain(rx.try_iter()) {
+                match op {
+                    Op::PutMessage { key, stored_at, m } => {
+                        batch.insert(&key[..], encode_message(stored_at, &m));
+                        pending = true;
+                    }
+                    Op::DeleteMessage(key) => {
+                        batch.remove(&key[..]);
+                        pending = true;
+                    }
+                    Op::Sync(w) => waiters.push(w),
+                    other => {
+                        // Whatever must see the batched writes comes after them.
+                        if std::mem::take(&mut pending) {
+                            self.apply(std::mem::take(&mut batch));
+                        }
+                        self.other(other);
+                    }
+                }
+            }
+            if pending {
+                self.apply(batch);
+            }
+            if !waiters.is_empty() {
+                let result = self.commit();
+                for w in waiters {
+                    w(result.clone());
+                }
+            }
+        }
+        // Senders are gone: whatever was written goes to disk before the database closes.
+        if let Err(e) = self.commit() {
+            tracing::error!("final flush of the store failed: {e}");
+        }
+    }
+
+    fn fail(&mut self, e: impl std::fmt::Display) {
+        tracing::error!("store write failed: {e}");
+        if self.failed.is_none() {
+            self.failed = Some(format!("store write failed: {e}"));
+        }
+    }
+
+    fn apply(&mut self, batch: sled::Batch) {
+        if let Err(e) = self.messages.apply_batch(batch) {
+            self.fail(e);
+        }
+    }
+
+    fn other(&mut self, op: Op) {
+        let r = match op {
+            Op::PutMeta(k, v) => self.meta.insert(k, v).map(|_| ()),
+            Op::DeleteMeta(k) => self.meta.remove(k).map(|_| ()),
+            Op::DeleteQueueMessages(id) => {
+                let mut batch = sled::Batch::default();
+                let mut scan = Ok(());
+                for k in self.messages.scan_prefix(id.to_be_bytes()).keys() {
+                    match k {
+                        Ok(k) => batch.remove(k),
+                        Err(e) => {
+                            scan = Err(e);
+                            break;
+                        }
+                    }
+                }
+                scan.and_then(|_| self.messages.apply_batch(batch))
+            }
+            Op::Read { queue, seqs, done } => {
+                done(self.read(queue, seqs));
+                Ok(())
+            }
+            Op::PutMessage { .. } | Op::DeleteMessage(_) | Op::Sync(_) => Ok(()),
+        };
+        if let Err(e) = r {
+            self.fail(e);
+        }
+    }
+
+    fn read(&self, queue: u64, seqs: Vec<u64>) -> ReadBack {
+        seqs.into_iter()
+            .map(|seq| {
+                let key = message_key(queue, seq);
+                let got = match self.messages.get(key) {
+                    Ok(Some(v)) => parse_message(&key, v).map(Some),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e.to_string()),
+                };
+                (seq, got)
+            })
+            .collect()
+    }
+
+    /// One group commit: sled's flush, the blob files, one fdatasync.
+    ///
+    /// sled's flush ends with `sync_file_range`, which neither persists the file's
+    /// growth nor flushes the drive's cache; only its 500 ms timer calls fsync, and
+    /// nothing syncs its blob files. A confirm promises more, so each group commit
+    /// ends with an fsync of every new blob file (and of their directory when it
+    /// gained entries), then an fdatasync of the database file. Blobs go first so
+    /// that, as far as the broker decides it, the log never points at a blob the
+    /// disk does not hold yet.
+    fn commit(&mut self) -> Result<(), String> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let r = self
+            .db
+            .flush()
+            .map_err(|e| format!("flushing the store failed: {e}"))
+            .and_then(|_| {
+                self.blobs
+                    .sync()
+                    .map_err(|e| format!("syncing the store's blob files failed: {e}"))
+            })
+            .and_then(|_| match &self.file {
+                Some(f) => f
+                    .sync_data()
+                    .map_err(|e| format!("fdatasync of the store failed: {e}")),
+                None => Ok(()),
+            });
+        if let Err(e) = &r {
+            tracing::error!("{e}");
+        }
+        r
+    }
+}
+
+fn encode_message(stored_at: u64, m: &MessageRecord) -> Vec<u8> {
+    let mut v = Vec::with_capacity(
+        16 + m.exchange.len() + m.routing_key.len() + m.header.len() + m.body.len(),
+    );
+    v.push(1u8);
+    v.extend_from_slice(&stored_at.to_be_bytes());
+    put_str(&mut v, &m.exchange);
+    put_str(&mut v, &m.routing_key);
+    v.extend_from_slice(&(m.header.len() as u32).to_be_bytes());
+    v.extend_from_slice(&m.header);
+    v.extend_from_slice(&m.body);
+    v
+}
+
+/// Header and body are slices of sled's own buffer: reading back copies nothing.
+fn parse_message(k: &[u8], v: sled::IVec) -> Result<StoredMessage, String> {
+    let all = Bytes::from_owner(v);
+    let v: &[u8] = &all;
+    if k.len() != 16 {
+        return Err("bad message key".to_string());
+    }
+    let seq = u64::from_be_bytes(k[8..16].try_into().map_err(|_| "bad key")?);
+    let mut r = Reader { b: v };
+    if r.u8()? != 1 {
+        return Err("unknown record version".to_string());
+    }
+    let stored_at = r.u64()?;
+    let exchange = r.str()?;
+    let routing_key = r.str()?;
+    let n = r.take(4)?;
+    let n = u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize;
+    let start = v.len() - r.b.len();
+    let header = all.slice(start..start + r.take(n)?.len());
+    let body = all.slice(start + n..);
+    // Class, weight, body size and property flags: 14 bytes at least. A body whose
+    // size differs from the header's would break the consumer's framing.
+    let Some(size) = header.get(4..12) else {
+        return Err("content header is truncated".to_string());
+    };
+    let size = u64::from_be_bytes(size.try_into().map_err(|_| "bad body size")?);
+    if header.len() < 14 || size != body.len() as u64 {
+        return Err(format!(
+            "record is truncated: the body is {} bytes, its header says {size}",
+            body.len()
+        ));
+    }
+    Ok(StoredMessage {
+        seq,
+        stored_at,
+        exchange,
+        routing_key,
+        header,
+        body,
+    })
+}
+
+fn parse_queue(key: &mut Reader<'_>, r: &mut Reader<'_>) -> Result<StoredQueue, String> {
+    let (vhost, name) = (key.str()?, key.str()?);
+    if r.u8()? != 1 {
+        return Err("unknown record version".to_string());
+    }
+    Ok(StoredQueue {
+        vhost,
+        name,
+        id: r.u64()?,
+        auto_delete: r.u8()? != 0,
+        arguments: r.table()?,
+    })
+}
+
+/// The next queue id, checked against the stored queues: a counter that is unreadable,
+/// missing or not above every stored id would hand out ids that stored queues (and
+/// their messages, keyed by id) already use, so start-up stops instead.
+fn next_queue_id(dir: &Path, meta: &sled::Tree) -> Result<u64, StoreError> {
+    let corrupt = |why: String| StoreError::Corrupt {
+        dir: dir.to_path_buf(),
+        key: "next-queue-id".into(),
+        why,
+    };
+    let stored = match meta.get(NEXT_QUEUE_ID)? {
+        Some(v) => match <[u8; 8]>::try_from(v.as_ref()) {
+            Ok(b) => Some(u64::from_be_bytes(b)),
+            Err(_) => {
+                return Err(corrupt(format!(
+                    "it is {} bytes long instead of 8, so the ids of new queues would collide with stored ones",
+                    v.len()
+                )))
+            }
+        },
+        None => None,
+    };
+    let mut highest: Option<(u64, String)> = None;
+    for kv in meta.scan_prefix([QUEUE]) {
+        let (k, v) = kv?;
+        let q = parse_queue(&mut Reader { b: &k[1..] }, &mut Reader { b: &v }).map_err(|why| {
+            StoreError::Corrupt {
+                dir: dir.to_path_buf(),
+                key: format!("{k:?}"),
+                why,
+            }
+        })?;
+        if highest.as_ref().is_none_or(|(id, _)| q.id > *id) {
+            highest = Some((q.id, q.name));
+        }
+    }
+    match (stored, highest) {
+        (None, None) => Ok(1),
+        (None, Some((id, name))) => Err(corrupt(format!(
+            "it is missing although queue '{name}' is stored with id {id}"
+        ))),
+        (Some(next), Some((id, name))) if next <= id => Err(corrupt(format!(
+            "it is {next}, not above the id {id} of stored queue '{name}'"
+        ))),
+        (Some(0), _) => Err(corrupt("it is 0, which is never written".into())),
+        (Some(next), _) => Ok(next),
+    }
+}
