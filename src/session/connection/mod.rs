@@ -121,7 +121,8 @@ pub async fn serve(
             peer,
             input: Input {
                 reader,
-                buf: BytesMut::with_capacity(64 * 1024),
+                buf: BytesMut::with_capacity(READ_MIN),
+                chunk: READ_MIN,
             },
             events: rx,
             channels: HashMap::new(),
@@ -151,18 +152,27 @@ pub async fn serve(
     .await
 }
 
+/// Read buffer sizes: an idle connection keeps the smallest; one whose reads fill
+/// the buffer doubles it, up to the largest, so that a busy publisher reads in
+/// large chunks and ten thousand idle ones cost little.
+const READ_MIN: usize = 4 * 1024;
+const READ_MAX: usize = 64 * 1024;
+
 /// The read half and what has been read but not yet parsed.
 struct Input {
     reader: OwnedReadHalf,
     buf: BytesMut,
+    /// How much room the next read gets.
+    chunk: usize,
 }
 
 impl Input {
     /// Reads more bytes; EOF and errors end the connection.
     async fn fill(&mut self, deadline: Option<Instant>) -> Result<(), End> {
-        if self.buf.capacity() - self.buf.len() < 4096 {
-            self.buf.reserve(64 * 1024);
+        if self.buf.capacity() - self.buf.len() < self.chunk / 4 {
+            self.buf.reserve(self.chunk);
         }
+        let room = self.buf.capacity() - self.buf.len();
         let read = self.reader.read_buf(&mut self.buf);
         let n = match deadline {
             Some(d) => tokio::time::timeout_at(d, read)
@@ -172,7 +182,12 @@ impl Input {
         };
         match n {
             Ok(0) | Err(_) => Err(End::Gone),
-            Ok(_) => Ok(()),
+            Ok(n) => {
+                if n == room {
+                    self.chunk = (self.chunk * 2).min(READ_MAX);
+                }
+                Ok(())
+            }
         }
     }
 }
