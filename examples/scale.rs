@@ -24,7 +24,8 @@
 //! - `idle --connections N` (10000): open N connections (handshake and channel.open),
 //!   `--concurrency` (200) at a time, hold them; with `--broker-pid` reports the
 //!   broker's VmRSS before, with all open, and after they are closed again, and
-//!   (after - before) / N in KiB per connection. Heartbeats are disabled (tune-ok 0).
+//!   (open - before) / opened in KiB per connection. Heartbeats are disabled (tune-ok
+//!   0). A failed handshake is retried up to 5 times; `retries` counts the failures.
 //! - `consumers --consumers N` (10000): one queue, N consumers, one per channel,
 //!   `--channels` (100) channels per connection (10000: 100 connections x 100
 //!   channels). A run with N consumers, then one with a single consumer on a fresh
@@ -192,14 +193,33 @@ fn check_close(m: &AMQPClass) {
 
 impl Conn {
     async fn open(port: u16, buf: usize) -> Conn {
-        let mut stream = TcpStream::connect((HOST, port)).await.expect("connect");
-        stream.set_nodelay(true).unwrap();
-        stream.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
+        Conn::try_open(port, buf)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The handshake and channel.open, in at most 30 s; an error says which step failed.
+    async fn try_open(port: u16, buf: usize) -> Result<Conn, String> {
+        tokio::time::timeout(Duration::from_secs(30), Conn::handshake(port, buf))
+            .await
+            .map_err(|_| "handshake: no answer in 30 s".to_string())?
+    }
+
+    async fn handshake(port: u16, buf: usize) -> Result<Conn, String> {
+        let io = |step: &'static str| move |e: std::io::Error| format!("{step}: {e}");
+        let mut stream = TcpStream::connect((HOST, port))
+            .await
+            .map_err(io("connect"))?;
+        stream.set_nodelay(true).map_err(io("nodelay"))?;
+        stream
+            .write_all(b"AMQP\x00\x00\x09\x01")
+            .await
+            .map_err(io("protocol header"))?;
         let mut c = Conn {
             stream,
             buf: BytesMut::with_capacity(buf),
         };
-        c.method().await; // start
+        c.try_method("connection.start").await?;
         let mut response = vec![0u8];
         response.extend_from_slice(b"guest\0guest");
         let mut out = BytesMut::new();
@@ -213,8 +233,8 @@ impl Conn {
                 locale: "en_US".into(),
             })),
         );
-        c.stream.write_all(&out).await.unwrap();
-        let channel_max = match c.method().await {
+        c.stream.write_all(&out).await.map_err(io("start-ok"))?;
+        let channel_max = match c.try_method("connection.tune").await? {
             AMQPClass::Connection(connection::AMQPMethod::Tune(t)) if t.channel_max > 0 => {
                 t.channel_max
             }
@@ -242,28 +262,39 @@ impl Conn {
             1,
             &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
         );
-        c.stream.write_all(&out).await.unwrap();
-        c.method().await; // open-ok
-        c.method().await; // channel.open-ok
-        c
+        c.stream.write_all(&out).await.map_err(io("tune-ok"))?;
+        c.try_method("connection.open-ok").await?;
+        c.try_method("channel.open-ok").await?;
+        Ok(c)
     }
 
     async fn fill(&mut self) {
-        if self.stream.read_buf(&mut self.buf).await.unwrap_or(0) == 0 {
-            panic!("broker closed the connection");
+        match self.stream.read_buf(&mut self.buf).await {
+            Ok(0) => panic!("broker closed the connection"),
+            Err(e) => panic!("read from the broker: {e}"),
+            Ok(_) => {}
         }
     }
 
-    /// The next method frame; other frames are skipped.
-    async fn method(&mut self) -> AMQPClass {
+    /// The next method frame during the handshake, or why there is none.
+    async fn try_method(&mut self, what: &str) -> Result<AMQPClass, String> {
         loop {
             while let Some(f) = next_in(&mut self.buf) {
                 if let In::Frame(Frame::Method(_, m)) = f {
-                    check_close(&m);
-                    return *m;
+                    if let AMQPClass::Connection(connection::AMQPMethod::Close(c)) = &*m {
+                        return Err(format!(
+                            "{what}: connection.close {} {}",
+                            c.reply_code, c.reply_text
+                        ));
+                    }
+                    return Ok(*m);
                 }
             }
-            self.fill().await;
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) => return Err(format!("{what}: the broker closed the connection")),
+                Err(e) => return Err(format!("{what}: {e}")),
+                Ok(_) => {}
+            }
         }
     }
 
@@ -888,25 +919,41 @@ async fn idle(o: &Opts) -> String {
     let before = rss();
     let gate = Arc::new(Semaphore::new(o.concurrency));
     let t0 = Instant::now();
+    let retries = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(n);
     for _ in 0..n {
-        let (gate, port) = (gate.clone(), o.port);
+        let (gate, port, retries) = (gate.clone(), o.port, retries.clone());
         tasks.push(tokio::spawn(async move {
             let _p = gate.acquire().await.unwrap();
-            Conn::open(port, 512).await
+            // A refused or reset handshake is retried (up to 5 attempts) and counted.
+            for attempt in 1..=5 {
+                match Conn::try_open(port, 512).await {
+                    Ok(c) => return Some(c),
+                    Err(e) => {
+                        if retries.fetch_add(1, Ordering::Relaxed) < 5 {
+                            eprintln!("  idle: attempt {attempt}: {e}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            None
         }));
     }
     let mut conns = Vec::with_capacity(n);
     let mut said = Instant::now();
     for t in tasks {
-        conns.push(t.await.expect("connection"));
+        if let Some(c) = t.await.expect("connection task") {
+            conns.push(c);
+        }
         if said.elapsed() >= Duration::from_secs(10) {
             said = Instant::now();
             eprintln!("  idle: {} open", conns.len());
         }
     }
     let open_s = t0.elapsed().as_secs_f64();
-    eprintln!("idle: {n} connections open in {open_s:.1}s");
+    let opened = conns.len();
+    eprintln!("idle: {opened} of {n} connections open in {open_s:.1}s");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let open = rss();
     let t0 = Instant::now();
@@ -925,13 +972,14 @@ async fn idle(o: &Opts) -> String {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss();
     let mut line = format!(
-        "scenario=idle connections={n} open_s={open_s:.2} open_per_s={:.0} close_s={close_s:.2}",
-        n as f64 / open_s
+        "scenario=idle connections={n} opened={opened} retries={} open_s={open_s:.2} open_per_s={:.0} close_s={close_s:.2}",
+        retries.load(Ordering::Relaxed),
+        opened as f64 / open_s
     );
     if let (Some(b), Some(o), Some(a)) = (before, open, after) {
         line += &format!(
             " rss_before_kib={b} rss_open_kib={o} rss_closed_kib={a} kib_per_connection={:.1}",
-            (o as f64 - b as f64) / n.max(1) as f64
+            (o as f64 - b as f64) / opened.max(1) as f64
         );
     }
     line
