@@ -65,9 +65,10 @@ if [ "$RFD" -lt $((CONNECTIONS + 1000)) ]; then
 fi
 
 cargo build --release --quiet --bin warrenmq --example scale
+TARGET=${CARGO_TARGET_DIR:-target}
 # Copies, so that a rebuild during the run does not change them.
-cp target/release/warrenmq "$OUT/warrenmq"
-cp target/release/examples/scale "$OUT/scale"
+cp "$TARGET/release/warrenmq" "$OUT/warrenmq"
+cp "$TARGET/release/examples/scale" "$OUT/scale"
 WPID=
 stop_warren() { if [ -n "$WPID" ]; then kill "$WPID" 2>/dev/null || true; wait "$WPID" 2>/dev/null || true; WPID=; fi; }
 start_warren() {
