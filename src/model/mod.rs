@@ -4,6 +4,7 @@
 //! trait that the session layer implements, and topology changes arrive as
 //! [`change::Change`] values whoever makes them.
 
+mod bindings;
 pub mod change;
 pub mod dead_letter;
 pub mod exchange;

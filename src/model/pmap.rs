@@ -1,20 +1,62 @@
-//! A persistent map for routing tables: cloning it is O(1) and an insert or a
-//! removal copies only what it changes, so the topology can be replaced as a
-//! whole on every change while publishers keep reading the old value. Small maps
-//! (most trie nodes, most binding lists) are a shared slice scanned in place; large
-//! ones a hash array mapped trie (imbl), whose nodes are too big for a map of two.
+//! A persistent map for the topology: cloning it is O(1), and an insert or a
+//! removal copies only a part of it, so the topology can be replaced as a whole on
+//! every change while publishers keep reading the old value. Small maps (most trie
+//! nodes, most exchanges) are a shared slice scanned in place; large ones are
+//! about sqrt(n) shards, each a std HashMap behind an Arc: a change copies the
+//! shard table and one shard, O(sqrt n), and a lookup costs a std HashMap lookup,
+//! with the memory of one (persistent tries with 32-way nodes cost several times
+//! more per entry at 100,000 entries, most of it empty slots).
 
 use std::borrow::Borrow;
-use std::hash::Hash;
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
 
-/// Past this many entries a map becomes a trie.
+/// Past this many entries a map is sharded.
 const SMALL: usize = 16;
 
 #[derive(Clone)]
 pub enum PMap<K: Clone + Eq + Hash, V: Clone> {
     Small(Option<Arc<[(K, V)]>>),
-    Large(imbl::HashMap<K, V>),
+    Large(Arc<Sharded<K, V>>),
+}
+
+#[derive(Clone)]
+pub struct Sharded<K, V> {
+    shards: Box<[Arc<HashMap<K, V>>]>,
+    len: usize,
+    /// Picks the shard; each shard's map hashes with its own state.
+    hasher: RandomState,
+}
+
+impl<K: Clone + Eq + Hash, V: Clone> Sharded<K, V> {
+    fn with_entries(entries: impl Iterator<Item = (K, V)>, len: usize) -> Sharded<K, V> {
+        let n = shards_for(len);
+        let hasher = RandomState::new();
+        let mut shards: Vec<HashMap<K, V>> = (0..n).map(|_| HashMap::new()).collect();
+        for (k, v) in entries {
+            let i = (hasher.hash_one(&k) as usize) & (n - 1);
+            shards[i].insert(k, v);
+        }
+        Sharded {
+            shards: shards.into_iter().map(Arc::new).collect(),
+            len,
+            hasher,
+        }
+    }
+
+    fn shard_of<Q: Hash + ?Sized>(&self, k: &Q) -> usize {
+        (self.hasher.hash_one(k) as usize) & (self.shards.len() - 1)
+    }
+}
+
+/// About sqrt(len) shards, a power of two: a change then copies as many shard
+/// pointers as entries of one shard.
+fn shards_for(len: usize) -> usize {
+    ((len as f64).sqrt() as usize)
+        .next_power_of_two()
+        .clamp(4, 4096)
 }
 
 impl<K: Clone + Eq + Hash, V: Clone> Default for PMap<K, V> {
@@ -25,7 +67,10 @@ impl<K: Clone + Eq + Hash, V: Clone> Default for PMap<K, V> {
 
 pub enum Iter<'a, K, V> {
     Small(std::slice::Iter<'a, (K, V)>),
-    Large(imbl::hashmap::Iter<'a, K, V, imbl::shared_ptr::DefaultSharedPtr>),
+    Large {
+        shards: std::slice::Iter<'a, Arc<HashMap<K, V>>>,
+        current: Option<std::collections::hash_map::Iter<'a, K, V>>,
+    },
 }
 
 impl<'a, K, V> Iterator for Iter<'a, K, V> {
@@ -34,7 +79,12 @@ impl<'a, K, V> Iterator for Iter<'a, K, V> {
     fn next(&mut self) -> Option<Self::Item> {
         match self {
             Iter::Small(i) => i.next().map(|(k, v)| (k, v)),
-            Iter::Large(i) => i.next(),
+            Iter::Large { shards, current } => loop {
+                if let Some(e) = current.as_mut().and_then(|c| c.next()) {
+                    return Some(e);
+                }
+                *current = Some(shards.next()?.iter());
+            },
         }
     }
 }
@@ -47,7 +97,7 @@ impl<K: Clone + Eq + Hash, V: Clone> PMap<K, V> {
     pub fn len(&self) -> usize {
         match self {
             PMap::Small(s) => s.as_ref().map_or(0, |s| s.len()),
-            PMap::Large(m) => m.len(),
+            PMap::Large(m) => m.len,
         }
     }
 
@@ -67,7 +117,7 @@ impl<K: Clone + Eq + Hash, V: Clone> PMap<K, V> {
                 .iter()
                 .find(|(key, _)| key.borrow() == k)
                 .map(|(_, v)| v),
-            PMap::Large(m) => m.get(k),
+            PMap::Large(m) => m.shards[m.shard_of(k)].get(k),
         }
     }
 
@@ -88,13 +138,26 @@ impl<K: Clone + Eq + Hash, V: Clone> PMap<K, V> {
                     None => entries.push((k, v)),
                 }
                 *self = if entries.len() > SMALL {
-                    PMap::Large(entries.into_iter().collect())
+                    let len = entries.len();
+                    PMap::Large(Arc::new(Sharded::with_entries(entries.into_iter(), len)))
                 } else {
                     PMap::Small(Some(entries.into()))
                 };
             }
             PMap::Large(m) => {
-                m.insert(k, v);
+                let m = Arc::make_mut(m);
+                let i = m.shard_of(&k);
+                if Arc::make_mut(&mut m.shards[i]).insert(k, v).is_none() {
+                    m.len += 1;
+                }
+                if shards_for(m.len) > m.shards.len() {
+                    let all: Vec<(K, V)> = m
+                        .shards
+                        .iter()
+                        .flat_map(|s| s.iter().map(|(k, v)| (k.clone(), v.clone())))
+                        .collect();
+                    *m = Sharded::with_entries(all.into_iter(), m.len);
+                }
             }
         }
     }
@@ -117,11 +180,27 @@ impl<K: Clone + Eq + Hash, V: Clone> PMap<K, V> {
                 }
             }
             PMap::Large(m) => {
-                m.remove(k);
-                if m.len() <= SMALL / 2 {
-                    let entries: Vec<(K, V)> =
-                        m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                let i = m.shard_of(k);
+                if !m.shards[i].contains_key(k) {
+                    return;
+                }
+                let m = Arc::make_mut(m);
+                Arc::make_mut(&mut m.shards[i]).remove(k);
+                m.len -= 1;
+                if m.len <= SMALL / 2 {
+                    let entries: Vec<(K, V)> = m
+                        .shards
+                        .iter()
+                        .flat_map(|s| s.iter().map(|(k, v)| (k.clone(), v.clone())))
+                        .collect();
                     *self = PMap::Small((!entries.is_empty()).then(|| entries.into()));
+                } else if shards_for(m.len) * 4 < m.shards.len() {
+                    let all: Vec<(K, V)> = m
+                        .shards
+                        .iter()
+                        .flat_map(|s| s.iter().map(|(k, v)| (k.clone(), v.clone())))
+                        .collect();
+                    *m = Sharded::with_entries(all.into_iter(), m.len);
                 }
             }
         }
@@ -130,7 +209,10 @@ impl<K: Clone + Eq + Hash, V: Clone> PMap<K, V> {
     pub fn iter(&self) -> Iter<'_, K, V> {
         match self {
             PMap::Small(s) => Iter::Small(s.as_deref().unwrap_or(&[]).iter()),
-            PMap::Large(m) => Iter::Large(m.iter()),
+            PMap::Large(m) => Iter::Large {
+                shards: m.shards.iter(),
+                current: None,
+            },
         }
     }
 

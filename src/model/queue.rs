@@ -433,6 +433,8 @@ struct QueueState {
     ready: Ready,
     next_seq: u64,
     consumers: Vec<Arc<Consumer>>,
+    /// How many consumers have each x-priority.
+    priorities: std::collections::BTreeMap<i64, usize>,
     next_consumer: usize,
     had_consumer: bool,
     deleted: bool,
@@ -502,6 +504,7 @@ impl Queue {
                 ready: Ready::new(levels),
                 next_seq: 0,
                 consumers: Vec::new(),
+                priorities: Default::default(),
                 next_consumer: 0,
                 had_consumer: false,
                 deleted: false,
@@ -894,6 +897,10 @@ impl Queue {
             } else {
                 n
             };
+            // With one priority among the consumers (the usual case) the first with
+            // room in round-robin order is the one: a delivery then costs O(1)
+            // however many consumers there are, not a scan of all of them.
+            let uniform = st.priorities.len() <= 1;
             let mut best: Option<(i64, usize)> = None;
             for i in 0..candidates {
                 let idx = (st.next_consumer + i) % candidates;
@@ -904,6 +911,9 @@ impl Queue {
                 // Highest priority wins; among equals, the next in round-robin order.
                 if best.is_none_or(|(p, _)| c.priority > p) {
                     best = Some((c.priority, idx));
+                    if uniform {
+                        break;
+                    }
                 }
             }
             let Some((_, idx)) = best else {
@@ -964,6 +974,7 @@ impl Queue {
             return Err(ConsumeRefused::ExclusiveInUse);
         }
         on_added();
+        *st.priorities.entry(consumer.priority).or_insert(0) += 1;
         st.consumers.push(consumer);
         st.had_consumer = true;
         self.drain(&mut st);
@@ -973,7 +984,16 @@ impl Queue {
     /// Removes a consumer; true when an auto-delete queue has just lost its last one.
     pub fn remove_consumer(&self, consumer: &Arc<Consumer>) -> bool {
         let mut st = self.lock();
+        let before = st.consumers.len();
         st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
+        if st.consumers.len() < before {
+            if let Some(n) = st.priorities.get_mut(&consumer.priority) {
+                *n -= 1;
+                if *n == 0 {
+                    st.priorities.remove(&consumer.priority);
+                }
+            }
+        }
         if st.next_consumer >= st.consumers.len() {
             st.next_consumer = 0;
         }
@@ -1037,6 +1057,7 @@ impl Queue {
         let mut st = self.lock();
         st.deleted = true;
         let n = st.ready.clear().len() as u32;
+        st.priorities.clear();
         (n, std::mem::take(&mut st.consumers))
     }
 }

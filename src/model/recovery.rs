@@ -147,6 +147,7 @@ impl Vhost {
             q.restore(msgs);
             t.queues.insert(q.name.clone(), q);
         }
+        let mut w = self.lock_writer();
         for b in bindings.iter().filter(|b| mine(&b.vhost)) {
             let dest = match &b.destination {
                 StoredDestination::Queue(q) => Destination::Queue(q.as_str().into()),
@@ -162,12 +163,14 @@ impl Vhost {
             if !dest_exists {
                 continue;
             }
-            let next = x.bind(&dest, &b.routing_key, &b.arguments);
-            t.exchanges.insert(x.def.name.clone(), Arc::new(next));
-            let mut sources = t.bound_from.get(&dest).cloned().unwrap_or_default();
-            sources.insert(x.def.name.clone(), ());
-            t.bound_from.insert(dest, sources);
+            if w.bindings
+                .add(x.name(), &dest, &b.routing_key, &b.arguments)
+            {
+                let next = x.bind(&dest, &b.routing_key, &b.arguments);
+                t.exchanges.insert(x.name().clone(), Arc::new(next));
+            }
         }
+        drop(w);
         self.replace(t);
         Ok(Recovered {
             queues: nq,

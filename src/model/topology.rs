@@ -16,9 +16,6 @@ use super::queue::Queue;
 pub struct Topology {
     pub(super) exchanges: PMap<Arc<str>, Arc<Exchange>>,
     pub(super) queues: PMap<Arc<str>, Arc<Queue>>,
-    /// For each destination, the exchanges with bindings to it: deleting a queue
-    /// or an exchange finds its bindings here instead of scanning every exchange.
-    pub(super) bound_from: PMap<Destination, PMap<Arc<str>, ()>>,
 }
 
 /// Where a publish goes.

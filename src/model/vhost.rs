@@ -18,6 +18,7 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use arc_swap::{ArcSwap, Guard};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use super::bindings::Bindings;
 use super::change::{
     Actor, Applied, BindingEvent, BindingSpec, Cancellations, Change, Event, ExchangeSpec, Outcome,
     QueueSpec, TopologyListener,
@@ -68,17 +69,22 @@ pub struct Vhost {
 }
 
 /// What only the changing side needs, under the writer mutex.
-struct Writer {
+#[derive(Default)]
+pub(super) struct Writer {
     /// Exclusive queues by owning connection, to drop them when it closes.
     exclusive: HashMap<u64, Vec<Arc<str>>>,
+    pub(super) bindings: Bindings,
     listeners: Vec<Arc<dyn TopologyListener>>,
 }
 
 /// One change being built: the next topology and what happened on the way.
+/// Validation comes first in every change, so a change that fails has touched
+/// neither the draft nor the writer's state.
 struct Draft<'a> {
     vhost: &'a Vhost,
     t: Topology,
     events: Vec<Event>,
+    w: &'a mut Writer,
 }
 
 fn default_exchange_refused() -> AmqpError {
@@ -120,8 +126,8 @@ impl Vhost {
             name: name.into(),
             topology: ArcSwap::from_pointee(t),
             writer: Mutex::new(Writer {
-                exclusive: HashMap::new(),
                 listeners,
+                ..Writer::default()
             }),
             housekeeping,
             housekeeping_rx: Mutex::new(Some(rx)),
@@ -152,7 +158,7 @@ impl Vhost {
         self.limits.get().copied().unwrap_or_default()
     }
 
-    fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+    pub(super) fn lock_writer(&self) -> MutexGuard<'_, Writer> {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -178,33 +184,35 @@ impl Vhost {
             vhost: self,
             t: (**self.topology.load()).clone(),
             events: Vec::new(),
+            w: &mut w,
         };
         let outcome = match change {
             Change::DeclareExchange(spec) => d.declare_exchange(spec)?,
             Change::DeleteExchange { name, if_unused } => d.delete_exchange(&name, if_unused)?,
-            Change::DeclareQueue(spec) => d.declare_queue(spec, actor, &mut w)?,
+            Change::DeclareQueue(spec) => d.declare_queue(spec, actor)?,
             Change::DeleteQueue {
                 name,
                 if_unused,
                 if_empty,
-            } => d.delete_queue(&name, if_unused, if_empty, actor, &mut w)?,
+            } => d.delete_queue(&name, if_unused, if_empty, actor)?,
             Change::Bind(spec) => d.bind(spec, actor)?,
             Change::Unbind(spec) => d.unbind(spec, actor)?,
             Change::Purge { queue } => d.purge(&queue, actor)?,
         };
-        let durable = self.commit(d, &w)?;
+        let (t, events) = (d.t, d.events);
+        let durable = self.commit(t, events, &w)?;
         Ok(Applied { outcome, durable })
     }
 
     /// Swaps in a draft's topology and tells the listeners what changed.
-    fn commit(&self, d: Draft<'_>, w: &Writer) -> AmqpResult<bool> {
-        if d.events.is_empty() {
+    fn commit(&self, t: Topology, events: Vec<Event>, w: &Writer) -> AmqpResult<bool> {
+        if events.is_empty() {
             return Ok(false);
         }
-        self.topology.store(Arc::new(d.t));
+        self.topology.store(Arc::new(t));
         let mut durable = false;
         for l in &w.listeners {
-            durable |= l.changed(&self.name, &d.events).map_err(|e| {
+            durable |= l.changed(&self.name, &events).map_err(|e| {
                 tracing::error!(vhost = %self.name, "a topology change was not persisted: {e}");
                 AmqpError::internal_error(format!("store failure: {e}"))
             })?;
@@ -220,6 +228,7 @@ impl Vhost {
             vhost: self,
             t: (**self.topology.load()).clone(),
             events: Vec::new(),
+            w: &mut w,
         };
         if !d
             .t
@@ -229,8 +238,9 @@ impl Vhost {
         {
             return;
         }
-        let (_, cancellations) = d.unlink_queue(q, &mut w);
-        let _ = self.commit(d, &w);
+        let (_, cancellations) = d.unlink_queue(q);
+        let (t, events) = (d.t, d.events);
+        let _ = self.commit(t, events, &w);
         drop(w);
         cancellations.notify();
     }
@@ -435,11 +445,11 @@ impl Draft<'_> {
                 exchange_name(name, &vhost.name)
             )));
         }
-        let Some(x) = self.t.exchanges.get(name) else {
+        if !self.t.exchanges.contains_key(name) {
             // Deleting an exchange that is not there succeeds, as in RabbitMQ 3.x.
             return Ok(Outcome::Done);
-        };
-        if if_unused && x.binding_count() > 0 {
+        }
+        if if_unused && self.w.bindings.count(name) > 0 {
             return Err(AmqpError::precondition_failed(format!(
                 "{} in use",
                 exchange_name(name, &vhost.name)
@@ -486,26 +496,12 @@ impl Draft<'_> {
             let Some(x) = self.t.exchanges.get(&name).cloned() else {
                 continue;
             };
-            for (dest, key, args) in x.bindings() {
-                let e = self.binding_event(&x, dest, key, args);
+            for (dest, (key, args)) in self.w.bindings.remove_from(&name) {
+                let e = self.binding_event(&x, &dest, &key, &args);
                 self.events.push(Event::Unbound(e));
-                self.forget_source(dest, &name);
             }
             self.t.exchanges.remove(&name);
             self.events.push(Event::ExchangeDeleted(x.def.clone()));
-        }
-    }
-
-    /// `dest` is no longer bound from `source`.
-    fn forget_source(&mut self, dest: &Destination, source: &str) {
-        if let Some(sources) = self.t.bound_from.get(dest) {
-            let mut sources = sources.clone();
-            sources.remove(source);
-            if sources.is_empty() {
-                self.t.bound_from.remove(dest);
-            } else {
-                self.t.bound_from.insert(dest.clone(), sources);
-            }
         }
     }
 
@@ -513,30 +509,25 @@ impl Draft<'_> {
     /// lost their last binding, for the caller to remove.
     fn remove_bindings_to(&mut self, dest: &Destination) -> Vec<Arc<str>> {
         let mut emptied = Vec::new();
-        let Some(sources) = self.t.bound_from.get(dest).cloned() else {
-            return emptied;
-        };
-        self.t.bound_from.remove(dest);
-        for source in sources.keys() {
-            let Some(x) = self.t.exchanges.get(source).cloned() else {
+        for source in self.w.bindings.sources_of(dest) {
+            let Some(x) = self.t.exchanges.get(&source).cloned() else {
                 continue;
             };
-            if let Some(list) = x.bindings_to(dest) {
-                for (key, args) in list.iter() {
-                    let e = self.binding_event(&x, dest, key, args);
-                    self.events.push(Event::Unbound(e));
-                }
+            let mut next = (*x).clone();
+            for (key, args) in self.w.bindings.remove_to(&source, dest) {
+                let e = self.binding_event(&x, dest, &key, &args);
+                self.events.push(Event::Unbound(e));
+                next = next.unbind(dest, &key, &args);
             }
-            let next = x.unbind_all(dest);
-            if next.def.auto_delete && next.binding_count() == 0 {
+            if next.def.auto_delete && self.w.bindings.count(&source) == 0 {
                 emptied.push(source.clone());
             }
-            self.t.exchanges.insert(source.clone(), Arc::new(next));
+            self.t.exchanges.insert(source, Arc::new(next));
         }
         emptied
     }
 
-    fn declare_queue(&mut self, d: QueueSpec, actor: Actor, w: &mut Writer) -> AmqpResult<Outcome> {
+    fn declare_queue(&mut self, d: QueueSpec, actor: Actor) -> AmqpResult<Outcome> {
         let vhost = self.vhost;
         if let Some(q) = self.t.queues.get(d.name.as_str()).cloned() {
             vhost.check_owner(&q, actor)?;
@@ -640,7 +631,7 @@ impl Draft<'_> {
             (vhost.queue_memory_budget, vhost.gauge.clone()),
         );
         if let Some(c) = owner {
-            w.exclusive.entry(c).or_default().push(name.clone());
+            self.w.exclusive.entry(c).or_default().push(name.clone());
         }
         self.t.queues.insert(name, q.clone());
         self.events.push(Event::QueueDeclared(q.clone()));
@@ -657,7 +648,6 @@ impl Draft<'_> {
         if_unused: bool,
         if_empty: bool,
         actor: Actor,
-        w: &mut Writer,
     ) -> AmqpResult<Outcome> {
         let vhost = self.vhost;
         let Some(q) = self.t.queues.get(name).cloned() else {
@@ -681,7 +671,7 @@ impl Draft<'_> {
                 queue_name(name, &vhost.name)
             )));
         }
-        let (messages, cancellations) = self.unlink_queue(&q, w);
+        let (messages, cancellations) = self.unlink_queue(&q);
         Ok(Outcome::QueueDeleted {
             messages,
             cancellations,
@@ -690,14 +680,14 @@ impl Draft<'_> {
 
     /// Takes a queue out of the topology with its bindings; it is marked deleted
     /// and its consumers are returned, to be told.
-    fn unlink_queue(&mut self, q: &Arc<Queue>, w: &mut Writer) -> (u32, Cancellations) {
+    fn unlink_queue(&mut self, q: &Arc<Queue>) -> (u32, Cancellations) {
         let dest = Destination::Queue(q.name.clone());
         let emptied = self.remove_bindings_to(&dest);
         self.t.queues.remove(&q.name);
         self.events.push(Event::QueueDeleted(q.clone()));
         self.remove_exchanges(emptied);
         if let Some(owner) = q.exclusive_owner {
-            if let Some(names) = w.exclusive.get_mut(&owner) {
+            if let Some(names) = self.w.exclusive.get_mut(&owner) {
                 names.retain(|n| *n != q.name);
             }
         }
@@ -746,11 +736,12 @@ impl Draft<'_> {
             return Err(self.vhost.not_found_exchange(&b.source));
         };
         (x.def.kind.check_binding)(&b.arguments)?;
-        if x.has(&b.destination, &b.routing_key, &b.arguments) {
+        let bindings = &self.w.bindings;
+        if bindings.has(&b.source, &b.destination, &b.routing_key, &b.arguments) {
             return Ok(Outcome::Done);
         }
         let max = self.vhost.limits().bindings;
-        if reached(max, x.binding_count()) {
+        if reached(max, bindings.count(&b.source)) {
             return Err(AmqpError::precondition_failed(format!(
                 "cannot bind to {}: binding limit ({max}) is reached",
                 exchange_name(&b.source, &self.vhost.name)
@@ -758,16 +749,11 @@ impl Draft<'_> {
         }
         let key: Arc<str> = b.routing_key.as_str().into();
         let e = self.binding_event(&x, &b.destination, &key, &b.arguments);
+        self.w
+            .bindings
+            .add(x.name(), &b.destination, &b.routing_key, &b.arguments);
         let next = x.bind(&b.destination, &b.routing_key, &b.arguments);
-        self.t.exchanges.insert(x.def.name.clone(), Arc::new(next));
-        let mut sources = self
-            .t
-            .bound_from
-            .get(&b.destination)
-            .cloned()
-            .unwrap_or_default();
-        sources.insert(x.def.name.clone(), ());
-        self.t.bound_from.insert(b.destination, sources);
+        self.t.exchanges.insert(x.name().clone(), Arc::new(next));
         self.events.push(Event::Bound(e));
         Ok(Outcome::Done)
     }
@@ -789,21 +775,25 @@ impl Draft<'_> {
         let Some(x) = self.t.exchanges.get(b.source.as_str()).cloned() else {
             return Ok(Outcome::Done);
         };
-        if !dest_exists || !x.has(&b.destination, &b.routing_key, &b.arguments) {
+        let bound = self
+            .w
+            .bindings
+            .has(&b.source, &b.destination, &b.routing_key, &b.arguments);
+        if !dest_exists || !bound {
             return Ok(Outcome::Done);
         }
         self.check_binding(&b.source, &b.destination, actor)?;
         let key: Arc<str> = b.routing_key.as_str().into();
         let e = self.binding_event(&x, &b.destination, &key, &b.arguments);
+        self.w
+            .bindings
+            .remove(&b.source, &b.destination, &b.routing_key, &b.arguments);
         let next = x.unbind(&b.destination, &b.routing_key, &b.arguments);
-        if !next.leads_to(&b.destination) {
-            self.forget_source(&b.destination, &b.source);
-        }
-        let emptied = next.def.auto_delete && next.binding_count() == 0;
-        self.t.exchanges.insert(x.def.name.clone(), Arc::new(next));
+        let emptied = next.def.auto_delete && self.w.bindings.count(&b.source) == 0;
+        self.t.exchanges.insert(x.name().clone(), Arc::new(next));
         self.events.push(Event::Unbound(e));
         if emptied {
-            self.remove_exchanges(vec![x.def.name.clone()]);
+            self.remove_exchanges(vec![x.name().clone()]);
         }
         Ok(Outcome::Done)
     }

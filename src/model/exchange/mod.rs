@@ -15,7 +15,6 @@ use std::sync::Arc;
 use amq_protocol::types::FieldTable;
 
 use crate::error::AmqpResult;
-use crate::model::pmap::PMap;
 use crate::model::values::string_value;
 
 pub use topic::topic_match;
@@ -130,16 +129,12 @@ impl ExchangeDef {
     }
 }
 
-/// The bindings from one exchange to one destination: (routing key, arguments).
-pub type BindingsTo = Arc<[(Arc<str>, FieldTable)]>;
-
-/// An exchange with its bindings and its routing table, as one immutable value.
+/// An exchange as publishers see it: what it is and its routing table, one
+/// immutable value. Which bindings it has is the vhost's writer's business
+/// (`model::bindings`); this only routes.
 #[derive(Clone)]
 pub struct Exchange {
     pub def: Arc<ExchangeDef>,
-    /// Its bindings by destination, for finding, listing and removing them.
-    bindings: PMap<Destination, BindingsTo>,
-    binding_count: usize,
     router: Arc<dyn Router>,
 }
 
@@ -148,8 +143,6 @@ impl Exchange {
         Exchange {
             router: (def.kind.empty)(),
             def: Arc::new(def),
-            bindings: PMap::new(),
-            binding_count: 0,
         }
     }
 
@@ -157,94 +150,28 @@ impl Exchange {
         &self.def.name
     }
 
-    pub fn binding_count(&self) -> usize {
-        self.binding_count
-    }
-
-    pub fn has(&self, dest: &Destination, key: &str, args: &FieldTable) -> bool {
-        self.bindings
-            .get(dest)
-            .is_some_and(|v| v.iter().any(|(k, a)| &**k == key && a == args))
-    }
-
-    /// Whether any binding from this exchange leads to `dest`.
-    pub fn leads_to(&self, dest: &Destination) -> bool {
-        self.bindings.contains_key(dest)
-    }
-
-    /// The bindings from this exchange to `dest`.
-    pub fn bindings_to(&self, dest: &Destination) -> Option<&BindingsTo> {
-        self.bindings.get(dest)
-    }
-
-    /// Every binding: (destination, routing key, arguments).
-    pub fn bindings(&self) -> impl Iterator<Item = (&Destination, &Arc<str>, &FieldTable)> {
-        self.bindings
-            .iter()
-            .flat_map(|(d, v)| v.iter().map(move |(k, a)| (d, k, a)))
-    }
-
-    /// This exchange with one more binding (unchanged if it has it already).
+    /// This exchange routing one more binding. The caller makes sure it is new.
     pub fn bind(&self, dest: &Destination, key: &str, args: &FieldTable) -> Exchange {
-        if self.has(dest, key, args) {
-            return self.clone();
+        Exchange {
+            def: self.def.clone(),
+            router: self.router.bind(&Binding {
+                destination: dest,
+                routing_key: key,
+                arguments: args,
+            }),
         }
-        let mut next = self.clone();
-        let mut list: Vec<(Arc<str>, FieldTable)> = self
-            .bindings
-            .get(dest)
-            .map(|v| v.to_vec())
-            .unwrap_or_default();
-        list.push((key.into(), args.clone()));
-        next.bindings.insert(dest.clone(), list.into());
-        next.binding_count += 1;
-        next.router = self.router.bind(&Binding {
-            destination: dest,
-            routing_key: key,
-            arguments: args,
-        });
-        next
     }
 
-    /// This exchange less one binding (unchanged if it has no such binding).
+    /// This exchange routing one binding less. The caller makes sure it has it.
     pub fn unbind(&self, dest: &Destination, key: &str, args: &FieldTable) -> Exchange {
-        if !self.has(dest, key, args) {
-            return self.clone();
+        Exchange {
+            def: self.def.clone(),
+            router: self.router.unbind(&Binding {
+                destination: dest,
+                routing_key: key,
+                arguments: args,
+            }),
         }
-        let mut next = self.clone();
-        let rest: Vec<(Arc<str>, FieldTable)> = self
-            .bindings
-            .get(dest)
-            .map(|v| {
-                v.iter()
-                    .filter(|(k, a)| !(&**k == key && a == args))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
-        if rest.is_empty() {
-            next.bindings.remove(dest);
-        } else {
-            next.bindings.insert(dest.clone(), rest.into());
-        }
-        next.binding_count -= 1;
-        next.router = self.router.unbind(&Binding {
-            destination: dest,
-            routing_key: key,
-            arguments: args,
-        });
-        next
-    }
-
-    /// This exchange without any binding to `dest`.
-    pub fn unbind_all(&self, dest: &Destination) -> Exchange {
-        let mut next = self.clone();
-        if let Some(list) = self.bindings.get(dest) {
-            for (key, args) in list.iter() {
-                next = next.unbind(dest, key, args);
-            }
-        }
-        next
     }
 
     pub fn route<'a>(
@@ -294,12 +221,6 @@ mod tests {
             let empty = Exchange::new(def(kind));
             let one = empty.bind(&q("a"), "k", &none);
             let two = one.bind(&q("b"), "k", &none);
-            let again = two.bind(&q("b"), "k", &none);
-            assert_eq!(
-                again.binding_count(),
-                2,
-                "{kind}: a repeated binding is one"
-            );
             assert!(routed(&empty, "k").is_empty(), "{kind}");
             assert_eq!(routed(&one, "k"), ["a"], "{kind}");
             assert_eq!(routed(&two, "k"), ["a", "b"], "{kind}");
@@ -310,7 +231,6 @@ mod tests {
                 ["a", "b"],
                 "{kind}: the old value is untouched"
             );
-            assert_eq!(less.unbind_all(&q("b")).binding_count(), 0, "{kind}");
         }
     }
 
@@ -326,7 +246,6 @@ mod tests {
             assert!(!routed(&x, "k").is_empty(), "{kind}");
             let x = x.unbind(&q("a"), "k", &none).unbind(&q("a"), "#", &none);
             assert!(routed(&x, "k").is_empty(), "{kind}");
-            assert!(!x.leads_to(&q("a")), "{kind}");
         }
     }
 }
