@@ -240,27 +240,23 @@ async fn accept_all(
         let stop = stop.clone();
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         acceptors.spawn(accept_loop(l, tx, stop.clone()));
-        // Connections are spawned from here so that shutdown can wait for all of them.
-        let (ctx, mut crx) = tokio::sync::mpsc::unbounded_channel();
-        acceptors.spawn(async move {
-            while let Some((sock, peer)) = rx.recv().await {
-                let _ = ctx.send(tokio::spawn(connection::serve(
-                    sock,
-                    peer,
-                    state.clone(),
-                    stop.clone(),
-                )));
-            }
-        });
+        // Connections run in a JoinSet here so that shutdown can wait for all of
+        // them; each is reaped as it ends, so a finished task's memory goes with
+        // it rather than lingering until the next accept.
         connections.spawn(async move {
-            let mut handles = Vec::new();
-            while let Some(h) = crx.recv().await {
-                handles.retain(|h: &tokio::task::JoinHandle<()>| !h.is_finished());
-                handles.push(h);
+            let mut live = JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = rx.recv() => match accepted {
+                        Some((sock, peer)) => {
+                            live.spawn(connection::serve(sock, peer, state.clone(), stop.clone()));
+                        }
+                        None => break,
+                    },
+                    Some(_) = live.join_next(), if !live.is_empty() => {}
+                }
             }
-            for h in handles {
-                let _ = h.await;
-            }
+            while live.join_next().await.is_some() {}
         });
     }
     while acceptors.join_next().await.is_some() {}

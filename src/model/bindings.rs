@@ -148,7 +148,10 @@ mod tests {
         let none = FieldTable::default();
         let mut b = Bindings::default();
         assert!(b.add(&x, &q("a"), "k1", &none));
-        assert!(!b.add(&x, &q("a"), "k1", &none), "a repeated binding is one");
+        assert!(
+            !b.add(&x, &q("a"), "k1", &none),
+            "a repeated binding is one"
+        );
         assert!(b.add(&x, &q("a"), "k2", &none));
         assert!(b.add(&x, &q("b"), "k1", &none));
         assert!(b.add(&y, &q("a"), "k1", &none));
@@ -160,7 +163,7 @@ mod tests {
         assert!(!b.remove("x", &q("a"), "k1", &none));
         assert_eq!(b.sources_of(&q("a")).len(), 2, "x still binds a with k2");
         assert_eq!(b.remove_to("x", &q("a")).len(), 1);
-        assert_eq!(b.sources_of(&q("a")), [y.clone()]);
+        assert_eq!(b.sources_of(&q("a")), std::slice::from_ref(&y));
         assert_eq!(b.count("x"), 1);
         let gone = b.remove_from("x");
         assert_eq!(gone.len(), 1);
