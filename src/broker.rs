@@ -69,6 +69,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("recovery failed: {0}")]
     Recovery(String),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -98,6 +100,25 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         .map_err(|e| StartError::Recovery(e.to_string()))??;
     for vhost in vhosts.values() {
         vhost.start_housekeeping();
+    }
+    // The file's topology goes through the same path as a client's declarations,
+    // and is on disk before anyone connects.
+    let declared = match crate::declare::apply(&config, &vhosts) {
+        Ok(n) => n,
+        Err(e) => {
+            // Refused before serving: release the data directory before saying so,
+            // so that a corrected configuration can start on it right away.
+            drop(vhosts);
+            drop(store);
+            if let Some(t) = thread {
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
+            return Err(e.into());
+        }
+    };
+    if declared > 0 {
+        store.synced().await.map_err(StartError::Recovery)?;
+        info!("declared {declared} exchanges, queues and bindings from the configuration");
     }
     for q in queues.iter().filter(|q| !vhosts.contains_key(&q.vhost)) {
         warn!(

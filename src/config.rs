@@ -23,6 +23,99 @@ pub struct Config {
     pub users: Vec<User>,
     #[serde(default)]
     pub vhosts: Vec<VhostConfig>,
+    /// Topology declared at start-up, after the stored state is read back.
+    #[serde(default)]
+    pub exchanges: Vec<ExchangeConfig>,
+    #[serde(default)]
+    pub queues: Vec<QueueConfig>,
+    #[serde(default)]
+    pub bindings: Vec<BindingConfig>,
+    /// What start-up does when the file declares an entity the store holds with
+    /// other properties.
+    #[serde(default)]
+    pub on_conflict: OnConflict,
+    /// Where this configuration came from, to name FILE:LINE in later errors.
+    #[serde(skip)]
+    pub origin: Option<Origin>,
+}
+
+/// The text a configuration was parsed from, and its path as shown in errors.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub path: String,
+    pub text: std::sync::Arc<str>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnConflict {
+    /// Stop start-up, naming the entity, both values and the file's line.
+    #[default]
+    Stop,
+    /// Keep what is stored and log a warning, as RabbitMQ does.
+    KeepStored,
+}
+
+/// An `[[exchanges]]` entry; field names as in RabbitMQ's definitions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeConfig {
+    pub name: String,
+    #[serde(default = "default_vhost")]
+    pub vhost: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default = "yes")]
+    pub durable: bool,
+    #[serde(default)]
+    pub auto_delete: bool,
+    #[serde(default)]
+    pub internal: bool,
+    #[serde(default)]
+    pub arguments: toml::Table,
+}
+
+/// A `[[queues]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    pub name: String,
+    #[serde(default = "default_vhost")]
+    pub vhost: String,
+    #[serde(default = "yes")]
+    pub durable: bool,
+    #[serde(default)]
+    pub auto_delete: bool,
+    #[serde(default)]
+    pub arguments: toml::Table,
+}
+
+/// A `[[bindings]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingConfig {
+    pub source: String,
+    pub destination: String,
+    #[serde(default = "default_destination_type")]
+    pub destination_type: String,
+    #[serde(default)]
+    pub routing_key: String,
+    #[serde(default = "default_vhost")]
+    pub vhost: String,
+    #[serde(default)]
+    pub arguments: toml::Table,
+}
+
+fn default_vhost() -> String {
+    "/".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_destination_type() -> String {
+    "queue".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,7 +257,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_string(),
             line: e.span().map(|s| line_at(text, s.start)).unwrap_or(1),
             reason: e.message().to_string(),
@@ -182,7 +275,37 @@ impl Config {
                 },
             });
         }
+        config.origin = Some(Origin {
+            path: path.to_string(),
+            text: text.into(),
+        });
         Ok(config)
+    }
+
+    /// An error about the `index`th entry of a top-level array of tables
+    /// (`exchanges`, `queues`, `bindings`), at that entry's line.
+    pub fn entry_error(&self, array: &'static str, index: usize, reason: String) -> ConfigError {
+        let Some(origin) = &self.origin else {
+            return ConfigError::Missing {
+                path: "<configuration>".into(),
+                reason,
+            };
+        };
+        let problem = Problem {
+            at: vec![vec![Seg::Key(array), Seg::Index(index)]],
+            reason,
+        };
+        match problem.line_in(&origin.text) {
+            Some(line) => ConfigError::Invalid {
+                path: origin.path.clone(),
+                line,
+                reason: problem.reason,
+            },
+            None => ConfigError::Missing {
+                path: origin.path.clone(),
+                reason: problem.reason,
+            },
+        }
     }
 
     fn validate(&self) -> Result<(), Problem> {
@@ -267,6 +390,58 @@ impl Config {
                 reason: "vhosts: at least one vhost is needed".into(),
             });
         }
+        let known = |v: &str| self.vhosts.iter().any(|h| h.name == v);
+        let entries = self
+            .exchanges
+            .iter()
+            .map(|x| ("exchanges", &x.vhost, &x.arguments))
+            .enumerate()
+            .chain(
+                self.queues
+                    .iter()
+                    .map(|q| ("queues", &q.vhost, &q.arguments))
+                    .enumerate(),
+            )
+            .chain(
+                self.bindings
+                    .iter()
+                    .map(|b| ("bindings", &b.vhost, &b.arguments))
+                    .enumerate(),
+            );
+        for (i, (array, vhost, arguments)) in entries {
+            let at = |key: &'static str| {
+                vec![
+                    vec![Key(array), Index(i), Key(key)],
+                    vec![Key(array), Index(i)],
+                ]
+            };
+            if !known(vhost) {
+                return Err(Problem {
+                    at: at("vhost"),
+                    reason: format!("{array}: unknown vhost '{vhost}'"),
+                });
+            }
+            if let Err(why) = field_table(arguments) {
+                return Err(Problem {
+                    at: at("arguments"),
+                    reason: format!("{array}: arguments: {why}"),
+                });
+            }
+        }
+        for (i, b) in self.bindings.iter().enumerate() {
+            if !matches!(b.destination_type.as_str(), "queue" | "exchange") {
+                return Err(Problem {
+                    at: vec![
+                        vec![Key("bindings"), Index(i), Key("destination_type")],
+                        vec![Key("bindings"), Index(i)],
+                    ],
+                    reason: format!(
+                        "bindings: destination_type '{}' is neither 'queue' nor 'exchange'",
+                        b.destination_type
+                    ),
+                });
+            }
+        }
         for (i, u) in self.users.iter().enumerate() {
             for v in &u.vhosts {
                 if !self.vhosts.iter().any(|h| &h.name == v) {
@@ -282,6 +457,47 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A TOML table as AMQP arguments: integers become longs, strings long strings,
+/// booleans, floats (doubles), arrays and nested tables keep their shape. Dates
+/// have no AMQP counterpart here and are refused.
+pub fn field_table(t: &toml::Table) -> Result<amq_protocol::types::FieldTable, String> {
+    use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+    // Recursive, but only as deep as any table a client may send (the file is the
+    // operator's, and the limit keeps it far from the stack's).
+    fn value(v: &toml::Value, depth: usize) -> Result<AMQPValue, String> {
+        if depth > HEADER_DEPTH_MAX as usize {
+            return Err(format!("nested deeper than {HEADER_DEPTH_MAX} levels"));
+        }
+        Ok(match v {
+            toml::Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+            toml::Value::Integer(n) => AMQPValue::LongLongInt(*n),
+            toml::Value::Float(f) => AMQPValue::Double(*f),
+            toml::Value::Boolean(b) => AMQPValue::Boolean(*b),
+            toml::Value::Array(a) => {
+                let mut out = FieldArray::default();
+                for v in a {
+                    out.push(value(v, depth + 1)?);
+                }
+                AMQPValue::FieldArray(out)
+            }
+            toml::Value::Table(t) => AMQPValue::FieldTable(table(t, depth + 1)?),
+            toml::Value::Datetime(d) => {
+                return Err(format!("{d}: a date has no AMQP argument type here"))
+            }
+        })
+    }
+    fn table(t: &toml::Table, depth: usize) -> Result<FieldTable, String> {
+        let mut out = FieldTable::default();
+        for (k, v) in t {
+            let key = ShortString::try_new(k.clone())
+                .map_err(|_| format!("key '{k}' is longer than 255 bytes"))?;
+            out.insert(key, value(v, depth)?);
+        }
+        Ok(out)
+    }
+    table(t, 1)
 }
 
 /// One step of the way to a key: a table key or an array index.

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod declare;
 pub mod error;
 pub mod model;
 pub mod protocol;
