@@ -44,6 +44,115 @@ pub fn parse_amqplain(response: &[u8]) -> Option<(String, String)> {
     Some((text("LOGIN")?, text("PASSWORD")?))
 }
 
+/// A user's secret as configured: plain text, or RabbitMQ's salted hash.
+pub enum Credential {
+    Plain(Vec<u8>),
+    Hashed {
+        algorithm: Hashing,
+        salt: [u8; 4],
+        hash: Vec<u8>,
+    },
+}
+
+/// RabbitMQ's password hashing modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hashing {
+    Sha256,
+    Sha512,
+}
+
+impl Hashing {
+    pub fn parse(name: &str) -> Option<Hashing> {
+        match name {
+            "rabbit_password_hashing_sha256" => Some(Hashing::Sha256),
+            "rabbit_password_hashing_sha512" => Some(Hashing::Sha512),
+            _ => None,
+        }
+    }
+
+    fn digest(self, salt: &[u8; 4], password: &[u8]) -> Vec<u8> {
+        match self {
+            Hashing::Sha256 => Sha256::new()
+                .chain_update(salt)
+                .chain_update(password)
+                .finalize()
+                .to_vec(),
+            Hashing::Sha512 => sha2::Sha512::new()
+                .chain_update(salt)
+                .chain_update(password)
+                .finalize()
+                .to_vec(),
+        }
+    }
+
+    fn len(self) -> usize {
+        match self {
+            Hashing::Sha256 => 32,
+            Hashing::Sha512 => 64,
+        }
+    }
+}
+
+impl Credential {
+    /// A `password_hash` as RabbitMQ writes it: base64 of salt + digest.
+    pub fn hashed(text: &str, algorithm: &str) -> Result<Credential, String> {
+        use base64::Engine;
+        let algorithm = Hashing::parse(algorithm).ok_or_else(|| {
+            format!("unsupported hashing_algorithm '{algorithm}' (rabbit_password_hashing_sha256 or rabbit_password_hashing_sha512)")
+        })?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|e| format!("password_hash is not base64: {e}"))?;
+        if bytes.len() != 4 + algorithm.len() {
+            return Err(format!(
+                "password_hash is {} bytes long; {algorithm:?} hashes are {} (a 4-byte salt and the digest)",
+                bytes.len(),
+                4 + algorithm.len()
+            ));
+        }
+        let mut salt = [0u8; 4];
+        salt.copy_from_slice(&bytes[..4]);
+        Ok(Credential::Hashed {
+            algorithm,
+            salt,
+            hash: bytes[4..].to_vec(),
+        })
+    }
+
+    pub fn of(user: &User) -> Option<Credential> {
+        match (&user.password, &user.password_hash) {
+            (Some(p), None) => Some(Credential::Plain(p.as_bytes().to_vec())),
+            (None, Some(h)) => Credential::hashed(h, &user.hashing_algorithm).ok(),
+            _ => None,
+        }
+    }
+
+    /// Whether `password` is this secret, in time independent of where they differ.
+    fn matches(&self, password: &[u8], password_digest: &[u8; 32]) -> bool {
+        match self {
+            Credential::Plain(p) => digests_eq(&digest(p), password_digest),
+            Credential::Hashed {
+                algorithm,
+                salt,
+                hash,
+            } => {
+                let got = algorithm.digest(salt, password);
+                got.len() == hash.len()
+                    && got.iter().zip(hash).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+            }
+        }
+    }
+}
+
+/// A new `password_hash` for `password` in RabbitMQ's default format
+/// (`rabbit_password_hashing_sha256`), with the given salt.
+pub fn hash_password(password: &[u8], salt: [u8; 4]) -> String {
+    use base64::Engine;
+    let mut out = salt.to_vec();
+    out.extend(Hashing::Sha256.digest(&salt, password));
+    base64::engine::general_purpose::STANDARD.encode(out)
+}
+
 pub enum AuthFailure {
     BadCredentials,
     NotFromLoopback,
@@ -60,14 +169,15 @@ pub fn authenticate<'a>(
         "AMQPLAIN" => parse_amqplain(response),
         _ => None,
     };
-    let (name, pass) = creds.ok_or(AuthFailure::BadCredentials)?;
-    let (name, pass) = (digest(name.as_bytes()), digest(pass.as_bytes()));
+    let (name, password) = creds.ok_or(AuthFailure::BadCredentials)?;
+    let (name, pass) = (digest(name.as_bytes()), digest(password.as_bytes()));
     // Every user is checked, whatever matched, so that the time taken tells neither
     // whether the name exists nor anything about its password.
     let mut found = None;
     for u in users {
+        let secret = Credential::of(u);
         let hit = digests_eq(&digest(u.name.as_bytes()), &name)
-            & digests_eq(&digest(u.password.as_bytes()), &pass);
+            & secret.is_some_and(|c| c.matches(password.as_bytes(), &pass));
         if hit && found.is_none() {
             found = Some(u);
         }
@@ -217,10 +327,8 @@ mod tests {
     #[test]
     fn ipv4_mapped_loopback_counts_as_loopback() {
         let users = vec![User {
-            name: "guest".into(),
-            password: "guest".into(),
             loopback_only: true,
-            vhosts: vec!["/".into()],
+            ..user("guest", "guest")
         }];
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         assert!(authenticate(&users, "PLAIN", b"\0guest\0guest", mapped).is_ok());
@@ -231,10 +339,85 @@ mod tests {
     fn user(name: &str, password: &str) -> User {
         User {
             name: name.into(),
-            password: password.into(),
+            password: Some(password.into()),
+            password_hash: None,
+            hashing_algorithm: "rabbit_password_hashing_sha256".into(),
+            tags: Vec::new(),
             loopback_only: false,
             vhosts: vec!["/".into()],
         }
+    }
+
+    fn hashed(name: &str, hash: &str, algorithm: &str) -> User {
+        User {
+            password: None,
+            password_hash: Some(hash.into()),
+            hashing_algorithm: algorithm.into(),
+            ..user(name, "")
+        }
+    }
+
+    /// Hashes made by RabbitMQ 3.10 itself
+    /// (`rabbitmqctl eval 'base64:encode(rabbit_password:hash(Module, Password)).'`).
+    #[test]
+    fn rabbitmq_password_hashes_log_in() {
+        let users = vec![
+            hashed(
+                "sha256",
+                "g5yG+4dO1v7yUOBOIKUzgRa5/I161I7l+fe6JdUVOgg5KQbo",
+                "rabbit_password_hashing_sha256",
+            ),
+            hashed(
+                "sha512",
+                "u2mb4WSjDs5t6AXU4rD6rX5kuwv9d7MbaXXDRyCoQctCoWJShf2io3F/uwixXWFOmRiunZgrIxeFbdmJFLKak4B8uoM=",
+                "rabbit_password_hashing_sha512",
+            ),
+            hashed(
+                "utf8",
+                "RWf5d+CSRuph3P/WvPcK4biCbybceY3vfyrW+/oO50Kv0blr",
+                "rabbit_password_hashing_sha256",
+            ),
+        ];
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let login = |n: &str, p: &str| {
+            let r = format!("\0{n}\0{p}");
+            authenticate(&users, "PLAIN", r.as_bytes(), ip).is_ok()
+        };
+        assert!(login("sha256", "test12"));
+        assert!(!login("sha256", "test13"));
+        assert!(login("sha512", "s3cret"));
+        assert!(!login("sha512", "s3cre"));
+        assert!(login("utf8", "grüße"));
+        assert!(!login("utf8", "grusse"));
+        // Ours, in RabbitMQ's format, checks the same way.
+        let mine = hashed(
+            "mine",
+            &hash_password(b"pw", [1, 2, 3, 4]),
+            "rabbit_password_hashing_sha256",
+        );
+        assert!(authenticate(&[mine], "PLAIN", b"\0mine\0pw", ip).is_ok());
+        assert!(Credential::hashed("not base64!", "rabbit_password_hashing_sha256").is_err());
+        assert!(Credential::hashed("AAAA", "rabbit_password_hashing_sha256").is_err());
+        assert!(Credential::hashed(
+            "g5yG+4dO1v7yUOBOIKUzgRa5/I161I7l+fe6JdUVOgg5KQbo",
+            "rabbit_password_hashing_md5"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let shown = format!("{:?}", user("alice", "hunter2"));
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let shown = format!(
+            "{:?}",
+            hashed(
+                "bob",
+                "g5yG+4dO1v7yUOBOIKUzgRa5/I161I7l+fe6JdUVOgg5KQbo",
+                "rabbit_password_hashing_sha256"
+            )
+        );
+        assert!(!shown.contains("g5yG"), "{shown}");
     }
 
     #[test]

@@ -40,10 +40,17 @@ pub struct Config {
 }
 
 /// The text a configuration was parsed from, and its path as shown in errors.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Origin {
     pub path: String,
     pub text: std::sync::Arc<str>,
+}
+
+/// The text holds passwords: Debug shows the path only.
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Origin").field("path", &self.path).finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -188,15 +195,50 @@ pub const TIMEOUT_MAX_SECS: u64 = 3600;
 /// Parsing nested tables recurses; this keeps any setting far from the stack's limit.
 pub const HEADER_DEPTH_MAX: u32 = 128;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     pub name: String,
-    pub password: String,
+    /// In plain text: for development. Use `password_hash` elsewhere.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// RabbitMQ's format: base64 of a 4-byte salt followed by the hash of salt +
+    /// password (`warrenmq hash-password` makes one; RabbitMQ's definitions export
+    /// carries them).
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    /// `rabbit_password_hashing_sha256` (RabbitMQ's default) or `_sha512`.
+    #[serde(default = "default_hashing")]
+    pub hashing_algorithm: String,
+    /// RabbitMQ's user tags (administrator, monitoring, management, policymaker).
+    #[serde(default)]
+    pub tags: Vec<String>,
     #[serde(default)]
     pub loopback_only: bool,
     #[serde(default = "all_vhosts")]
     pub vhosts: Vec<String>,
+}
+
+/// Secrets stay out of logs and Debug output.
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field(
+                "password_hash",
+                &self.password_hash.as_ref().map(|_| "<redacted>"),
+            )
+            .field("hashing_algorithm", &self.hashing_algorithm)
+            .field("tags", &self.tags)
+            .field("loopback_only", &self.loopback_only)
+            .field("vhosts", &self.vhosts)
+            .finish()
+    }
+}
+
+fn default_hashing() -> String {
+    "rabbit_password_hashing_sha256".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -443,6 +485,37 @@ impl Config {
             }
         }
         for (i, u) in self.users.iter().enumerate() {
+            let at = |key: &'static str| {
+                vec![
+                    vec![Key("users"), Index(i), Key(key)],
+                    vec![Key("users"), Index(i)],
+                ]
+            };
+            match (&u.password, &u.password_hash) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(Problem {
+                        at: at("password_hash"),
+                        reason: format!(
+                            "users.{}: give either password or password_hash, not {}",
+                            u.name,
+                            if u.password.is_some() {
+                                "both"
+                            } else {
+                                "neither"
+                            }
+                        ),
+                    })
+                }
+                (None, Some(hash)) => {
+                    if let Err(why) = crate::auth::Credential::hashed(hash, &u.hashing_algorithm) {
+                        return Err(Problem {
+                            at: at("password_hash"),
+                            reason: format!("users.{}: {why}", u.name),
+                        });
+                    }
+                }
+                (Some(_), None) => {}
+            }
             for v in &u.vhosts {
                 if !self.vhosts.iter().any(|h| &h.name == v) {
                     return Err(Problem {

@@ -16,6 +16,8 @@ use warrenmq::Config;
     about = "An AMQP 0-9-1 message broker that RabbitMQ clients use unchanged"
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address to listen on for AMQP (repeatable); replaces the configured list.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Vec<SocketAddr>,
@@ -30,8 +32,47 @@ struct Cli {
     log_level: Option<String>,
 }
 
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Reads a password from standard input and prints a `password_hash` for it, in
+    /// RabbitMQ's format (rabbit_password_hashing_sha256, random salt).
+    HashPassword,
+}
+
+/// `warrenmq hash-password`: the password comes from stdin, never from the command
+/// line, where other users and the shell's history would see it.
+fn hash_password() -> ExitCode {
+    use std::io::Read;
+    let mut input = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+        eprintln!("warrenmq: cannot read the password from standard input: {e}");
+        return ExitCode::from(2);
+    }
+    let password = input
+        .strip_suffix('\n')
+        .map(|p| p.strip_suffix('\r').unwrap_or(p))
+        .unwrap_or(&input);
+    if password.is_empty() {
+        eprintln!("warrenmq: the password is empty");
+        return ExitCode::from(2);
+    }
+    let mut salt = [0u8; 4];
+    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut salt)) {
+        eprintln!("warrenmq: cannot read random bytes for the salt: {e}");
+        return ExitCode::from(2);
+    }
+    println!(
+        "{}",
+        warrenmq::auth::hash_password(password.as_bytes(), salt)
+    );
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::HashPassword) = cli.command {
+        return hash_password();
+    }
     let mut config = match &cli.config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,
