@@ -104,3 +104,45 @@ pub fn apply(config: &Config, vhosts: &HashMap<String, Arc<Vhost>>) -> Result<us
     }
     Ok(applied)
 }
+
+/// What `warrenmq check-config` reports of a file that passed.
+pub struct Summary {
+    pub listeners: Vec<std::net::SocketAddr>,
+    pub vhosts: Vec<String>,
+    pub users: usize,
+    pub exchanges: usize,
+    pub queues: usize,
+    pub bindings: usize,
+}
+
+/// Checks a parsed configuration as start-up would, short of the data directory:
+/// its topology is applied to empty in-memory vhosts, so an unknown exchange type,
+/// a queue argument RabbitMQ would refuse or a binding to nothing is found at its
+/// line without starting a broker.
+pub fn check(config: &Config) -> Result<Summary, ConfigError> {
+    let gauge = Arc::new(crate::model::message::MemoryGauge::new(
+        config.limits.memory_high_watermark as usize,
+    ));
+    let vhosts: HashMap<String, Arc<Vhost>> = config
+        .vhosts
+        .iter()
+        .map(|v| {
+            let vhost = Vhost::new(
+                &v.name,
+                None,
+                gauge.clone(),
+                config.limits.queue_memory_budget as usize,
+            );
+            (v.name.clone(), Arc::new(vhost))
+        })
+        .collect();
+    apply(config, &vhosts)?;
+    Ok(Summary {
+        listeners: config.listen.clone(),
+        vhosts: config.vhosts.iter().map(|v| v.name.clone()).collect(),
+        users: config.users.len(),
+        exchanges: config.exchanges.len(),
+        queues: config.queues.len(),
+        bindings: config.bindings.len(),
+    })
+}
