@@ -29,6 +29,8 @@ pub struct BrokerHandle {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     store: std::sync::Weak<dyn Store>,
+    /// What connections share; weak, so that shutdown still sees the store go.
+    state: std::sync::Weak<BrokerState>,
     /// The store's thread: it ends, releasing the database, once the store is dropped.
     store_thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -41,6 +43,48 @@ impl BrokerHandle {
 
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// Applies a re-read configuration to the running broker (SIGHUP): the users
+    /// are replaced, and the file's exchanges, queues and bindings declared (what is
+    /// missing is created; a refused entry is logged and left). What cannot change
+    /// while running (listeners, data directory, limits, vhosts) is logged as
+    /// waiting for a restart.
+    pub fn reload(&self, config: Config) {
+        let Some(state) = self.state.upgrade() else {
+            return;
+        };
+        let old = &state.config;
+        let mut later = Vec::new();
+        if config.listen != old.listen {
+            later.push("listen");
+        }
+        if config.data_dir != old.data_dir {
+            later.push("data_dir");
+        }
+        if format!("{:?}", config.limits) != format!("{:?}", old.limits) {
+            later.push("[limits]");
+        }
+        let vhosts_changed = config.vhosts.len() != old.vhosts.len()
+            || config
+                .vhosts
+                .iter()
+                .any(|v| !state.vhosts.contains_key(&v.name));
+        if vhosts_changed {
+            later.push("[[vhosts]]");
+        }
+        if !later.is_empty() {
+            warn!(
+                "configuration reload: {} take effect at the next start",
+                later.join(", ")
+            );
+        }
+        state.users.store(Arc::new(config.users.clone()));
+        let (applied, refused) = crate::declare::apply_live(&config, &state.vhosts);
+        info!(
+            "configuration reloaded: {} users; {applied} declarations applied, {refused} refused",
+            config.users.len()
+        );
     }
 
     /// Stops accepting, closes every connection with 320 CONNECTION_FORCED and waits for them.
@@ -178,6 +222,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         }
     }
     let state = Arc::new(BrokerState {
+        users: arc_swap::ArcSwap::from_pointee(config.users.clone()),
         store: store.clone(),
         gauge,
         config,
@@ -190,8 +235,10 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let (stop, stop_rx) = watch::channel(false);
     let weak_store = Arc::downgrade(&store);
     drop(store);
+    let weak_state = Arc::downgrade(&state);
     let task = tokio::spawn(accept_all(listeners, state, stop_rx));
     Ok(BrokerHandle {
+        state: weak_state,
         addrs,
         stop,
         task,

@@ -14,93 +14,144 @@ use crate::model::exchange::Destination;
 use crate::model::vhost::Vhost;
 
 /// Declares the file's exchanges, then queues, then bindings; returns how many
-/// entries were applied.
+/// entries were applied. The first refusal stops it.
 pub fn apply(config: &Config, vhosts: &HashMap<String, Arc<Vhost>>) -> Result<usize, ConfigError> {
+    apply_with(config, vhosts, &mut Err)
+}
+
+/// The same on a running broker (SIGHUP): a refused entry is logged and the rest
+/// applied. Returns how many entries were applied and how many refused.
+pub fn apply_live(config: &Config, vhosts: &HashMap<String, Arc<Vhost>>) -> (usize, usize) {
+    let mut refused = 0;
+    let applied = apply_with(config, vhosts, &mut |e| {
+        tracing::error!("configuration reload: {e}; left as it is");
+        refused += 1;
+        Ok(())
+    })
+    .unwrap_or(0);
+    (applied, refused)
+}
+
+/// One declaration of the file: where it is and what it asks.
+struct Entry {
+    array: &'static str,
+    index: usize,
+    vhost: String,
+    what: String,
+    change: Result<Change, String>,
+}
+
+fn entries(config: &Config) -> Vec<Entry> {
+    let args = |t: &toml::Table, array: &str| {
+        field_table(t).map_err(|why| format!("{array}: arguments: {why}"))
+    };
+    let mut out = Vec::new();
+    for (index, x) in config.exchanges.iter().enumerate() {
+        out.push(Entry {
+            array: "exchanges",
+            index,
+            vhost: x.vhost.clone(),
+            what: format!("exchange '{}' in vhost '{}'", x.name, x.vhost),
+            change: args(&x.arguments, "exchanges").map(|arguments| {
+                Change::DeclareExchange(ExchangeSpec {
+                    name: x.name.clone(),
+                    kind: x.kind.clone(),
+                    passive: false,
+                    durable: x.durable,
+                    auto_delete: x.auto_delete,
+                    internal: x.internal,
+                    arguments,
+                })
+            }),
+        });
+    }
+    for (index, q) in config.queues.iter().enumerate() {
+        out.push(Entry {
+            array: "queues",
+            index,
+            vhost: q.vhost.clone(),
+            what: format!("queue '{}' in vhost '{}'", q.name, q.vhost),
+            change: args(&q.arguments, "queues").map(|arguments| {
+                Change::DeclareQueue(QueueSpec {
+                    name: q.name.clone(),
+                    passive: false,
+                    durable: q.durable,
+                    exclusive: false,
+                    auto_delete: q.auto_delete,
+                    arguments,
+                })
+            }),
+        });
+    }
+    for (index, b) in config.bindings.iter().enumerate() {
+        let destination = match b.destination_type.as_str() {
+            "exchange" => Destination::Exchange(b.destination.as_str().into()),
+            _ => Destination::Queue(b.destination.as_str().into()),
+        };
+        out.push(Entry {
+            array: "bindings",
+            index,
+            vhost: b.vhost.clone(),
+            what: format!(
+                "binding of {} '{}' to exchange '{}' in vhost '{}'",
+                b.destination_type, b.destination, b.source, b.vhost
+            ),
+            change: args(&b.arguments, "bindings").map(|arguments| {
+                Change::Bind(BindingSpec {
+                    source: b.source.clone(),
+                    destination,
+                    routing_key: b.routing_key.clone(),
+                    arguments,
+                })
+            }),
+        });
+    }
+    out
+}
+
+/// Applies every entry in order; `on_error` decides whether a refusal stops the rest.
+fn apply_with(
+    config: &Config,
+    vhosts: &HashMap<String, Arc<Vhost>>,
+    on_error: &mut dyn FnMut(ConfigError) -> Result<(), ConfigError>,
+) -> Result<usize, ConfigError> {
     let mut applied = 0;
-    let vhost = |array: &'static str, i: usize, name: &str| {
-        vhosts
-            .get(name)
-            .ok_or_else(|| config.entry_error(array, i, format!("{array}: unknown vhost '{name}'")))
-    };
-    let args = |array: &'static str, i: usize, t: &toml::Table| {
-        field_table(t)
-            .map_err(|why| config.entry_error(array, i, format!("{array}: arguments: {why}")))
-    };
-    // Refused declarations: a conflict with what is stored may be kept (with a
-    // warning); anything else stops start-up at the entry's line.
-    let refused = |array: &'static str, i: usize, what: String, e: crate::error::AmqpError| {
-        let conflict = e.code == 406 && e.text.contains("inequivalent arg");
+    for e in entries(config) {
+        let at = |reason: String| config.entry_error(e.array, e.index, reason);
+        let Some(vhost) = vhosts.get(&e.vhost) else {
+            on_error(at(format!("{}: unknown vhost '{}'", e.array, e.vhost)))?;
+            continue;
+        };
+        let change = match e.change {
+            Ok(c) => c,
+            Err(why) => {
+                on_error(at(why))?;
+                continue;
+            }
+        };
+        let refusal = match vhost.apply(change, Actor::Operator) {
+            Ok(_) => {
+                applied += 1;
+                continue;
+            }
+            Err(refusal) => refusal,
+        };
+        // A conflict with what is stored may be kept (with a warning); anything
+        // else is reported at the entry's line.
+        let conflict = refusal.code == 406 && refusal.text.contains("inequivalent arg");
         if conflict && config.on_conflict == OnConflict::KeepStored {
             tracing::warn!(
-                "{what} in the configuration differs from the stored one, which is kept: {e}"
+                "{} in the configuration differs from the stored one, which is kept: {refusal}",
+                e.what
             );
-            return Ok(());
+            continue;
         }
         let hint = if conflict {
             "; change the file to match what is stored, delete the stored entity, or set on_conflict = \"keep-stored\""
         } else {
             ""
         };
-        Err(config.entry_error(array, i, format!("{what}: {e}{hint}")))
-    };
-    for (i, x) in config.exchanges.iter().enumerate() {
-        let change = Change::DeclareExchange(ExchangeSpec {
-            name: x.name.clone(),
-            kind: x.kind.clone(),
-            passive: false,
-            durable: x.durable,
-            auto_delete: x.auto_delete,
-            internal: x.internal,
-            arguments: args("exchanges", i, &x.arguments)?,
-        });
-        match vhost("exchanges", i, &x.vhost)?.apply(change, Actor::Operator) {
-            Ok(_) => applied += 1,
-            Err(e) => refused(
-                "exchanges",
-                i,
-                format!("exchange '{}' in vhost '{}'", x.name, x.vhost),
-                e,
-            )?,
-        }
-    }
-    for (i, q) in config.queues.iter().enumerate() {
-        let change = Change::DeclareQueue(QueueSpec {
-            name: q.name.clone(),
-            passive: false,
-            durable: q.durable,
-            exclusive: false,
-            auto_delete: q.auto_delete,
-            arguments: args("queues", i, &q.arguments)?,
-        });
-        match vhost("queues", i, &q.vhost)?.apply(change, Actor::Operator) {
-            Ok(_) => applied += 1,
-            Err(e) => refused(
-                "queues",
-                i,
-                format!("queue '{}' in vhost '{}'", q.name, q.vhost),
-                e,
-            )?,
-        }
-    }
-    for (i, b) in config.bindings.iter().enumerate() {
-        let destination = match b.destination_type.as_str() {
-            "exchange" => Destination::Exchange(b.destination.as_str().into()),
-            _ => Destination::Queue(b.destination.as_str().into()),
-        };
-        let change = Change::Bind(BindingSpec {
-            source: b.source.clone(),
-            destination,
-            routing_key: b.routing_key.clone(),
-            arguments: args("bindings", i, &b.arguments)?,
-        });
-        let what = format!(
-            "binding of {} '{}' to exchange '{}' in vhost '{}'",
-            b.destination_type, b.destination, b.source, b.vhost
-        );
-        match vhost("bindings", i, &b.vhost)?.apply(change, Actor::Operator) {
-            Ok(_) => applied += 1,
-            Err(e) => refused("bindings", i, what, e)?,
-        }
+        on_error(at(format!("{}: {refusal}{hint}", e.what)))?;
     }
     Ok(applied)
 }

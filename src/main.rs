@@ -107,6 +107,21 @@ fn hash_password() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+impl Cli {
+    /// The command line's flags win over the file, at start and on reload alike.
+    fn override_file(&self, config: &mut Config) {
+        if !self.listen.is_empty() {
+            config.listen = self.listen.clone();
+        }
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(level) = &self.log_level {
+            config.log_level = level.clone();
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
@@ -124,15 +139,7 @@ fn main() -> ExitCode {
         },
         None => Config::default(),
     };
-    if !cli.listen.is_empty() {
-        config.listen = cli.listen.clone();
-    }
-    if let Some(dir) = cli.data_dir {
-        config.data_dir = dir;
-    }
-    if let Some(level) = cli.log_level {
-        config.log_level = level;
-    }
+    cli.override_file(&mut config);
     let filter =
         EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&config.log_level));
     let filter = match filter {
@@ -162,26 +169,67 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal().await;
+        // SIGHUP re-reads the file; SIGTERM and SIGINT stop the broker.
+        let mut signals = Signals::new();
+        while let Signal::Reload = signals.next().await {
+            let Some(path) = &cli.config else {
+                tracing::warn!(
+                    "SIGHUP: the broker runs on its embedded configuration, which cannot change"
+                );
+                continue;
+            };
+            match Config::load(path) {
+                Ok(mut config) => {
+                    cli.override_file(&mut config);
+                    broker.reload(config);
+                }
+                Err(e) => tracing::error!("configuration reload refused, nothing changed: {e}"),
+            }
+        }
         tracing::info!("shutting down");
         broker.shutdown().await;
         ExitCode::SUCCESS
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {}
-                _ = i.recv() => {}
-            }
-        }
-        _ => {
+enum Signal {
+    Stop,
+    Reload,
+}
+
+/// The signals the broker acts on, registered once so that none is missed
+/// between two waits.
+struct Signals {
+    streams: Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let streams = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(t), Ok(i), Ok(h)) => Some((t, i, h)),
+            _ => None,
+        };
+        Signals { streams }
+    }
+
+    async fn next(&mut self) -> Signal {
+        let Some((t, i, h)) = &mut self.streams else {
             let _ = tokio::signal::ctrl_c().await;
+            return Signal::Stop;
+        };
+        tokio::select! {
+            _ = t.recv() => Signal::Stop,
+            _ = i.recv() => Signal::Stop,
+            _ = h.recv() => Signal::Reload,
         }
     }
 }

@@ -15,7 +15,10 @@ use crate::store::Store;
 
 /// State every connection shares. Only read on the publish path.
 pub struct BrokerState {
+    /// As the broker started; `users` is the part a reload (SIGHUP) replaces.
     pub config: Config,
+    /// Who may log in, replaced whole on reload; a login reads it without a lock.
+    pub users: arc_swap::ArcSwap<Vec<crate::config::User>>,
     pub vhosts: HashMap<String, Arc<Vhost>>,
     pub gauge: Arc<MemoryGauge>,
     pub store: Arc<dyn Store>,

@@ -90,8 +90,9 @@ impl Connection {
         };
         self.read_capabilities(&start_ok.client_properties);
         let mechanism = start_ok.mechanism.as_str().to_string();
+        let users = self.broker.users.load();
         let user = match authenticate(
-            &self.broker.config.users,
+            &users,
             &mechanism,
             start_ok.response.as_bytes(),
             self.peer.ip(),
