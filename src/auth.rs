@@ -153,6 +153,80 @@ pub fn hash_password(password: &[u8], salt: [u8; 4]) -> String {
     base64::engine::general_purpose::STANDARD.encode(out)
 }
 
+/// What a permission is checked for, as in RabbitMQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Declaring and deleting.
+    Configure,
+    /// Publishing to an exchange, binding to a destination.
+    Write,
+    /// Consuming, getting and purging; the source of a binding.
+    Read,
+}
+
+/// A user's permissions in one vhost, compiled. RabbitMQ matches each regular
+/// expression anywhere in the name (not anchored) and reads "" as "nothing".
+#[derive(Debug)]
+pub struct Permissions {
+    configure: Option<regex::Regex>,
+    write: Option<regex::Regex>,
+    read: Option<regex::Regex>,
+}
+
+impl Permissions {
+    /// Everything: a user granted a vhost by its `vhosts` list alone.
+    pub fn all() -> Permissions {
+        let any = || regex::Regex::new(".*").ok();
+        Permissions {
+            configure: any(),
+            write: any(),
+            read: any(),
+        }
+    }
+
+    pub fn new(configure: &str, write: &str, read: &str) -> Result<Permissions, regex::Error> {
+        let compile = |re: &str| -> Result<Option<regex::Regex>, regex::Error> {
+            if re.is_empty() {
+                Ok(None)
+            } else {
+                regex::Regex::new(re).map(Some)
+            }
+        };
+        Ok(Permissions {
+            configure: compile(configure)?,
+            write: compile(write)?,
+            read: compile(read)?,
+        })
+    }
+
+    pub fn allows(&self, access: Access, name: &str) -> bool {
+        let re = match access {
+            Access::Configure => &self.configure,
+            Access::Write => &self.write,
+            Access::Read => &self.read,
+        };
+        re.as_ref().is_some_and(|re| re.is_match(name))
+    }
+}
+
+/// Every user's permissions per vhost, from the configuration.
+pub type PermissionTable = HashMap<(String, String), std::sync::Arc<Permissions>>;
+
+pub fn permission_table(entries: &[crate::config::PermissionConfig]) -> PermissionTable {
+    entries
+        .iter()
+        .filter_map(|p| {
+            // Validated with the configuration: an entry that does not compile
+            // here cannot happen, and would grant nothing.
+            let perms = Permissions::new(&p.configure, &p.write, &p.read).ok()?;
+            Some((
+                (p.user.clone(), p.vhost.clone()),
+                std::sync::Arc::new(perms),
+            ))
+        })
+        .collect()
+}
+
 pub enum AuthFailure {
     BadCredentials,
     NotFromLoopback,

@@ -80,6 +80,9 @@ impl BrokerHandle {
             );
         }
         state.users.store(Arc::new(config.users.clone()));
+        state
+            .permissions
+            .store(Arc::new(crate::auth::permission_table(&config.permissions)));
         let (applied, refused) = crate::declare::apply_live(&config, &state.vhosts);
         info!(
             "configuration reloaded: {} users; {applied} declarations applied, {refused} refused",
@@ -223,6 +226,9 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     }
     let state = Arc::new(BrokerState {
         users: arc_swap::ArcSwap::from_pointee(config.users.clone()),
+        permissions: arc_swap::ArcSwap::from_pointee(crate::auth::permission_table(
+            &config.permissions,
+        )),
         store: store.clone(),
         gauge,
         config,

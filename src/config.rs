@@ -23,6 +23,9 @@ pub struct Config {
     pub users: Vec<User>,
     #[serde(default)]
     pub vhosts: Vec<VhostConfig>,
+    /// What each user may do in a vhost, as RabbitMQ's permissions.
+    #[serde(default)]
+    pub permissions: Vec<PermissionConfig>,
     /// Topology declared at start-up, after the stored state is read back.
     #[serde(default)]
     pub exchanges: Vec<ExchangeConfig>,
@@ -61,6 +64,19 @@ pub enum OnConflict {
     Stop,
     /// Keep what is stored and log a warning, as RabbitMQ does.
     KeepStored,
+}
+
+/// A `[[permissions]]` entry: regular expressions over the names of exchanges and
+/// queues, as in RabbitMQ's definitions ("" allows nothing).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionConfig {
+    pub user: String,
+    #[serde(default = "default_vhost")]
+    pub vhost: String,
+    pub configure: String,
+    pub write: String,
+    pub read: String,
 }
 
 /// An `[[exchanges]]` entry; field names as in RabbitMQ's definitions.
@@ -468,6 +484,38 @@ impl Config {
                     at: at("arguments"),
                     reason: format!("{array}: arguments: {why}"),
                 });
+            }
+        }
+        for (i, p) in self.permissions.iter().enumerate() {
+            let at = |key: &'static str| {
+                vec![
+                    vec![Key("permissions"), Index(i), Key(key)],
+                    vec![Key("permissions"), Index(i)],
+                ]
+            };
+            if !self.users.iter().any(|u| u.name == p.user) {
+                return Err(Problem {
+                    at: at("user"),
+                    reason: format!("permissions: unknown user '{}'", p.user),
+                });
+            }
+            if !known(&p.vhost) {
+                return Err(Problem {
+                    at: at("vhost"),
+                    reason: format!("permissions: unknown vhost '{}'", p.vhost),
+                });
+            }
+            for (key, re) in [
+                ("configure", &p.configure),
+                ("write", &p.write),
+                ("read", &p.read),
+            ] {
+                if let Err(e) = regex::Regex::new(re) {
+                    return Err(Problem {
+                        at: at(key),
+                        reason: format!("permissions: {key}: not a regular expression: {e}"),
+                    });
+                }
             }
         }
         for (i, b) in self.bindings.iter().enumerate() {

@@ -19,6 +19,8 @@ pub struct BrokerState {
     pub config: Config,
     /// Who may log in, replaced whole on reload; a login reads it without a lock.
     pub users: arc_swap::ArcSwap<Vec<crate::config::User>>,
+    /// Permissions per (user, vhost), replaced whole on reload.
+    pub permissions: arc_swap::ArcSwap<crate::auth::PermissionTable>,
     pub vhosts: HashMap<String, Arc<Vhost>>,
     pub gauge: Arc<MemoryGauge>,
     pub store: Arc<dyn Store>,

@@ -48,6 +48,8 @@ pub struct ConnShared {
     user: OnceLock<String>,
     /// Numbers every channel this connection opens.
     generations: AtomicU64,
+    /// What the user may do in the vhost, once connection.open was accepted.
+    permissions: OnceLock<Arc<crate::auth::Permissions>>,
 }
 
 impl ConnShared {
@@ -60,7 +62,19 @@ impl ConnShared {
             events,
             user: OnceLock::new(),
             generations: AtomicU64::new(0),
+            permissions: OnceLock::new(),
         }
+    }
+
+    pub fn set_permissions(&self, p: Arc<crate::auth::Permissions>) {
+        let _ = self.permissions.set(p);
+    }
+
+    /// Whether the user may do `access` on the named exchange or queue.
+    pub fn allows(&self, access: crate::auth::Access, name: &str) -> bool {
+        self.permissions
+            .get()
+            .is_some_and(|p| p.allows(access, name))
     }
 
     pub fn set_frame_max(&self, frame_max: u32) {

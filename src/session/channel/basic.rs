@@ -7,6 +7,7 @@ use std::sync::Arc;
 use amq_protocol::protocol::{basic, AMQPClass};
 
 use super::{class_name, After, Channel, TxOp};
+use crate::auth::Access;
 use crate::error::{queue_name, AmqpError, AmqpResult};
 use crate::model::queue::{ConsumeRefused, Consumer, Deliver, Got};
 use crate::model::values::int_value;
@@ -54,6 +55,7 @@ impl Channel {
             }
             M::Get(g) => {
                 let name = self.resolve_queue(g.queue.as_str())?;
+                self.permit(Access::Read, "queue", &name)?;
                 let q = self.vhost.queue(&name, self.actor())?;
                 match q.get() {
                     Got::Message(m, remaining) => self.shared.get_ok(&q, m, remaining, g.no_ack),
@@ -144,6 +146,7 @@ impl Channel {
             self.reply_queue = Some(q.clone());
             q
         } else {
+            self.permit(Access::Read, "queue", &name)?;
             self.vhost.queue(&name, self.actor())?
         };
         let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {

@@ -60,6 +60,7 @@ impl Channel {
                 )))
             }
         };
+        self.permit_change(&change)?;
         let applied = self.vhost.apply(change, self.actor())?;
         Ok(self.answer(applied.durable, nowait, AMQPClass::Exchange(ok), None))
     }

@@ -279,6 +279,9 @@ impl Channel {
         };
         let body = inc.body.into_body(inc.received);
         let mut held = inc.held;
+        // As RabbitMQ: write permission on the exchange comes first.
+        self.permit(crate::auth::Access::Write, "exchange", &inc.exchange)
+            .map_err(|e| e.with_method(60, 40))?;
         if let Some(uid) = properties.user_id() {
             let user = self.shared.conn.user();
             if uid.as_str() != user {

@@ -84,6 +84,7 @@ impl Channel {
             }
         };
         let is_bind = matches!(change, Change::Bind(_));
+        self.permit_change(&change)?;
         let applied = self.vhost.apply(change, self.actor())?;
         let (reply, cancel) = match applied.outcome {
             Outcome::Queue {

@@ -169,14 +169,24 @@ impl Connection {
                     .into(),
             );
         };
-        if !user.vhosts.iter().any(|v| v == vhost_name) {
-            return Err(AmqpError::not_allowed(format!(
-                "access to vhost '{vhost_name}' refused for user '{}'",
-                user.name
-            ))
-            .with_method(10, 40)
-            .into());
-        }
+        // A [[permissions]] entry governs the vhost; without one, a user the
+        // `vhosts` list grants it may do everything there.
+        let key = (user.name.clone(), vhost_name.to_string());
+        let permissions = match self.broker.permissions.load().get(&key) {
+            Some(p) => p.clone(),
+            None if user.vhosts.iter().any(|v| v == vhost_name) => {
+                std::sync::Arc::new(crate::auth::Permissions::all())
+            }
+            None => {
+                return Err(AmqpError::not_allowed(format!(
+                    "access to vhost '{vhost_name}' refused for user '{}'",
+                    user.name
+                ))
+                .with_method(10, 40)
+                .into())
+            }
+        };
+        self.shared.set_permissions(permissions);
         if let Err(limit) = self.broker.user_connected(&user.name) {
             return Err(AmqpError::not_allowed(format!(
                 "connection refused for user '{}': user connection limit ({limit}) is reached",
