@@ -34,22 +34,6 @@ impl Topology {
         self.queues.get(name)
     }
 
-    pub fn exchanges(&self) -> impl Iterator<Item = &Arc<Exchange>> {
-        self.exchanges.values()
-    }
-
-    pub fn queues(&self) -> impl Iterator<Item = &Arc<Queue>> {
-        self.queues.values()
-    }
-
-    pub fn exchange_count(&self) -> usize {
-        self.exchanges.len()
-    }
-
-    pub fn queue_count(&self) -> usize {
-        self.queues.len()
-    }
-
     /// Whether an exchange is internal; None when there is no such exchange.
     pub fn internal(&self, exchange: &str) -> Option<bool> {
         self.exchanges.get(exchange).map(|x| x.def.internal)

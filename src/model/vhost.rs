@@ -145,11 +145,6 @@ impl Vhost {
         self.topology.load()
     }
 
-    /// Adds a listener that hears of every change from now on.
-    pub fn subscribe(&self, listener: Arc<dyn TopologyListener>) {
-        self.lock_writer().listeners.push(listener);
-    }
-
     pub fn set_limits(&self, limits: VhostLimits) {
         let _ = self.limits.set(limits);
     }
@@ -180,12 +175,7 @@ impl Vhost {
     /// validation changes nothing.
     pub fn apply(&self, change: Change, actor: Actor) -> AmqpResult<Applied> {
         let mut w = self.lock_writer();
-        let mut d = Draft {
-            vhost: self,
-            t: (**self.topology.load()).clone(),
-            events: Vec::new(),
-            w: &mut w,
-        };
+        let mut d = self.draft(&mut w);
         let outcome = match change {
             Change::DeclareExchange(spec) => d.declare_exchange(spec)?,
             Change::DeleteExchange { name, if_unused } => d.delete_exchange(&name, if_unused)?,
@@ -202,6 +192,16 @@ impl Vhost {
         let (t, events) = (d.t, d.events);
         let durable = self.commit(t, events, &w)?;
         Ok(Applied { outcome, durable })
+    }
+
+    /// A change starting from the current topology.
+    fn draft<'a>(&'a self, w: &'a mut Writer) -> Draft<'a> {
+        Draft {
+            vhost: self,
+            t: (**self.topology.load()).clone(),
+            events: Vec::new(),
+            w,
+        }
     }
 
     /// Swaps in a draft's topology and tells the listeners what changed.
@@ -224,12 +224,7 @@ impl Vhost {
     /// x-expires): nobody waits for it, so a store failure is only logged.
     fn remove_queue_now(&self, q: &Arc<Queue>) {
         let mut w = self.lock_writer();
-        let mut d = Draft {
-            vhost: self,
-            t: (**self.topology.load()).clone(),
-            events: Vec::new(),
-            w: &mut w,
-        };
+        let mut d = self.draft(&mut w);
         if !d
             .t
             .queues

@@ -117,7 +117,6 @@ pub type StoredMessages<'a> =
 /// later sync (and so become nacks and connection errors), never lost.
 pub trait Store: Send + Sync {
     fn dir(&self) -> &Path;
-    fn size_on_disk(&self) -> u64;
 
     /// Runs `waiter` once everything asked of the store before it is on disk.
     fn sync(&self, waiter: SyncWaiter);

@@ -48,7 +48,6 @@ enum Op {
 
 pub struct SledStore {
     dir: PathBuf,
-    db: sled::Db,
     meta: sled::Tree,
     messages: sled::Tree,
     ops: Mutex<Option<mpsc::Sender<Op>>>,
@@ -235,7 +234,7 @@ impl SledStore {
         };
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
-            db: db.clone(),
+            db,
             meta: meta.clone(),
             messages: messages.clone(),
             file,
@@ -248,7 +247,6 @@ impl SledStore {
             .map_err(io("cannot start the store thread"))?;
         Ok(Arc::new(SledStore {
             dir: dir.to_path_buf(),
-            db,
             meta,
             messages,
             ops: Mutex::new(Some(tx)),
@@ -315,10 +313,6 @@ impl Drop for SledStore {
 impl Store for SledStore {
     fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
     }
 
     fn sync(&self, waiter: SyncWaiter) {
