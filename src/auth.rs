@@ -165,47 +165,64 @@ pub enum Access {
 }
 
 /// A user's permissions in one vhost, compiled. RabbitMQ matches each regular
-/// expression anywhere in the name (not anchored) and reads "" as "nothing".
+/// expression anywhere in the name (not anchored) and reads "" as "nothing". The
+/// usual ".*" needs no regex run: publishes check it per message.
 #[derive(Debug)]
 pub struct Permissions {
-    configure: Option<regex::Regex>,
-    write: Option<regex::Regex>,
-    read: Option<regex::Regex>,
+    configure: Rule,
+    write: Rule,
+    read: Rule,
+}
+
+#[derive(Debug)]
+enum Rule {
+    Nothing,
+    Everything,
+    Pattern(regex::Regex),
+}
+
+impl Rule {
+    fn new(re: &str) -> Result<Rule, regex::Error> {
+        Ok(match re {
+            "" => Rule::Nothing,
+            ".*" => Rule::Everything,
+            re => Rule::Pattern(regex::Regex::new(re)?),
+        })
+    }
+
+    fn allows(&self, name: &str) -> bool {
+        match self {
+            Rule::Nothing => false,
+            Rule::Everything => true,
+            Rule::Pattern(re) => re.is_match(name),
+        }
+    }
 }
 
 impl Permissions {
     /// Everything: a user granted a vhost by its `vhosts` list alone.
     pub fn all() -> Permissions {
-        let any = || regex::Regex::new(".*").ok();
         Permissions {
-            configure: any(),
-            write: any(),
-            read: any(),
+            configure: Rule::Everything,
+            write: Rule::Everything,
+            read: Rule::Everything,
         }
     }
 
     pub fn new(configure: &str, write: &str, read: &str) -> Result<Permissions, regex::Error> {
-        let compile = |re: &str| -> Result<Option<regex::Regex>, regex::Error> {
-            if re.is_empty() {
-                Ok(None)
-            } else {
-                regex::Regex::new(re).map(Some)
-            }
-        };
         Ok(Permissions {
-            configure: compile(configure)?,
-            write: compile(write)?,
-            read: compile(read)?,
+            configure: Rule::new(configure)?,
+            write: Rule::new(write)?,
+            read: Rule::new(read)?,
         })
     }
 
     pub fn allows(&self, access: Access, name: &str) -> bool {
-        let re = match access {
-            Access::Configure => &self.configure,
-            Access::Write => &self.write,
-            Access::Read => &self.read,
-        };
-        re.as_ref().is_some_and(|re| re.is_match(name))
+        match access {
+            Access::Configure => self.configure.allows(name),
+            Access::Write => self.write.allows(name),
+            Access::Read => self.read.allows(name),
+        }
     }
 }
 
