@@ -33,6 +33,12 @@ pub struct Config {
     pub queues: Vec<QueueConfig>,
     #[serde(default)]
     pub bindings: Vec<BindingConfig>,
+    /// Per-user, per-exchange patterns on routing keys (RabbitMQ's topic permissions).
+    #[serde(default)]
+    pub topic_permissions: Vec<TopicPermissionConfig>,
+    /// Operator policies over queue and exchange arguments, as RabbitMQ's.
+    #[serde(default)]
+    pub policies: Vec<PolicyConfig>,
     /// What start-up does when the file declares an entity the store holds with
     /// other properties.
     #[serde(default)]
@@ -77,6 +83,41 @@ pub struct PermissionConfig {
     pub configure: String,
     pub write: String,
     pub read: String,
+}
+
+/// A `[[topic_permissions]]` entry: which routing keys `user` may publish with
+/// (write) and bind with (read) on the topic exchange `exchange`, as RabbitMQ's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicPermissionConfig {
+    pub user: String,
+    #[serde(default = "default_vhost")]
+    pub vhost: String,
+    pub exchange: String,
+    pub write: String,
+    pub read: String,
+}
+
+/// A `[[policies]]` entry, field names as in RabbitMQ's definitions: the policy of
+/// highest priority whose pattern matches a queue's (or exchange's) name supplies
+/// the keys of `definition` (message-ttl, max-length, dead-letter-exchange, ...).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub name: String,
+    #[serde(default = "default_vhost")]
+    pub vhost: String,
+    pub pattern: String,
+    /// "all", "queues", "classic_queues", "quorum_queues", "streams" or "exchanges".
+    #[serde(rename = "apply-to", alias = "apply_to", default = "default_apply_to")]
+    pub apply_to: String,
+    #[serde(default)]
+    pub priority: i64,
+    pub definition: toml::Table,
+}
+
+fn default_apply_to() -> String {
+    "all".into()
 }
 
 /// An `[[exchanges]]` entry; field names as in RabbitMQ's definitions.
@@ -233,6 +274,13 @@ pub struct User {
     pub loopback_only: bool,
     #[serde(default = "all_vhosts")]
     pub vhosts: Vec<String>,
+    /// Connections this user may have open at once (RabbitMQ's user limit
+    /// max-connections); none = unlimited.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// Channels per connection for this user (user limit max-channels).
+    #[serde(default)]
+    pub max_channels: Option<u32>,
 }
 
 /// Secrets stay out of logs and Debug output.
@@ -249,6 +297,8 @@ impl std::fmt::Debug for User {
             .field("tags", &self.tags)
             .field("loopback_only", &self.loopback_only)
             .field("vhosts", &self.vhosts)
+            .field("max_connections", &self.max_connections)
+            .field("max_channels", &self.max_channels)
             .finish()
     }
 }
@@ -261,6 +311,12 @@ fn default_hashing() -> String {
 #[serde(deny_unknown_fields)]
 pub struct VhostConfig {
     pub name: String,
+    /// Client connections to this vhost at once (vhost limit max-connections).
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// Queues in this vhost (vhost limit max-queues).
+    #[serde(default)]
+    pub max_queues: Option<u32>,
 }
 
 fn default_log_level() -> String {
