@@ -436,6 +436,8 @@ mod tests {
             tags: Vec::new(),
             loopback_only: false,
             vhosts: vec!["/".into()],
+            max_connections: None,
+            max_channels: None,
         }
     }
 
