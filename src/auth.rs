@@ -281,6 +281,23 @@ pub fn authenticate<'a>(
     Ok(user)
 }
 
+/// EXTERNAL: the user is the one a verified client certificate names (its common
+/// name); the certificate stands in for the password.
+pub fn authenticate_external<'a>(
+    users: &'a [User],
+    name: &str,
+    peer: IpAddr,
+) -> Result<&'a User, AuthFailure> {
+    let user = users
+        .iter()
+        .find(|u| u.name == name)
+        .ok_or(AuthFailure::BadCredentials)?;
+    if user.loopback_only && !peer.to_canonical().is_loopback() {
+        return Err(AuthFailure::NotFromLoopback);
+    }
+    Ok(user)
+}
+
 /// Secrets up to this many bytes are all hashed at the same cost.
 const PADDED_LEN: usize = 256;
 

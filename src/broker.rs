@@ -59,6 +59,13 @@ impl BrokerHandle {
         if config.listen != old.listen {
             later.push("listen");
         }
+        let tls_listen = |c: &Config| c.tls.as_ref().map(|t| t.listen.clone());
+        if tls_listen(&config) != tls_listen(old) {
+            later.push("tls.listen (or adding or removing [tls])");
+        } else if let Some(server) = &config.tls_server {
+            // Certificates, key, CA and verification apply to the next connection.
+            state.tls.store(Some(server.clone()));
+        }
         if config.data_dir != old.data_dir {
             later.push("data_dir");
         }
@@ -187,44 +194,27 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
 
     let mut listeners = Vec::new();
     let mut addrs = Vec::new();
-    for addr in &config.listen {
-        let l = match TcpListener::bind(addr).await {
-            Ok(l) => l,
-            // `[::]` is dual-stack where IPv6 exists; where it does not, fall back to IPv4.
-            Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED && !ipv6_available() => {
-                let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
-                warn!("cannot listen on {addr} ({e}): no IPv6 here, listening on {v4} instead");
-                TcpListener::bind(v4)
-                    .await
-                    .map_err(|source| StartError::Listen { addr: v4, source })?
-            }
-            Err(source) => {
-                return Err(StartError::Listen {
-                    addr: *addr,
-                    source,
-                })
-            }
-        };
-        let local = l.local_addr().map_err(|source| StartError::Listen {
-            addr: *addr,
-            source,
-        })?;
-        info!("listening for AMQP 0-9-1 on {local}");
-        addrs.push(local);
-        listeners.push(l);
-        // Where `[::]` is IPv6-only (net.ipv6.bindv6only=1), IPv4 needs its own socket;
-        // where it is dual-stack, this bind fails with "address in use" and is not needed.
-        if local.ip() == std::net::Ipv6Addr::UNSPECIFIED {
-            if let Ok(v4) = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], local.port()))).await
-            {
-                if let Ok(a) = v4.local_addr() {
-                    info!("listening for AMQP 0-9-1 on {a}");
-                }
-                listeners.push(v4);
-            }
-        }
+    bind_all(
+        &config.listen,
+        false,
+        "AMQP 0-9-1",
+        &mut listeners,
+        &mut addrs,
+    )
+    .await?;
+    if let Some(tls) = &config.tls {
+        bind_all(
+            &tls.listen,
+            true,
+            "AMQP 0-9-1 over TLS",
+            &mut listeners,
+            &mut addrs,
+        )
+        .await?;
     }
+    let tls = arc_swap::ArcSwapOption::new(config.tls_server.clone());
     let state = Arc::new(BrokerState {
+        tls,
         users: arc_swap::ArcSwap::from_pointee(config.users.clone()),
         permissions: arc_swap::ArcSwap::from_pointee(crate::auth::permission_table(
             &config.permissions,
@@ -298,18 +288,70 @@ fn recover(config: &Config, gauge: &Arc<MemoryGauge>) -> Result<Recovery, StoreE
     })
 }
 
+/// A listening socket, and whether it is for `amqps`.
+type Listener = (TcpListener, bool);
+
+/// Binds every address of one kind of listener (all before any accepts, so a busy
+/// port fails start-up).
+async fn bind_all(
+    wanted: &[SocketAddr],
+    tls: bool,
+    what: &str,
+    listeners: &mut Vec<Listener>,
+    addrs: &mut Vec<SocketAddr>,
+) -> Result<(), StartError> {
+    for addr in wanted {
+        let l = match TcpListener::bind(addr).await {
+            Ok(l) => l,
+            // `[::]` is dual-stack where IPv6 exists; where it does not, fall back to IPv4.
+            Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED && !ipv6_available() => {
+                let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+                warn!("cannot listen on {addr} ({e}): no IPv6 here, listening on {v4} instead");
+                TcpListener::bind(v4)
+                    .await
+                    .map_err(|source| StartError::Listen { addr: v4, source })?
+            }
+            Err(source) => {
+                return Err(StartError::Listen {
+                    addr: *addr,
+                    source,
+                })
+            }
+        };
+        let local = l.local_addr().map_err(|source| StartError::Listen {
+            addr: *addr,
+            source,
+        })?;
+        info!("listening for {what} on {local}");
+        addrs.push(local);
+        listeners.push((l, tls));
+        // Where `[::]` is IPv6-only (net.ipv6.bindv6only=1), IPv4 needs its own socket;
+        // where it is dual-stack, this bind fails with "address in use" and is not needed.
+        if local.ip() == std::net::Ipv6Addr::UNSPECIFIED {
+            if let Ok(v4) = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], local.port()))).await
+            {
+                if let Ok(a) = v4.local_addr() {
+                    info!("listening for {what} on {a}");
+                }
+                listeners.push((v4, tls));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn ipv6_available() -> bool {
     std::net::TcpListener::bind("[::1]:0").is_ok()
 }
 
 async fn accept_all(
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Listener>,
     state: Arc<BrokerState>,
     stop: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
     let mut acceptors = JoinSet::new();
-    for l in listeners {
+    for (l, tls) in listeners {
         let state = state.clone();
         let stop = stop.clone();
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
@@ -323,7 +365,16 @@ async fn accept_all(
                 tokio::select! {
                     accepted = rx.recv() => match accepted {
                         Some((sock, peer)) => {
-                            live.spawn(connection::serve(sock, peer, state.clone(), stop.clone()));
+                            // Read per connection, so that a reload's certificates apply to the next one.
+                            let tls = if tls {
+                                match state.tls.load_full() {
+                                    Some(server) => Some(tokio_rustls::TlsAcceptor::from(server)),
+                                    None => continue,
+                                }
+                            } else {
+                                None
+                            };
+                            live.spawn(connection::serve(sock, peer, tls, state.clone(), stop.clone()));
                         }
                         None => break,
                     },

@@ -43,9 +43,58 @@ pub struct Config {
     /// other properties.
     #[serde(default)]
     pub on_conflict: OnConflict,
+    /// `amqps` listeners; absent = no TLS.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// What the `[tls]` files made, loaded with the file so that a bad certificate
+    /// stops start-up (and check-config) at its key.
+    #[serde(skip)]
+    pub tls_server: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
     /// Where this configuration came from, to name FILE:LINE in later errors.
     #[serde(skip)]
     pub origin: Option<Origin>,
+}
+
+/// The `[tls]` table: names as in RabbitMQ's `ssl_options`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Addresses for `amqps` (RabbitMQ's listeners.ssl; 5671 by convention).
+    #[serde(default = "default_tls_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// The server's certificate chain, PEM, leaf first.
+    pub certfile: PathBuf,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub keyfile: PathBuf,
+    /// CA certificates that client certificates must chain to (for verify_peer).
+    #[serde(default)]
+    pub cacertfile: Option<PathBuf>,
+    /// verify_none (default) or verify_peer: ask for a client certificate and
+    /// check it against cacertfile.
+    #[serde(default)]
+    pub verify: Verify,
+    /// With verify_peer: refuse clients that present no certificate.
+    #[serde(default)]
+    pub fail_if_no_peer_cert: bool,
+    /// Oldest TLS version accepted: "1.2" (default) or "1.3".
+    #[serde(default = "default_tls_version")]
+    pub min_version: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verify {
+    #[default]
+    VerifyNone,
+    VerifyPeer,
+}
+
+fn default_tls_listen() -> Vec<SocketAddr> {
+    vec![SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 5671))]
+}
+
+fn default_tls_version() -> String {
+    "1.2".into()
 }
 
 /// The text a configuration was parsed from, and its path as shown in errors.
@@ -389,6 +438,38 @@ impl Config {
                 },
             });
         }
+        if let Some(tls) = &mut config.tls {
+            // Files named relative to the configuration file, as RabbitMQ's are not
+            // (there, relative to the node's working directory), because a service's
+            // working directory is rarely where its configuration lives.
+            let base = Path::new(path).parent().unwrap_or(Path::new(""));
+            for file in [&mut tls.certfile, &mut tls.keyfile]
+                .into_iter()
+                .chain(tls.cacertfile.as_mut())
+            {
+                if file.is_relative() {
+                    *file = base.join(&*file);
+                }
+            }
+            let built = crate::tls::server_config(tls).map_err(|(key, reason)| {
+                let problem = Problem {
+                    at: vec![vec![Seg::Key("tls"), Seg::Key(key)], vec![Seg::Key("tls")]],
+                    reason,
+                };
+                match problem.line_in(text) {
+                    Some(line) => ConfigError::Invalid {
+                        path: path.to_string(),
+                        line,
+                        reason: problem.reason,
+                    },
+                    None => ConfigError::Missing {
+                        path: path.to_string(),
+                        reason: problem.reason,
+                    },
+                }
+            })?;
+            config.tls_server = Some(built);
+        }
         config.origin = Some(Origin {
             path: path.to_string(),
             text: text.into(),
@@ -610,6 +691,9 @@ impl Config {
                         ),
                     })
                 }
+                // "" = no password at all, as RabbitMQ's cleared passwords: such a
+                // user logs in only with a client certificate (EXTERNAL).
+                (None, Some(hash)) if hash.is_empty() => {}
                 (None, Some(hash)) => {
                     if let Err(why) = crate::auth::Credential::hashed(hash, &u.hashing_algorithm) {
                         return Err(Problem {

@@ -159,6 +159,8 @@ fn apply_with(
 /// What `warrenmq check-config` reports of a file that passed.
 pub struct Summary {
     pub listeners: Vec<std::net::SocketAddr>,
+    /// `amqps` listeners (certificate files already read and matched).
+    pub tls_listeners: Vec<std::net::SocketAddr>,
     pub vhosts: Vec<String>,
     pub users: usize,
     pub exchanges: usize,
@@ -190,6 +192,11 @@ pub fn check(config: &Config) -> Result<Summary, ConfigError> {
     apply(config, &vhosts)?;
     Ok(Summary {
         listeners: config.listen.clone(),
+        tls_listeners: config
+            .tls
+            .as_ref()
+            .map(|t| t.listen.clone())
+            .unwrap_or_default(),
         vhosts: config.vhosts.iter().map(|v| v.name.clone()).collect(),
         users: config.users.len(),
         exchanges: config.exchanges.len(),

@@ -9,6 +9,7 @@ pub mod model;
 pub mod protocol;
 pub mod session;
 pub mod store;
+pub mod tls;
 
 pub use broker::{start, BrokerHandle};
 pub use config::Config;

@@ -62,6 +62,10 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             let listeners: Vec<String> = s.listeners.iter().map(|a| a.to_string()).collect();
             println!("{}: ok", path.display());
             println!("  listeners: {}", listeners.join(", "));
+            if !s.tls_listeners.is_empty() {
+                let tls: Vec<String> = s.tls_listeners.iter().map(|a| a.to_string()).collect();
+                println!("  tls listeners: {}", tls.join(", "));
+            }
             println!("  vhosts: {}", s.vhosts.join(", "));
             println!("  users: {}", s.users);
             println!(

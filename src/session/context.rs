@@ -22,6 +22,9 @@ pub struct BrokerState {
     /// Permissions per (user, vhost), replaced whole on reload.
     pub permissions: arc_swap::ArcSwap<crate::auth::PermissionTable>,
     pub vhosts: HashMap<String, Arc<Vhost>>,
+    /// What `amqps` listeners serve with; a reload replaces it (new certificates
+    /// for new connections, the open ones keep theirs).
+    pub tls: arc_swap::ArcSwapOption<tokio_rustls::rustls::ServerConfig>,
     pub gauge: Arc<MemoryGauge>,
     pub store: Arc<dyn Store>,
     /// Paces failed logins per client address.

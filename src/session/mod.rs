@@ -9,3 +9,4 @@ pub mod context;
 pub mod delivery;
 pub mod outbox;
 pub mod shared;
+pub mod transport;

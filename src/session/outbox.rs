@@ -13,7 +13,6 @@ use std::sync::{Mutex, MutexGuard};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use crate::protocol::{body_frame_header, write_content_header, write_deliver, FRAME_END};
@@ -217,7 +216,7 @@ impl Outbox {
     }
 
     /// The writer task: drains the outbox into the socket until closed.
-    pub async fn run_writer(&self, mut socket: OwnedWriteHalf) {
+    pub async fn run_writer(&self, mut socket: crate::session::transport::Writer) {
         loop {
             let (mut chunks, n) = self.take();
             if n == 0 {
@@ -227,7 +226,13 @@ impl Outbox {
                 self.wake_writer.notified().await;
                 continue;
             }
-            if let Err(e) = write_all_vectored(&mut socket, &mut chunks, &self.written).await {
+            // TLS keeps what the socket would not take in its own buffer: the flush
+            // sends it (for plain TCP it does nothing).
+            let written = match write_all_vectored(&mut socket, &mut chunks, &self.written).await {
+                Ok(()) => socket.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
                 tracing::debug!("write failed: {e}");
                 self.closed.store(true, Ordering::Release);
                 self.pending.store(0, Ordering::Release);
@@ -247,7 +252,7 @@ impl Outbox {
 }
 
 async fn write_all_vectored(
-    socket: &mut OwnedWriteHalf,
+    socket: &mut crate::session::transport::Writer,
     chunks: &mut [Bytes],
     progress: &std::sync::atomic::AtomicU64,
 ) -> std::io::Result<()> {

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{Connection, End};
-use crate::auth::{authenticate, AuthFailure};
+use crate::auth::{authenticate, authenticate_external, AuthFailure};
 use crate::error::AmqpError;
 use crate::protocol::{check_protocol_header, short, Frame, Greeting, PROTOCOL_HEADER};
 use crate::session::channel::class_name;
@@ -69,7 +69,12 @@ impl Connection {
                 version_major: 0,
                 version_minor: 9,
                 server_properties: server_properties(),
-                mechanisms: LongString::from("PLAIN AMQPLAIN"),
+                // EXTERNAL only where a verified client certificate names the user.
+                mechanisms: LongString::from(if matches!(self.client_cn, Some(Some(_))) {
+                    "PLAIN AMQPLAIN EXTERNAL"
+                } else {
+                    "PLAIN AMQPLAIN"
+                }),
                 locales: LongString::from("en_US"),
             })),
         );
@@ -91,12 +96,16 @@ impl Connection {
         self.read_capabilities(&start_ok.client_properties);
         let mechanism = start_ok.mechanism.as_str().to_string();
         let users = self.broker.users.load();
-        let user = match authenticate(
-            &users,
-            &mechanism,
-            start_ok.response.as_bytes(),
-            self.peer.ip(),
-        ) {
+        let authenticated = match (&mechanism[..], &self.client_cn) {
+            ("EXTERNAL", Some(Some(cn))) => authenticate_external(&users, cn, self.peer.ip()),
+            _ => authenticate(
+                &users,
+                &mechanism,
+                start_ok.response.as_bytes(),
+                self.peer.ip(),
+            ),
+        };
+        let user = match authenticated {
             Ok(u) => u.clone(),
             Err(AuthFailure::BadCredentials) => {
                 warn!("login refused using mechanism {mechanism}");

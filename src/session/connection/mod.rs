@@ -10,8 +10,9 @@ use std::time::Duration;
 use amq_protocol::protocol::{channel, connection, AMQPClass};
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
+
+use crate::session::transport::{split_tcp, split_tls, Reader};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, warn, Instrument};
@@ -30,19 +31,6 @@ use crate::protocol::{read_frame_with, short, write_heartbeat, write_method, Fra
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// How long a paused connection waits for a peer that reads nothing at all.
 const SEND_STALL: Duration = Duration::from_secs(60);
-
-/// Resolves when the peer has closed or reset its side, even while unread input is
-/// pending (readiness then says "readable" at once, so it is polled twice a second).
-async fn hung_up(reader: &OwnedReadHalf) {
-    loop {
-        match reader.ready(tokio::io::Interest::READABLE).await {
-            Ok(r) if !(r.is_read_closed() || r.is_error()) => {
-                tokio::time::sleep(Duration::from_millis(500)).await
-            }
-            _ => return,
-        }
-    }
-}
 
 /// What a connection ends with when the broker shuts down (RabbitMQ's 320).
 fn shutting_down() -> End {
@@ -80,9 +68,12 @@ impl From<AmqpError> for End {
     }
 }
 
+/// Serves one client: over TLS when `tls` is given (the handshake runs here, in
+/// the connection's own task, within the handshake timeout).
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     broker: Arc<BrokerState>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -102,7 +93,29 @@ pub async fn serve(
             .with_interval(Duration::from_secs(10))
             .with_retries(6);
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-        let (reader, writer) = stream.into_split();
+        let (reader, writer, client_cn) = match tls {
+            None => {
+                let (r, w) = split_tcp(stream);
+                (r, w, None)
+            }
+            Some(acceptor) => {
+                let limit = Duration::from_secs(broker.config.limits.handshake_timeout);
+                let stream = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => return debug!("TLS handshake failed: {e}"),
+                    Err(_) => return debug!("TLS handshake timed out"),
+                };
+                // Only a certificate the verifier accepted gets this far.
+                let cn = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .and_then(crate::tls::common_name);
+                let (r, w) = split_tls(stream);
+                (r, w, Some(cn))
+            }
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(ConnShared::new(id, broker.config.limits.frame_max, tx));
         let writer_shared = shared.clone();
@@ -119,6 +132,7 @@ pub async fn serve(
             broker,
             shared: shared.clone(),
             peer,
+            client_cn,
             input: Input {
                 reader,
                 buf: BytesMut::with_capacity(READ_MIN),
@@ -160,7 +174,7 @@ const READ_MAX: usize = 64 * 1024;
 
 /// The read half and what has been read but not yet parsed.
 struct Input {
-    reader: OwnedReadHalf,
+    reader: Reader,
     buf: BytesMut,
     /// How much room the next read gets.
     chunk: usize,
@@ -196,6 +210,9 @@ struct Connection {
     broker: Arc<BrokerState>,
     shared: Arc<ConnShared>,
     peer: SocketAddr,
+    /// Over TLS: the verified client certificate's common name, if any (for
+    /// EXTERNAL). None on plain TCP.
+    client_cn: Option<Option<String>>,
     input: Input,
     events: mpsc::UnboundedReceiver<ConnEvent>,
     channels: HashMap<u16, Channel>,
@@ -367,7 +384,7 @@ impl Connection {
                     }
                 }
                 _ = self.broker.gauge.below.notified() => {}
-                _ = hung_up(&self.input.reader) => return Some(End::Gone),
+                _ = self.input.reader.hung_up() => return Some(End::Gone),
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
@@ -398,7 +415,7 @@ impl Connection {
                         ch.resume();
                     }
                 }
-                _ = hung_up(&self.input.reader) => return Some(End::Gone),
+                _ = self.input.reader.hung_up() => return Some(End::Gone),
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {
                     let now = self.shared.outbox.written();
                     if now != written {
