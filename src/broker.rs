@@ -90,6 +90,7 @@ impl BrokerHandle {
         state
             .permissions
             .store(Arc::new(crate::auth::permission_table(&config.permissions)));
+        crate::declare::apply_policies(&config, &state.vhosts);
         let (applied, refused) = crate::declare::apply_live(&config, &state.vhosts);
         info!(
             "configuration reloaded: {} users; {applied} declarations applied, {refused} refused",
@@ -155,6 +156,9 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     for vhost in vhosts.values() {
         vhost.start_housekeeping();
     }
+    // Policies first, as RabbitMQ's definitions order them: the file's queues and
+    // exchanges are declared under them.
+    crate::declare::apply_policies(&config, &vhosts);
     // The file's topology goes through the same path as a client's declarations,
     // and is on disk before anyone connects.
     let declared = match crate::declare::apply(&config, &vhosts) {

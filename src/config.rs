@@ -655,6 +655,59 @@ impl Config {
                 }
             }
         }
+        for (i, p) in self.topic_permissions.iter().enumerate() {
+            let at = |key: &'static str| {
+                vec![
+                    vec![Key("topic_permissions"), Index(i), Key(key)],
+                    vec![Key("topic_permissions"), Index(i)],
+                ]
+            };
+            if !self.users.iter().any(|u| u.name == p.user) {
+                return Err(Problem {
+                    at: at("user"),
+                    reason: format!("topic_permissions: unknown user '{}'", p.user),
+                });
+            }
+            if !known(&p.vhost) {
+                return Err(Problem {
+                    at: at("vhost"),
+                    reason: format!("topic_permissions: unknown vhost '{}'", p.vhost),
+                });
+            }
+            for (key, re) in [("write", &p.write), ("read", &p.read)] {
+                if let Err(e) = regex::Regex::new(re) {
+                    return Err(Problem {
+                        at: at(key),
+                        reason: format!("topic_permissions: {key}: not a regular expression: {e}"),
+                    });
+                }
+            }
+        }
+        for (i, p) in self.policies.iter().enumerate() {
+            let at = |key: &'static str| {
+                vec![
+                    vec![Key("policies"), Index(i), Key(key)],
+                    vec![Key("policies"), Index(i)],
+                ]
+            };
+            if !known(&p.vhost) {
+                return Err(Problem {
+                    at: at("vhost"),
+                    reason: format!("policies: '{}': unknown vhost '{}'", p.name, p.vhost),
+                });
+            }
+            if let Err(why) = crate::model::policy::Policy::from_config(p) {
+                let key = why.split(':').next().unwrap_or("");
+                let key = ["pattern", "apply-to", "definition"]
+                    .into_iter()
+                    .find(|k| *k == key)
+                    .unwrap_or("definition");
+                return Err(Problem {
+                    at: at(key),
+                    reason: format!("policies: '{}': {why}", p.name),
+                });
+            }
+        }
         for (i, b) in self.bindings.iter().enumerate() {
             if !matches!(b.destination_type.as_str(), "queue" | "exchange") {
                 return Err(Problem {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::config::{field_table, Config, ConfigError, OnConflict};
 use crate::model::change::{Actor, BindingSpec, Change, ExchangeSpec, QueueSpec};
 use crate::model::exchange::Destination;
+use crate::model::policy::Policy;
 use crate::model::vhost::Vhost;
 
 /// Declares the file's exchanges, then queues, then bindings; returns how many
@@ -30,6 +31,31 @@ pub fn apply_live(config: &Config, vhosts: &HashMap<String, Arc<Vhost>>) -> (usi
     })
     .unwrap_or(0);
     (applied, refused)
+}
+
+/// Gives every vhost its policies from the configuration (none for a vhost the
+/// file gives none, so a reload can remove them), applied to what exists now.
+/// Keys that have no effect here are named in a warning.
+pub fn apply_policies(config: &Config, vhosts: &HashMap<String, Arc<Vhost>>) {
+    let mut per_vhost: HashMap<&str, Vec<Policy>> = HashMap::new();
+    for p in &config.policies {
+        // Checked when the configuration was loaded.
+        let Ok((policy, ignored)) = Policy::from_config(p) else {
+            continue;
+        };
+        if !ignored.is_empty() {
+            tracing::warn!(
+                "policy '{}' in vhost '{}': {} not supported here, ignored",
+                p.name,
+                p.vhost,
+                ignored.join(", ")
+            );
+        }
+        per_vhost.entry(&p.vhost).or_default().push(policy);
+    }
+    for (name, vhost) in vhosts {
+        vhost.set_policies(per_vhost.remove(name.as_str()).unwrap_or_default());
+    }
 }
 
 /// One declaration of the file: where it is and what it asks.

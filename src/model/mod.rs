@@ -12,6 +12,7 @@ pub mod housekeeper;
 pub mod message;
 mod persist;
 pub mod pmap;
+pub mod policy;
 pub mod queue;
 mod recovery;
 pub mod topology;

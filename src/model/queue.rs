@@ -123,17 +123,21 @@ pub enum Overflow {
 }
 
 /// The x-arguments a queue acts on, checked when it is declared.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct QueueArgs {
     pub message_ttl: Option<u64>,
     pub expires: Option<u64>,
     pub max_length: Option<u64>,
     pub max_length_bytes: Option<u64>,
     pub overflow: Overflow,
+    /// Whether x-overflow was given (a policy's overflow applies only if not).
+    pub overflow_declared: bool,
     pub max_priority: Option<u8>,
     pub dead_letter_exchange: Option<Arc<str>>,
     pub dead_letter_routing_key: Option<Arc<str>>,
     pub single_active_consumer: bool,
+    /// The policy that contributed to these settings, if any.
+    pub policy: Option<Arc<str>>,
 }
 
 impl QueueArgs {
@@ -239,10 +243,12 @@ impl QueueArgs {
             max_length: non_negative("x-max-length")?,
             max_length_bytes: non_negative("x-max-length-bytes")?,
             overflow,
+            overflow_declared: get("x-overflow").is_some(),
             max_priority,
             dead_letter_exchange,
             dead_letter_routing_key,
             single_active_consumer,
+            policy: None,
         })
     }
 }
@@ -272,7 +278,11 @@ pub struct Queue {
     /// Connection id of the owner of an exclusive queue.
     pub exclusive_owner: Option<u64>,
     pub arguments: FieldTable,
-    pub args: QueueArgs,
+    /// What the declaration's x-arguments ask for.
+    pub declared: QueueArgs,
+    /// What applies now: `declared` with the matching policy, replaced whole when
+    /// the policies change.
+    args: arc_swap::ArcSwap<QueueArgs>,
     housekeeping: UnboundedSender<Housekeeping>,
     me: Weak<Queue>,
     /// For durable queues: the store and this queue's id in it.
@@ -493,7 +503,8 @@ impl Queue {
             auto_delete,
             exclusive_owner,
             arguments,
-            args,
+            args: arc_swap::ArcSwap::from_pointee(args.clone()),
+            declared: args,
             housekeeping,
             me: me.clone(),
             store,
@@ -514,11 +525,42 @@ impl Queue {
                 page_waiters: Vec::new(),
             }),
         });
-        if let Some(ms) = q.args.expires {
+        if let Some(ms) = q.args().expires {
             let mut st = q.lock();
             q.wake(&mut st, now_ms().saturating_add(ms));
         }
         q
+    }
+
+    /// The settings in force (declared arguments and policy).
+    pub fn args(&self) -> arc_swap::Guard<Arc<QueueArgs>> {
+        self.args.load()
+    }
+
+    /// Applies a policy (or its removal): the effective settings are recomputed
+    /// from the declared ones. A lower length limit drops (or dead-letters) the
+    /// oldest messages now, as RabbitMQ does; a shorter x-expires counts from the
+    /// queue's last use.
+    pub fn apply_policy(&self, policy: Option<&super::policy::Policy>) {
+        let mut next = super::policy::effective(&self.declared, policy.map(|p| &p.definition));
+        next.policy = policy.map(|p| p.name.clone());
+        let current = self.args.load();
+        if **current == next {
+            return;
+        }
+        let expires = next.expires;
+        self.args.store(Arc::new(next));
+        let mut st = self.lock();
+        if st.deleted {
+            return;
+        }
+        if self.args().overflow == Overflow::DropHead {
+            self.enforce_length(&mut st);
+        }
+        if let (Some(ms), true) = (expires, st.consumers.is_empty()) {
+            let at = st.last_used.saturating_add(ms);
+            self.wake(&mut st, at);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {
@@ -540,7 +582,7 @@ impl Queue {
     /// configured. A paged-out message is read back by the housekeeper first.
     fn drop_entry(&self, e: Entry, reason: &'static str) {
         let (seq, persisted) = (e.seq, e.persisted);
-        let Some(exchange) = self.args.dead_letter_exchange.clone() else {
+        let Some(exchange) = self.args().dead_letter_exchange.clone() else {
             self.forget_stored(seq, persisted);
             return;
         };
@@ -554,7 +596,7 @@ impl Queue {
         let self_store = store.clone();
         let (queue, routing_key, gauge) = (
             self.name.clone(),
-            self.args.dead_letter_routing_key.clone(),
+            self.args().dead_letter_routing_key.clone(),
             self.gauge.clone(),
         );
         let make = Box::new(move |stored: StoredMessage| {
@@ -580,7 +622,7 @@ impl Queue {
     /// only after the housekeeper has routed (and so stored) the dead letter: a crash
     /// in between leaves the message in both places, never in neither.
     fn dead_letter(&self, m: QueuedMessage, reason: &'static str) {
-        let Some(exchange) = &self.args.dead_letter_exchange else {
+        let Some(exchange) = &self.args().dead_letter_exchange else {
             self.forget(&m);
             return;
         };
@@ -593,7 +635,7 @@ impl Queue {
             queue: self.name.clone(),
             reason,
             exchange: exchange.clone(),
-            routing_key: self.args.dead_letter_routing_key.clone(),
+            routing_key: self.args().dead_letter_routing_key.clone(),
             source,
         }));
     }
@@ -620,16 +662,15 @@ impl Queue {
             return Enqueued::Gone;
         }
         let size = msg.body.len() as u64;
-        let full = self
-            .args
+        let args = self.args();
+        let full = args
             .max_length
             .is_some_and(|max| st.ready.len as u64 >= max)
-            || self
-                .args
+            || args
                 .max_length_bytes
                 .is_some_and(|max| st.ready.bytes as u64 + size > max);
-        if full && self.args.overflow != Overflow::DropHead {
-            if self.args.overflow == Overflow::RejectPublishDlx {
+        if full && args.overflow != Overflow::DropHead {
+            if args.overflow == Overflow::RejectPublishDlx {
                 let m = self.queued(&mut st, msg);
                 self.dead_letter(m, "maxlen");
             }
@@ -811,7 +852,7 @@ impl Queue {
 
     /// A message's effective TTL here: the lower of the queue's and its own.
     fn effective_ttl(&self, message_ttl: Option<u64>) -> Option<u64> {
-        match (self.args.message_ttl, message_ttl) {
+        match (self.args().message_ttl, message_ttl) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -819,7 +860,7 @@ impl Queue {
 
     /// The priority level a message's priority maps to (0 without x-max-priority).
     fn level_of(&self, priority: u8) -> u8 {
-        self.args.max_priority.map_or(0, |max| priority.min(max))
+        self.args().max_priority.map_or(0, |max| priority.min(max))
     }
 
     fn queued(&self, st: &mut QueueState, msg: Arc<Message>) -> QueuedMessage {
@@ -839,13 +880,10 @@ impl Queue {
 
     /// x-max-length and x-max-length-bytes with drop-head: the oldest go first.
     fn enforce_length(&self, st: &mut QueueState) {
+        let args = self.args();
         loop {
-            let over = self
-                .args
-                .max_length
-                .is_some_and(|max| st.ready.len as u64 > max)
-                || self
-                    .args
+            let over = args.max_length.is_some_and(|max| st.ready.len as u64 > max)
+                || args
                     .max_length_bytes
                     .is_some_and(|max| st.ready.bytes as u64 > max);
             if !over {
@@ -892,7 +930,7 @@ impl Queue {
         while st.ready.len > 0 && !st.consumers.is_empty() {
             let n = st.consumers.len();
             // With x-single-active-consumer only the oldest consumer gets messages.
-            let candidates = if self.args.single_active_consumer {
+            let candidates = if self.args().single_active_consumer {
                 1
             } else {
                 n
@@ -999,7 +1037,7 @@ impl Queue {
         }
         if st.consumers.is_empty() {
             st.last_used = now_ms();
-            if let Some(ms) = self.args.expires {
+            if let Some(ms) = self.args().expires {
                 let at = st.last_used.saturating_add(ms);
                 self.wake(&mut st, at);
             }
@@ -1030,7 +1068,7 @@ impl Queue {
         }
         let now = now_ms();
         self.expire_head(&mut st, now);
-        if let Some(ms) = self.args.expires {
+        if let Some(ms) = self.args().expires {
             if st.consumers.is_empty() {
                 if now >= st.last_used.saturating_add(ms) {
                     return true;

@@ -29,6 +29,7 @@ use super::housekeeper::{housekeeper, Keeper};
 use super::message::MemoryGauge;
 use super::persist::StoreTopology;
 use super::pmap::PMap;
+use super::policy::{self, Policy, Target};
 use super::queue::{Housekeeping, Queue, QueueArgs};
 use super::topology::{Routed, Topology};
 use super::values::{display_value, string_value, type_name, value_eq};
@@ -75,6 +76,16 @@ pub(super) struct Writer {
     exclusive: HashMap<u64, Vec<Arc<str>>>,
     pub(super) bindings: Bindings,
     listeners: Vec<Arc<dyn TopologyListener>>,
+    /// This vhost's policies; declarations made meanwhile wait for a change.
+    policies: Vec<Policy>,
+}
+
+/// What a queue is, as policies' apply-to sees it.
+fn policy_target(arguments: &FieldTable) -> Target {
+    match arguments.inner().get("x-queue-type").and_then(string_value) {
+        Some(t) if t == "quorum" => Target::QuorumQueue,
+        _ => Target::ClassicQueue,
+    }
 }
 
 /// One change being built: the next topology and what happened on the way.
@@ -155,6 +166,35 @@ impl Vhost {
 
     pub(super) fn lock_writer(&self) -> MutexGuard<'_, Writer> {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces this vhost's policies and applies them to every queue and exchange
+    /// (start-up and reload); later declarations get them as they are made.
+    pub fn set_policies(&self, policies: Vec<Policy>) {
+        let mut w = self.lock_writer();
+        w.policies = policies;
+        let t = self.topology.load_full();
+        for q in t.queues.values() {
+            q.apply_policy(policy::matching(
+                &w.policies,
+                &q.name,
+                policy_target(&q.arguments),
+            ));
+        }
+        let mut changed = Vec::new();
+        for (name, x) in t.exchanges.iter() {
+            let wanted = exchange_alternate(&w.policies, &x.def);
+            if wanted != x.def.alternate {
+                changed.push((name.clone(), Arc::new(x.with_alternate(wanted))));
+            }
+        }
+        if !changed.is_empty() {
+            let mut next = (*t).clone();
+            for (name, x) in changed {
+                next.exchanges.insert(name, x);
+            }
+            self.topology.store(Arc::new(next));
+        }
     }
 
     /// Replaces the topology as a whole: recovery, before any client.
@@ -418,12 +458,14 @@ impl Draft<'_> {
                 d.name, vhost.name
             )));
         }
-        let x = Exchange::new(ExchangeDef::new(
+        let mut def = ExchangeDef::new(
             &d.name,
             kind,
             (d.durable, d.auto_delete, d.internal),
             d.arguments,
-        ));
+        );
+        def.alternate = exchange_alternate(&self.w.policies, &def);
+        let x = Exchange::new(def);
         self.events.push(Event::ExchangeDeclared(x.def.clone()));
         self.t.exchanges.insert(x.def.name.clone(), Arc::new(x));
         Ok(Outcome::Done)
@@ -625,6 +667,11 @@ impl Draft<'_> {
             store,
             (vhost.queue_memory_budget, vhost.gauge.clone()),
         );
+        q.apply_policy(policy::matching(
+            &self.w.policies,
+            &name,
+            policy_target(&q.arguments),
+        ));
         if let Some(c) = owner {
             self.w.exclusive.entry(c).or_default().push(name.clone());
         }
@@ -867,6 +914,14 @@ fn check_arguments(
 }
 
 /// `amq.gen-` and 22 URL-safe base64 characters, like RabbitMQ's server-named queues.
+/// An exchange's alternate: its own argument's, else its policy's.
+fn exchange_alternate(policies: &[Policy], def: &ExchangeDef) -> Option<Arc<str>> {
+    def.declared_alternate().or_else(|| {
+        policy::matching(policies, &def.name, Target::Exchange)
+            .and_then(|p| p.definition.alternate_exchange.clone())
+    })
+}
+
 fn generated_name() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -88,8 +88,8 @@ fn any_arguments(_: &FieldTable) -> AmqpResult<()> {
 }
 
 /// What an exchange is, as declared. Immutable: a redeclare with other properties
-/// is refused, so only its bindings ever change.
-#[derive(Debug)]
+/// is refused, so only its bindings ever change (and its alternate, with a policy).
+#[derive(Debug, Clone)]
 pub struct ExchangeDef {
     pub name: Arc<str>,
     pub kind: &'static ExchangeType,
@@ -97,7 +97,8 @@ pub struct ExchangeDef {
     pub auto_delete: bool,
     pub internal: bool,
     pub arguments: FieldTable,
-    /// The `alternate-exchange` argument: where messages it cannot route go.
+    /// Where messages it cannot route go: its `alternate-exchange` argument, else
+    /// its policy's.
     pub alternate: Option<Arc<str>>,
 }
 
@@ -114,13 +115,15 @@ impl ExchangeDef {
             durable,
             auto_delete,
             internal,
-            alternate: arguments
-                .inner()
-                .get("alternate-exchange")
-                .and_then(string_value)
-                .map(Arc::from),
+            alternate: declared_alternate(&arguments),
             arguments,
         }
+    }
+
+    /// The `alternate-exchange` its arguments name (a policy's applies only
+    /// where they name none).
+    pub fn declared_alternate(&self) -> Option<Arc<str>> {
+        declared_alternate(&self.arguments)
     }
 
     /// Whether it survives a restart.
@@ -138,7 +141,27 @@ pub struct Exchange {
     router: Arc<dyn Router>,
 }
 
+fn declared_alternate(arguments: &FieldTable) -> Option<Arc<str>> {
+    arguments
+        .inner()
+        .get("alternate-exchange")
+        .and_then(string_value)
+        .map(Arc::from)
+}
+
 impl Exchange {
+    /// The same exchange, routing table included, with another alternate exchange
+    /// (a policy's changed).
+    pub fn with_alternate(&self, alternate: Option<Arc<str>>) -> Exchange {
+        Exchange {
+            def: Arc::new(ExchangeDef {
+                alternate,
+                ..(*self.def).clone()
+            }),
+            router: self.router.clone(),
+        }
+    }
+
     pub fn new(def: ExchangeDef) -> Exchange {
         Exchange {
             router: (def.kind.empty)(),
