@@ -226,6 +226,62 @@ impl Permissions {
     }
 }
 
+/// A user's topic permissions in one vhost: per topic exchange, patterns that a
+/// routing key must match to publish (write) or bind (read). An exchange without an
+/// entry allows every key, as in RabbitMQ.
+#[derive(Debug, Default)]
+pub struct TopicPermissions {
+    by_exchange: HashMap<String, (Rule, Rule)>,
+}
+
+impl TopicPermissions {
+    pub fn is_empty(&self) -> bool {
+        self.by_exchange.is_empty()
+    }
+
+    pub fn allows(&self, access: Access, exchange: &str, routing_key: &str) -> bool {
+        match (self.by_exchange.get(exchange), access) {
+            (None, _) => true,
+            (Some((write, _)), Access::Write) => write.allows(routing_key),
+            (Some((_, read)), _) => read.allows(routing_key),
+        }
+    }
+}
+
+/// Topic permissions per (user, vhost).
+pub type TopicTable = HashMap<(String, String), std::sync::Arc<TopicPermissions>>;
+
+/// Compiles `[[topic_permissions]]`. As RabbitMQ's internal backend: `{username}`
+/// and `{vhost}` in a pattern stand for the user and vhost, and "" matches only
+/// the empty routing key.
+pub fn topic_table(entries: &[crate::config::TopicPermissionConfig]) -> TopicTable {
+    let mut table: HashMap<(String, String), TopicPermissions> = HashMap::new();
+    for p in entries {
+        let rule = |re: &str| {
+            let re = re
+                .replace("{username}", &p.user)
+                .replace("{vhost}", &p.vhost);
+            match re.as_str() {
+                "" => Rule::new("^$"),
+                re => Rule::new(re),
+            }
+        };
+        // Validated with the configuration; an entry that does not compile here
+        // (a variable that made it invalid) allows nothing.
+        let write = rule(&p.write).unwrap_or(Rule::Nothing);
+        let read = rule(&p.read).unwrap_or(Rule::Nothing);
+        table
+            .entry((p.user.clone(), p.vhost.clone()))
+            .or_default()
+            .by_exchange
+            .insert(p.exchange.clone(), (write, read));
+    }
+    table
+        .into_iter()
+        .map(|(k, v)| (k, std::sync::Arc::new(v)))
+        .collect()
+}
+
 /// Every user's permissions per vhost, from the configuration.
 pub type PermissionTable = HashMap<(String, String), std::sync::Arc<Permissions>>;
 

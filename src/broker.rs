@@ -90,6 +90,11 @@ impl BrokerHandle {
         state
             .permissions
             .store(Arc::new(crate::auth::permission_table(&config.permissions)));
+        state
+            .topic_permissions
+            .store(Arc::new(crate::auth::topic_table(
+                &config.topic_permissions,
+            )));
         crate::declare::apply_policies(&config, &state.vhosts);
         let (applied, refused) = crate::declare::apply_live(&config, &state.vhosts);
         info!(
@@ -222,6 +227,9 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         users: arc_swap::ArcSwap::from_pointee(config.users.clone()),
         permissions: arc_swap::ArcSwap::from_pointee(crate::auth::permission_table(
             &config.permissions,
+        )),
+        topic_permissions: arc_swap::ArcSwap::from_pointee(crate::auth::topic_table(
+            &config.topic_permissions,
         )),
         store: store.clone(),
         gauge,

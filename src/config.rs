@@ -675,7 +675,11 @@ impl Config {
                 });
             }
             for (key, re) in [("write", &p.write), ("read", &p.read)] {
-                if let Err(e) = regex::Regex::new(re) {
+                // Checked as it will run: with the user and vhost put in.
+                let re = re
+                    .replace("{username}", &p.user)
+                    .replace("{vhost}", &p.vhost);
+                if let Err(e) = regex::Regex::new(&re) {
                     return Err(Problem {
                         at: at(key),
                         reason: format!("topic_permissions: {key}: not a regular expression: {e}"),

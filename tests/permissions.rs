@@ -189,3 +189,110 @@ fn a_bad_regular_expression_is_refused_at_its_line() {
         "{err}"
     );
 }
+
+/// Publishes on a confirm-mode channel and returns the channel error it gets.
+async fn publish_to_refused(ch: &lapin::Channel, exchange: &str, key: &str) -> (u16, String) {
+    let published = ch
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
+        .await;
+    let err = match published {
+        Err(e) => e,
+        Ok(confirm) => match confirm.await {
+            Err(e) => e,
+            other => panic!("expected a channel error, got {other:?}"),
+        },
+    };
+    match err.kind() {
+        lapin::ErrorKind::ProtocolError(p) => (p.get_id(), p.get_message().as_str().to_string()),
+        other => panic!("expected an AMQP error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn topic_permissions_restrict_routing_keys_on_topic_exchanges() {
+    let dir = common::temp_data_dir();
+    let text = format!(
+        r#"listen = ["127.0.0.1:0"]
+data_dir = {:?}
+
+[[vhosts]]
+name = "/"
+
+[[users]]
+name = "sensor"
+password = "s"
+
+[[topic_permissions]]
+user = "sensor"
+exchange = "amq.topic"
+write = "^readings\\.{{username}}\\."
+read = "^alerts\\."
+"#,
+        dir.display().to_string()
+    );
+    let b = warrenmq::start(Config::parse(&text, "topics.toml").expect("valid"))
+        .await
+        .expect("starts");
+    let conn = connect_url(&format!("amqp://sensor:s@{}/%2f", b.local_addr())).await;
+    let ch = channel(&conn).await;
+    let q = support::temp_queue(&ch, "topics").await;
+
+    // read: the routing key of a binding to the topic exchange.
+    support::bind(&ch, &q, "amq.topic", "alerts.#").await;
+    let (code, text) = amqp_err(
+        "queue.bind",
+        ch.queue_bind(
+            q.as_str().into(),
+            "amq.topic".into(),
+            "readings.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_eq!(code, 403);
+    assert_eq!(
+        text,
+        "ACCESS_REFUSED - access to topic 'readings.#' in exchange 'amq.topic' in vhost '/' refused for user 'sensor'"
+    );
+
+    // write: the routing key of a publish; {username} stands for the user.
+    let ch = channel(&conn).await;
+    support::confirm_mode(&ch).await;
+    support::publish_props(
+        &ch,
+        "amq.topic",
+        "readings.sensor.temp",
+        b"21C",
+        BasicProperties::default(),
+    )
+    .await;
+    ok("confirms", ch.wait_for_confirms()).await;
+    let (code, text) = publish_to_refused(&ch, "amq.topic", "readings.other.temp").await;
+    assert_eq!(code, 403);
+    assert_eq!(
+        text,
+        "ACCESS_REFUSED - access to topic 'readings.other.temp' in exchange 'amq.topic' in vhost '/' refused for user 'sensor'"
+    );
+
+    // Other exchanges, and topic exchanges without an entry, are not restricted.
+    let ch = channel(&conn).await;
+    support::confirm_mode(&ch).await;
+    support::publish_props(
+        &ch,
+        "amq.direct",
+        "anything",
+        b"x",
+        BasicProperties::default(),
+    )
+    .await;
+    ok("confirms", ch.wait_for_confirms()).await;
+    drop(conn);
+    b.shutdown().await;
+}

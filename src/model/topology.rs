@@ -35,6 +35,13 @@ impl Topology {
     }
 
     /// Whether an exchange is internal; None when there is no such exchange.
+    /// Whether `exchange` exists and is a topic exchange (topic permissions apply).
+    pub fn is_topic(&self, exchange: &str) -> bool {
+        self.exchanges
+            .get(exchange)
+            .is_some_and(|x| x.def.kind.name == "topic")
+    }
+
     pub fn internal(&self, exchange: &str) -> Option<bool> {
         self.exchanges.get(exchange).map(|x| x.def.internal)
     }

@@ -21,6 +21,8 @@ pub struct BrokerState {
     pub users: arc_swap::ArcSwap<Vec<crate::config::User>>,
     /// Permissions per (user, vhost), replaced whole on reload.
     pub permissions: arc_swap::ArcSwap<crate::auth::PermissionTable>,
+    /// Topic permissions per (user, vhost), replaced whole on reload.
+    pub topic_permissions: arc_swap::ArcSwap<crate::auth::TopicTable>,
     pub vhosts: HashMap<String, Arc<Vhost>>,
     /// What `amqps` listeners serve with; a reload replaces it (new certificates
     /// for new connections, the open ones keep theirs).

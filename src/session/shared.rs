@@ -50,6 +50,8 @@ pub struct ConnShared {
     generations: AtomicU64,
     /// What the user may do in the vhost, once connection.open was accepted.
     permissions: OnceLock<Arc<crate::auth::Permissions>>,
+    /// Topic permissions in this vhost; none set = every routing key allowed.
+    topics: OnceLock<Arc<crate::auth::TopicPermissions>>,
 }
 
 impl ConnShared {
@@ -63,11 +65,21 @@ impl ConnShared {
             user: OnceLock::new(),
             generations: AtomicU64::new(0),
             permissions: OnceLock::new(),
+            topics: OnceLock::new(),
         }
     }
 
     pub fn set_permissions(&self, p: Arc<crate::auth::Permissions>) {
         let _ = self.permissions.set(p);
+    }
+
+    pub fn set_topic_permissions(&self, t: Arc<crate::auth::TopicPermissions>) {
+        let _ = self.topics.set(t);
+    }
+
+    /// The user's topic permissions, if it has any in this vhost.
+    pub fn topic_permissions(&self) -> Option<&crate::auth::TopicPermissions> {
+        self.topics.get().map(|t| &**t).filter(|t| !t.is_empty())
     }
 
     /// Whether the user may do `access` on the named exchange or queue.

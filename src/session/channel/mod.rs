@@ -112,6 +112,28 @@ impl Channel {
         )))
     }
 
+    /// RabbitMQ's topic permission check: on a topic exchange, the routing key of a
+    /// publish (write) or a binding (read) must match the user's pattern for it.
+    pub(super) fn permit_topic(
+        &self,
+        access: Access,
+        exchange: &str,
+        routing_key: &str,
+    ) -> AmqpResult<()> {
+        let Some(topics) = self.shared.conn.topic_permissions() else {
+            return Ok(());
+        };
+        if !self.vhost.topology().is_topic(exchange) || topics.allows(access, exchange, routing_key)
+        {
+            return Ok(());
+        }
+        Err(AmqpError::access_refused(format!(
+            "access to topic '{routing_key}' in exchange '{exchange}' in vhost '{}' refused for user '{}'",
+            self.vhost.name,
+            self.shared.conn.user()
+        )))
+    }
+
     /// The permissions a topology change needs, checked in RabbitMQ's order: names
     /// the broker refuses anyway (the default exchange, `amq.*`) are left to it.
     fn permit_change(&self, change: &Change) -> AmqpResult<()> {
@@ -155,6 +177,7 @@ impl Channel {
                 if !b.source.is_empty() && !name.is_empty() {
                     self.permit(Write, kind, &name)?;
                     self.permit(Read, "exchange", &b.source)?;
+                    self.permit_topic(Read, &b.source, &b.routing_key)?;
                 }
             }
             _ => {}

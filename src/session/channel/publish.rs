@@ -282,6 +282,8 @@ impl Channel {
         // As RabbitMQ: write permission on the exchange comes first.
         self.permit(crate::auth::Access::Write, "exchange", &inc.exchange)
             .map_err(|e| e.with_method(60, 40))?;
+        self.permit_topic(crate::auth::Access::Write, &inc.exchange, &inc.routing_key)
+            .map_err(|e| e.with_method(60, 40))?;
         if let Some(uid) = properties.user_id() {
             let user = self.shared.conn.user();
             if uid.as_str() != user {

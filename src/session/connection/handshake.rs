@@ -196,6 +196,9 @@ impl Connection {
             }
         };
         self.shared.set_permissions(permissions);
+        if let Some(t) = self.broker.topic_permissions.load().get(&key) {
+            self.shared.set_topic_permissions(t.clone());
+        }
         if let Err(limit) = self.broker.user_connected(&user.name) {
             return Err(AmqpError::not_allowed(format!(
                 "connection refused for user '{}': user connection limit ({limit}) is reached",
