@@ -87,6 +87,12 @@ impl BrokerHandle {
             );
         }
         state.users.store(Arc::new(config.users.clone()));
+        state.vhost_configs.store(Arc::new(config.vhosts.clone()));
+        for v in &config.vhosts {
+            if let Some(vhost) = state.vhosts.get(&v.name) {
+                vhost.set_limits(vhost_limits(&config, v));
+            }
+        }
         state
             .permissions
             .store(Arc::new(crate::auth::permission_table(&config.permissions)));
@@ -222,6 +228,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         .await?;
     }
     let tls = arc_swap::ArcSwapOption::new(config.tls_server.clone());
+    let vhost_configs = arc_swap::ArcSwap::from_pointee(config.vhosts.clone());
     let state = Arc::new(BrokerState {
         tls,
         users: arc_swap::ArcSwap::from_pointee(config.users.clone()),
@@ -239,6 +246,9 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         next_connection: AtomicU64::new(0),
         open_connections: Default::default(),
         user_connections: Default::default(),
+        vhost_connections: Default::default(),
+        user_channels: Default::default(),
+        vhost_configs,
     });
     let (stop, stop_rx) = watch::channel(false);
     let weak_store = Arc::downgrade(&store);
@@ -265,6 +275,23 @@ struct Recovery {
     counts: (usize, usize, usize),
 }
 
+/// A vhost's limits: its own max_queues, else the broker-wide ones.
+fn vhost_limits(
+    config: &Config,
+    v: &crate::config::VhostConfig,
+) -> crate::model::vhost::VhostLimits {
+    // In [limits], 0 is unlimited; a vhost's own max_queues = 0 allows none.
+    let global = |n: u32| (n != 0).then_some(n as usize);
+    crate::model::vhost::VhostLimits {
+        queues: v
+            .max_queues
+            .map(|n| n as usize)
+            .or(global(config.limits.max_queues_per_vhost)),
+        exchanges: global(config.limits.max_exchanges_per_vhost),
+        bindings: global(config.limits.max_bindings_per_exchange),
+    }
+}
+
 /// Opens the store and rebuilds every configured vhost from it.
 fn recover(config: &Config, gauge: &Arc<MemoryGauge>) -> Result<Recovery, StoreError> {
     let sled = SledStore::open(&config.data_dir)?;
@@ -280,11 +307,7 @@ fn recover(config: &Config, gauge: &Arc<MemoryGauge>) -> Result<Recovery, StoreE
             gauge.clone(),
             config.limits.queue_memory_budget as usize,
         ));
-        vhost.set_limits(crate::model::vhost::VhostLimits {
-            queues: config.limits.max_queues_per_vhost as usize,
-            exchanges: config.limits.max_exchanges_per_vhost as usize,
-            bindings: config.limits.max_bindings_per_exchange as usize,
-        });
+        vhost.set_limits(vhost_limits(config, v));
         let r = vhost.recover(&exchanges, &queues, &bindings, gauge)?;
         nq += r.queues;
         nm += r.messages;

@@ -12,7 +12,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 use arc_swap::{ArcSwap, Guard};
@@ -39,18 +39,19 @@ use crate::store::Store;
 /// The queue name RPC clients consume from and put in reply_to (direct reply-to).
 pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
-/// How many entities clients may create here; 0 is unlimited. Recovery and
-/// the predeclared exchanges are not held to them.
+/// How many entities clients may create here; None is unlimited (and 0 allows
+/// none, as RabbitMQ's vhost limits). Recovery and the predeclared exchanges are
+/// not held to them.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct VhostLimits {
-    pub queues: usize,
-    pub exchanges: usize,
+    pub queues: Option<usize>,
+    pub exchanges: Option<usize>,
     /// Bindings whose source is one exchange.
-    pub bindings: usize,
+    pub bindings: Option<usize>,
 }
 
-fn reached(limit: usize, count: usize) -> bool {
-    limit != 0 && count >= limit
+fn reached(limit: Option<usize>, count: usize) -> Option<usize> {
+    limit.filter(|l| count >= *l)
 }
 
 pub struct Vhost {
@@ -66,7 +67,7 @@ pub struct Vhost {
     /// Direct reply-to: the pseudo-queue behind each `amq.rabbitmq.reply-to.*`
     /// name, read lock-free by replies. Only such names look here.
     reply_to: ArcSwap<PMap<Arc<str>, Weak<Queue>>>,
-    limits: OnceLock<VhostLimits>,
+    limits: Mutex<VhostLimits>,
 }
 
 /// What only the changing side needs, under the writer mutex.
@@ -146,7 +147,7 @@ impl Vhost {
             gauge,
             queue_memory_budget,
             reply_to: ArcSwap::from_pointee(PMap::new()),
-            limits: OnceLock::new(),
+            limits: Mutex::new(VhostLimits::default()),
         }
     }
 
@@ -156,12 +157,13 @@ impl Vhost {
         self.topology.load()
     }
 
+    /// At start-up and on reload.
     pub fn set_limits(&self, limits: VhostLimits) {
-        let _ = self.limits.set(limits);
+        *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = limits;
     }
 
     fn limits(&self) -> VhostLimits {
-        self.limits.get().copied().unwrap_or_default()
+        *self.limits.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(super) fn lock_writer(&self) -> MutexGuard<'_, Writer> {
@@ -451,8 +453,7 @@ impl Draft<'_> {
                 d.name
             )));
         }
-        let max = vhost.limits().exchanges;
-        if reached(max, self.t.exchanges.len()) {
+        if let Some(max) = reached(vhost.limits().exchanges, self.t.exchanges.len()) {
             return Err(AmqpError::precondition_failed(format!(
                 "cannot declare exchange '{}': exchange limit in vhost '{}' ({max}) is reached",
                 d.name, vhost.name
@@ -614,8 +615,7 @@ impl Draft<'_> {
         } else {
             d.name.as_str().into()
         };
-        let max = vhost.limits().queues;
-        if reached(max, self.t.queues.len()) {
+        if let Some(max) = reached(vhost.limits().queues, self.t.queues.len()) {
             return Err(AmqpError::precondition_failed(format!(
                 "cannot declare queue '{name}': queue limit in vhost '{}' ({max}) is reached",
                 vhost.name
@@ -782,8 +782,7 @@ impl Draft<'_> {
         if bindings.has(&b.source, &b.destination, &b.routing_key, &b.arguments) {
             return Ok(Outcome::Done);
         }
-        let max = self.vhost.limits().bindings;
-        if reached(max, bindings.count(&b.source)) {
+        if let Some(max) = reached(self.vhost.limits().bindings, bindings.count(&b.source)) {
             return Err(AmqpError::precondition_failed(format!(
                 "cannot bind to {}: binding limit ({max}) is reached",
                 exchange_name(&b.source, &self.vhost.name)

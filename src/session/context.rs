@@ -34,8 +34,57 @@ pub struct BrokerState {
     pub(crate) next_connection: AtomicU64,
     /// Client connections open now, handshakes included.
     pub(crate) open_connections: AtomicUsize,
-    /// Open connections per user, for `limits.max_connections_per_user`.
-    pub(crate) user_connections: Mutex<HashMap<String, u32>>,
+    /// Open connections per user (user limit max-connections, or
+    /// `limits.max_connections_per_user`).
+    pub(crate) user_connections: Tally,
+    /// Open connections per vhost (vhost limit max-connections).
+    pub(crate) vhost_connections: Tally,
+    /// Open channels per user, counted for users with a max-channels limit.
+    pub(crate) user_channels: Tally,
+    /// The vhosts' limits as last configured (a reload replaces them).
+    pub vhost_configs: arc_swap::ArcSwap<Vec<crate::config::VhostConfig>>,
+}
+
+/// Counts per name (user or vhost) of things open now.
+#[derive(Default)]
+pub struct Tally(Mutex<HashMap<String, u32>>);
+
+impl Tally {
+    /// Counts one more under `key` unless `limit` is reached; Err(limit) then.
+    pub fn add(&self, key: &str, limit: Option<u32>) -> Result<(), u32> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(key.to_string()).or_insert(0);
+        if let Some(limit) = limit.filter(|l| *n >= *l) {
+            if *n == 0 {
+                map.remove(key);
+            }
+            return Err(limit);
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    pub fn remove(&self, key: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(key);
+            }
+        }
+    }
+}
+
+/// A channel counted against its user's max-channels until dropped.
+pub struct CountedChannel {
+    broker: Arc<BrokerState>,
+    user: String,
+}
+
+impl Drop for CountedChannel {
+    fn drop(&mut self) {
+        self.broker.user_channels.remove(&self.user);
+    }
 }
 
 /// Counts a connection as open until dropped.
@@ -60,32 +109,40 @@ impl BrokerState {
         }
     }
 
-    /// Counts a connection of `user`; Err(limit) when the user has reached its limit.
-    pub fn user_connected(&self, user: &str) -> Result<(), u32> {
-        let limit = self.config.limits.max_connections_per_user;
-        let mut map = self
-            .user_connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(user.to_string()).or_insert(0);
-        if limit != 0 && *n >= limit {
-            return Err(limit);
-        }
-        *n += 1;
-        Ok(())
+    /// Counts a connection of `user`; Err(limit) when the user has reached its
+    /// limit (its own max_connections, else `limits.max_connections_per_user`).
+    pub fn user_connected(&self, user: &crate::config::User) -> Result<(), u32> {
+        let global = self.config.limits.max_connections_per_user;
+        let limit = user.max_connections.or((global != 0).then_some(global));
+        self.user_connections.add(&user.name, limit)
     }
 
     pub fn user_disconnected(&self, user: &str) {
-        let mut map = self
-            .user_connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(user) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(user);
-            }
-        }
+        self.user_connections.remove(user)
+    }
+
+    /// Counts a connection to `vhost`; Err(limit) at its max_connections.
+    pub fn vhost_connected(&self, vhost: &str) -> Result<(), u32> {
+        let limit = self
+            .vhost_configs
+            .load()
+            .iter()
+            .find(|v| v.name == vhost)
+            .and_then(|v| v.max_connections);
+        self.vhost_connections.add(vhost, limit)
+    }
+
+    pub fn vhost_disconnected(&self, vhost: &str) {
+        self.vhost_connections.remove(vhost)
+    }
+
+    /// Counts a channel of a user with a max-channels limit; Err(limit) when reached.
+    pub fn channel_opened(self: &Arc<Self>, user: &str, limit: u32) -> Result<CountedChannel, u32> {
+        self.user_channels.add(user, Some(limit))?;
+        Ok(CountedChannel {
+            broker: self.clone(),
+            user: user.to_string(),
+        })
     }
 }
 

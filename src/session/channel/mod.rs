@@ -30,6 +30,8 @@ use crate::model::vhost::Vhost;
 
 pub struct Channel {
     pub shared: Arc<ChannelShared>,
+    /// Held while open when the user has a max-channels limit.
+    pub(crate) counted: Option<crate::session::context::CountedChannel>,
     vhost: Arc<Vhost>,
     gauge: Arc<MemoryGauge>,
     consumers: HashMap<Arc<str>, (Arc<Queue>, Arc<Consumer>)>,
@@ -96,6 +98,7 @@ impl Channel {
             max_consumers,
             closing: false,
             backlogged: false,
+            counted: None,
         }
     }
 

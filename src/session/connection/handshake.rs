@@ -199,7 +199,17 @@ impl Connection {
         if let Some(t) = self.broker.topic_permissions.load().get(&key) {
             self.shared.set_topic_permissions(t.clone());
         }
-        if let Err(limit) = self.broker.user_connected(&user.name) {
+        // RabbitMQ's order: the vhost's connection limit, then the user's.
+        if let Err(limit) = self.broker.vhost_connected(vhost_name) {
+            return Err(AmqpError::not_allowed(format!(
+                "access to vhost '{vhost_name}' refused for user '{}': connection limit ({limit}) is reached",
+                user.name
+            ))
+            .with_method(10, 40)
+            .into());
+        }
+        self.counted_vhost = Some(vhost_name.to_string());
+        if let Err(limit) = self.broker.user_connected(&user) {
             return Err(AmqpError::not_allowed(format!(
                 "connection refused for user '{}': user connection limit ({limit}) is reached",
                 user.name
@@ -208,6 +218,7 @@ impl Connection {
             .into());
         }
         self.counted_user = Some(user.name.clone());
+        self.channel_limit = user.max_channels;
         self.vhost = Some(vhost);
         self.send(
             0,

@@ -144,6 +144,8 @@ pub async fn serve(
             heartbeat: 0,
             over_broker_limit,
             counted_user: None,
+            counted_vhost: None,
+            channel_limit: None,
             published: false,
             blocked_capable: false,
             shutdown,
@@ -226,6 +228,10 @@ struct Connection {
     over_broker_limit: Option<usize>,
     /// The user this connection counts against, once open.
     counted_user: Option<String>,
+    /// The vhost this connection counts against, once open.
+    counted_vhost: Option<String>,
+    /// The user's max-channels limit (over all its connections), if it has one.
+    channel_limit: Option<u32>,
     published: bool,
     blocked_capable: bool,
     shutdown: watch::Receiver<bool>,
@@ -607,8 +613,24 @@ impl Connection {
         let Some(vhost) = self.vhost.clone() else {
             return Err(AmqpError::channel_error("connection not open".into()).into());
         };
+        let counted = match self.channel_limit {
+            None => None,
+            Some(limit) => {
+                let user = self.shared.user();
+                match self.broker.channel_opened(&user, limit) {
+                    Ok(c) => Some(c),
+                    Err(limit) => {
+                        return Err(AmqpError::not_allowed(format!(
+                            "number of channels opened for user '{user}' has reached the maximum allowed user limit of ({limit})"
+                        ))
+                        .with_method(20, 10)
+                        .into())
+                    }
+                }
+            }
+        };
         let generation = self.shared.next_generation();
-        let ch = Channel::new(
+        let mut ch = Channel::new(
             (id, generation),
             self.shared.clone(),
             vhost,
@@ -618,6 +640,7 @@ impl Connection {
                 self.broker.config.limits.max_consumers_per_channel,
             ),
         );
+        ch.counted = counted;
         self.channels.insert(id, ch);
         self.send(
             id,
@@ -727,6 +750,9 @@ impl Connection {
         self.release_channels();
         if let Some(user) = self.counted_user.take() {
             self.broker.user_disconnected(&user);
+        }
+        if let Some(vhost) = self.counted_vhost.take() {
+            self.broker.vhost_disconnected(&vhost);
         }
         if let Some(v) = &self.vhost {
             v.connection_closed(self.shared.id);
