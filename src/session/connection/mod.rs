@@ -617,7 +617,7 @@ impl Connection {
             None => None,
             Some(limit) => {
                 let user = self.shared.user();
-                match self.broker.channel_opened(&user, limit) {
+                match self.broker.channel_opened(user, limit) {
                     Ok(c) => Some(c),
                     Err(limit) => {
                         return Err(AmqpError::not_allowed(format!(
