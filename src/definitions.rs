@@ -1198,12 +1198,18 @@ mod tests {
         assert_eq!(old.hashing_algorithm, "rabbit_password_hashing_md5");
         assert_eq!((old.max_connections, old.max_channels), (Some(3), None));
         assert_eq!(old.vhosts, ["b", "a"]);
-        assert_eq!(d.users[1].hashing_algorithm, "rabbit_password_hashing_sha512");
+        assert_eq!(
+            d.users[1].hashing_algorithm,
+            "rabbit_password_hashing_sha512"
+        );
         assert!(d.users[1].vhosts.is_empty());
         // Neither password nor hash: RabbitMQ's user without a password.
         assert_eq!(d.users[2].password_hash.as_deref(), Some(""));
         let d = parsed(r#"{"rabbit_version": "3.10.8", "users": [{"name": "n"}]}"#);
-        assert_eq!(d.users[0].hashing_algorithm, "rabbit_password_hashing_sha256");
+        assert_eq!(
+            d.users[0].hashing_algorithm,
+            "rabbit_password_hashing_sha256"
+        );
     }
 
     #[test]
@@ -1221,7 +1227,11 @@ mod tests {
             .collect();
         assert_eq!(
             limits,
-            [("a", None, Some(7)), ("b", Some(5), None), ("c", None, None)]
+            [
+                ("a", None, Some(7)),
+                ("b", Some(5), None),
+                ("c", None, None)
+            ]
         );
         let err = parse(
             r#"{"parameters": [{"vhost": "x", "component": "vhost-limits", "name": "limits", "value": {}}]}"#,
@@ -1289,9 +1299,12 @@ mod tests {
 
     #[test]
     fn malformed_and_mistyped_files_name_line_and_column() {
-        let err = parse("{\n  \"users\": [\n    {\"name\": \"a\",}\n  ]\n}", "d.json")
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            "{\n  \"users\": [\n    {\"name\": \"a\",}\n  ]\n}",
+            "d.json",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("d.json:3:18: trailing comma"), "{err}");
         let err = parse(
             "{\"queues\": [\n{\"name\": \"q\", \"vhost\": \"/\", \"durable\": \"yes\"}]}",
