@@ -47,6 +47,9 @@ pub fn parse_amqplain(response: &[u8]) -> Option<(String, String)> {
 /// A user's secret as configured: plain text, or RabbitMQ's salted hash.
 pub enum Credential {
     Plain(Vec<u8>),
+    /// An empty `password_hash`, as RabbitMQ exports a user whose password was
+    /// cleared: no password logs in.
+    NoPassword,
     Hashed {
         algorithm: Hashing,
         salt: [u8; 4],
@@ -54,11 +57,14 @@ pub enum Credential {
     },
 }
 
-/// RabbitMQ's password hashing modules.
+/// RabbitMQ's password hashing modules. MD5 is RabbitMQ's legacy one (users made
+/// before 3.6, or with `password_hashing_module = rabbit_password_hashing_md5`):
+/// their exported hashes log in here too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hashing {
     Sha256,
     Sha512,
+    Md5,
 }
 
 impl Hashing {
@@ -66,6 +72,7 @@ impl Hashing {
         match name {
             "rabbit_password_hashing_sha256" => Some(Hashing::Sha256),
             "rabbit_password_hashing_sha512" => Some(Hashing::Sha512),
+            "rabbit_password_hashing_md5" => Some(Hashing::Md5),
             _ => None,
         }
     }
@@ -82,6 +89,11 @@ impl Hashing {
                 .chain_update(password)
                 .finalize()
                 .to_vec(),
+            Hashing::Md5 => md5::Md5::new()
+                .chain_update(salt)
+                .chain_update(password)
+                .finalize()
+                .to_vec(),
         }
     }
 
@@ -89,17 +101,22 @@ impl Hashing {
         match self {
             Hashing::Sha256 => 32,
             Hashing::Sha512 => 64,
+            Hashing::Md5 => 16,
         }
     }
 }
 
 impl Credential {
-    /// A `password_hash` as RabbitMQ writes it: base64 of salt + digest.
+    /// A `password_hash` as RabbitMQ writes it: base64 of salt + digest; "" for a
+    /// user without a password.
     pub fn hashed(text: &str, algorithm: &str) -> Result<Credential, String> {
         use base64::Engine;
         let algorithm = Hashing::parse(algorithm).ok_or_else(|| {
-            format!("unsupported hashing_algorithm '{algorithm}' (rabbit_password_hashing_sha256 or rabbit_password_hashing_sha512)")
+            format!("unsupported hashing_algorithm '{algorithm}' (rabbit_password_hashing_sha256, rabbit_password_hashing_sha512 or rabbit_password_hashing_md5)")
         })?;
+        if text.trim().is_empty() {
+            return Ok(Credential::NoPassword);
+        }
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(text.trim())
             .map_err(|e| format!("password_hash is not base64: {e}"))?;
@@ -131,6 +148,7 @@ impl Credential {
     fn matches(&self, password: &[u8], password_digest: &[u8; 32]) -> bool {
         match self {
             Credential::Plain(p) => digests_eq(&digest(p), password_digest),
+            Credential::NoPassword => false,
             Credential::Hashed {
                 algorithm,
                 salt,
@@ -151,6 +169,14 @@ pub fn hash_password(password: &[u8], salt: [u8; 4]) -> String {
     let mut out = salt.to_vec();
     out.extend(Hashing::Sha256.digest(&salt, password));
     base64::engine::general_purpose::STANDARD.encode(out)
+}
+
+/// A fresh random salt for `hash_password`, from the operating system.
+pub fn random_salt() -> std::io::Result<[u8; 4]> {
+    use std::io::Read;
+    let mut salt = [0u8; 4];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut salt))?;
+    Ok(salt)
 }
 
 /// What a permission is checked for, as in RabbitMQ.
@@ -564,11 +590,56 @@ mod tests {
         assert!(authenticate(&[mine], "PLAIN", b"\0mine\0pw", ip).is_ok());
         assert!(Credential::hashed("not base64!", "rabbit_password_hashing_sha256").is_err());
         assert!(Credential::hashed("AAAA", "rabbit_password_hashing_sha256").is_err());
+        // An sha256 hash is too long for md5.
         assert!(Credential::hashed(
             "g5yG+4dO1v7yUOBOIKUzgRa5/I161I7l+fe6JdUVOgg5KQbo",
             "rabbit_password_hashing_md5"
         )
         .is_err());
+        assert!(Credential::hashed("", "rabbit_password_hashing_bcrypt").is_err());
+    }
+
+    /// RabbitMQ's legacy module: base64 of a 4-byte salt and md5(salt + password).
+    /// This hash is RabbitMQ 3.10's own, from config/examples/rabbitmq-3.10-definitions.json
+    /// (user "legacy", made with password_hashing_module = rabbit_password_hashing_md5).
+    #[test]
+    fn rabbitmq_md5_hashes_log_in() {
+        let users = vec![hashed(
+            "legacy",
+            "w5ZmFC+7qoc5/b6ZxGJ9m7okMso=",
+            "rabbit_password_hashing_md5",
+        )];
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(authenticate(&users, "PLAIN", b"\0legacy\0legacy-md5", ip).is_ok());
+        assert!(authenticate(&users, "PLAIN", b"\0legacy\0legacy-md6", ip).is_err());
+        // The same layout computed here: salt, then md5 of salt + password.
+        use base64::Engine;
+        let salt = [9u8, 8, 7, 6];
+        let mut bytes = salt.to_vec();
+        bytes.extend(
+            md5::Md5::new()
+                .chain_update(salt)
+                .chain_update(b"pw")
+                .finalize(),
+        );
+        let hash = base64::engine::general_purpose::STANDARD.encode(bytes);
+        let mine = hashed("mine", &hash, "rabbit_password_hashing_md5");
+        assert!(authenticate(&[mine], "PLAIN", b"\0mine\0pw", ip).is_ok());
+    }
+
+    /// RabbitMQ exports a user whose password was cleared with password_hash "":
+    /// such a user cannot log in with any password, the empty one included.
+    #[test]
+    fn an_empty_password_hash_logs_nobody_in() {
+        let users = vec![hashed("nopass", "", "rabbit_password_hashing_sha256")];
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        for p in ["", "placeholder", "nopass"] {
+            let r = format!("\0nopass\0{p}");
+            assert!(
+                authenticate(&users, "PLAIN", r.as_bytes(), ip).is_err(),
+                "{p:?}"
+            );
+        }
     }
 
     #[test]

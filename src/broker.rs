@@ -54,6 +54,9 @@ impl BrokerHandle {
         let Some(state) = self.state.upgrade() else {
             return;
         };
+        for w in &config.warnings {
+            warn!("{w}");
+        }
         let old = &state.config;
         let mut later = Vec::new();
         if config.listen != old.listen {
@@ -145,6 +148,9 @@ pub enum StartError {
 }
 
 pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
+    for w in &config.warnings {
+        warn!("{w}");
+    }
     // Recover before listening, so that no client sees a half-loaded broker.
     let gauge = Arc::new(MemoryGauge::new(
         config.limits.memory_high_watermark as usize,

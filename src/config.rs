@@ -50,6 +50,16 @@ pub struct Config {
     /// stops start-up (and check-config) at its key.
     #[serde(skip)]
     pub tls_server: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// RabbitMQ definitions (what `rabbitmqctl export_definitions` writes) whose
+    /// users, vhosts, permissions, topic permissions, policies, exchanges, queues
+    /// and bindings join this file's, as with RabbitMQ's `load_definitions`. A
+    /// relative path is relative to this file's directory.
+    #[serde(default)]
+    pub definitions: Option<PathBuf>,
+    /// What loading left aside (parts of the definitions WarrenMQ has no
+    /// equivalent for), one line each: the broker logs them, the subcommands print them.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
     /// Where this configuration came from, to name FILE:LINE in later errors.
     #[serde(skip)]
     pub origin: Option<Origin>,
@@ -102,12 +112,36 @@ fn default_tls_version() -> String {
 pub struct Origin {
     pub path: String,
     pub text: std::sync::Arc<str>,
+    /// The definitions file merged in, if any.
+    pub definitions: Option<DefinitionsOrigin>,
+}
+
+/// A definitions file merged into a configuration: its entries follow the TOML's
+/// in each array, so an entry's index tells which file it came from.
+#[derive(Debug, Clone)]
+pub struct DefinitionsOrigin {
+    /// As shown in errors.
+    pub path: String,
+    /// How many entries of each array (by its TOML name) came from the TOML file.
+    pub from_toml: Vec<(&'static str, usize)>,
+}
+
+impl DefinitionsOrigin {
+    /// Whether the `index`th entry of `array` came from the definitions file.
+    fn holds(&self, array: &str, index: usize) -> bool {
+        self.from_toml
+            .iter()
+            .any(|(a, n)| *a == array && index >= *n)
+    }
 }
 
 /// The text holds passwords: Debug shows the path only.
 impl std::fmt::Debug for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Origin").field("path", &self.path).finish()
+        f.debug_struct("Origin")
+            .field("path", &self.path)
+            .field("definitions", &self.definitions)
+            .finish()
     }
 }
 
@@ -123,7 +157,7 @@ pub enum OnConflict {
 
 /// A `[[permissions]]` entry: regular expressions over the names of exchanges and
 /// queues, as in RabbitMQ's definitions ("" allows nothing).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PermissionConfig {
     pub user: String,
@@ -136,7 +170,7 @@ pub struct PermissionConfig {
 
 /// A `[[topic_permissions]]` entry: which routing keys `user` may publish with
 /// (write) and bind with (read) on the topic exchange `exchange`, as RabbitMQ's.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicPermissionConfig {
     pub user: String,
@@ -150,7 +184,7 @@ pub struct TopicPermissionConfig {
 /// A `[[policies]]` entry, field names as in RabbitMQ's definitions: the policy of
 /// highest priority whose pattern matches a queue's (or exchange's) name supplies
 /// the keys of `definition` (message-ttl, max-length, dead-letter-exchange, ...).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     pub name: String,
@@ -170,7 +204,7 @@ fn default_apply_to() -> String {
 }
 
 /// An `[[exchanges]]` entry; field names as in RabbitMQ's definitions.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExchangeConfig {
     pub name: String,
@@ -189,7 +223,7 @@ pub struct ExchangeConfig {
 }
 
 /// A `[[queues]]` entry.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     pub name: String,
@@ -204,7 +238,7 @@ pub struct QueueConfig {
 }
 
 /// A `[[bindings]]` entry.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BindingConfig {
     pub source: String,
@@ -301,7 +335,7 @@ pub const TIMEOUT_MAX_SECS: u64 = 3600;
 /// Parsing nested tables recurses; this keeps any setting far from the stack's limit.
 pub const HEADER_DEPTH_MAX: u32 = 128;
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     pub name: String,
@@ -356,7 +390,7 @@ fn default_hashing() -> String {
     "rabbit_password_hashing_sha256".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VhostConfig {
     pub name: String,
@@ -400,6 +434,22 @@ pub enum ConfigError {
     /// A problem with something the file leaves out (so there is no line to name).
     #[error("{path}: {reason}")]
     Missing { path: String, reason: String },
+    /// A definitions file that is not JSON, or holds a value of the wrong type.
+    #[error("{path}:{line}:{column}: {reason}")]
+    Json {
+        path: String,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+    /// An entity of a definitions file that cannot be used, named as RabbitMQ
+    /// would name it (JSON keeps no line per entity).
+    #[error("{path}: {what}: {reason}")]
+    Entity {
+        path: String,
+        what: String,
+        reason: String,
+    },
 }
 
 impl Default for Config {
@@ -419,25 +469,30 @@ impl Config {
         Config::parse(&text, &shown)
     }
 
+    /// Parses a configuration's TOML text, merges the definitions file it names (a
+    /// relative path is taken from `path`'s directory), then validates the whole.
     pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_string(),
             line: e.span().map(|s| line_at(text, s.start)).unwrap_or(1),
             reason: e.message().to_string(),
         })?;
-        if let Err(problem) = config.validate() {
-            return Err(match problem.line_in(text) {
-                Some(line) => ConfigError::Invalid {
-                    path: path.to_string(),
-                    line,
-                    reason: problem.reason,
-                },
-                None => ConfigError::Missing {
-                    path: path.to_string(),
-                    reason: problem.reason,
-                },
-            });
+        config.origin = Some(Origin {
+            path: path.to_string(),
+            text: text.into(),
+            definitions: None,
+        });
+        if let Some(file) = config.definitions.take() {
+            let file = match Path::new(path).parent() {
+                Some(dir) if file.is_relative() => dir.join(file),
+                _ => file,
+            };
+            let shown = file.display().to_string();
+            let definitions = crate::definitions::read(&file, &shown)?;
+            config.merge(definitions, shown)?;
+            config.definitions = Some(file);
         }
+        config.validate().map_err(|p| config.refusal(p))?;
         if let Some(tls) = &mut config.tls {
             // Files named relative to the configuration file, as RabbitMQ's are not
             // (there, relative to the node's working directory), because a service's
@@ -470,15 +525,230 @@ impl Config {
             })?;
             config.tls_server = Some(built);
         }
-        config.origin = Some(Origin {
-            path: path.to_string(),
-            text: text.into(),
-        });
         Ok(config)
     }
 
+    /// A configuration of RabbitMQ definitions alone (`warrenmq import-definitions`):
+    /// the embedded default's listeners, data directory and limits, and the file's
+    /// users, vhosts, permissions and topology, checked as start-up checks them.
+    pub fn from_definitions(file: &Path) -> Result<Config, ConfigError> {
+        let shown = file.display().to_string();
+        let mut config = Config {
+            users: Vec::new(),
+            vhosts: Vec::new(),
+            permissions: Vec::new(),
+            topic_permissions: Vec::new(),
+            policies: Vec::new(),
+            exchanges: Vec::new(),
+            queues: Vec::new(),
+            bindings: Vec::new(),
+            ..Config::default()
+        };
+        config.origin = Some(Origin {
+            path: shown.clone(),
+            text: "".into(),
+            definitions: None,
+        });
+        let definitions = crate::definitions::read(file, &shown)?;
+        config.merge(definitions, shown)?;
+        config.definitions = Some(file.to_path_buf());
+        config.validate().map_err(|p| config.refusal(p))?;
+        Ok(config)
+    }
+
+    /// Adds a definitions file's entries after this configuration's own. An entity
+    /// both define (same name, or same user and vhost, ...) must be the same in
+    /// both; the copy from the definitions is then dropped.
+    fn merge(
+        &mut self,
+        d: crate::definitions::Definitions,
+        path: String,
+    ) -> Result<(), ConfigError> {
+        if let Some(w) = d.warning(&path) {
+            self.warnings.push(w);
+        }
+        let from_toml = vec![
+            ("users", self.users.len()),
+            ("vhosts", self.vhosts.len()),
+            ("permissions", self.permissions.len()),
+            ("topic_permissions", self.topic_permissions.len()),
+            ("policies", self.policies.len()),
+            ("exchanges", self.exchanges.len()),
+            ("queues", self.queues.len()),
+            ("bindings", self.bindings.len()),
+        ];
+        let o = self.origin.as_ref();
+        let p = path.as_str();
+        join(
+            o,
+            p,
+            "users",
+            &mut self.users,
+            d.users,
+            |a, b| a.name == b.name,
+            |u| format!("user '{}'", u.name),
+        )?;
+        join(
+            o,
+            p,
+            "vhosts",
+            &mut self.vhosts,
+            d.vhosts,
+            |a, b| a.name == b.name,
+            |v| format!("vhost '{}'", v.name),
+        )?;
+        join(
+            o,
+            p,
+            "permissions",
+            &mut self.permissions,
+            d.permissions,
+            |a, b| (&a.user, &a.vhost) == (&b.user, &b.vhost),
+            |x| format!("permissions of user '{}' in vhost '{}'", x.user, x.vhost),
+        )?;
+        join(
+            o,
+            p,
+            "topic_permissions",
+            &mut self.topic_permissions,
+            d.topic_permissions,
+            |a, b| (&a.user, &a.vhost, &a.exchange) == (&b.user, &b.vhost, &b.exchange),
+            |x| {
+                format!(
+                    "topic permissions of user '{}' for exchange '{}' in vhost '{}'",
+                    x.user, x.exchange, x.vhost
+                )
+            },
+        )?;
+        join(
+            o,
+            p,
+            "policies",
+            &mut self.policies,
+            d.policies,
+            |a, b| (&a.vhost, &a.name) == (&b.vhost, &b.name),
+            |x| format!("policy '{}' in vhost '{}'", x.name, x.vhost),
+        )?;
+        join(
+            o,
+            p,
+            "exchanges",
+            &mut self.exchanges,
+            d.exchanges,
+            |a, b| (&a.vhost, &a.name) == (&b.vhost, &b.name),
+            |x| format!("exchange '{}' in vhost '{}'", x.name, x.vhost),
+        )?;
+        join(
+            o,
+            p,
+            "queues",
+            &mut self.queues,
+            d.queues,
+            |a, b| (&a.vhost, &a.name) == (&b.vhost, &b.name),
+            |x| format!("queue '{}' in vhost '{}'", x.name, x.vhost),
+        )?;
+        // A binding is all identity: only the same binding can be in both.
+        join(
+            o,
+            p,
+            "bindings",
+            &mut self.bindings,
+            d.bindings,
+            |a, b| a == b,
+            |_| String::new(),
+        )?;
+        if let Some(origin) = &mut self.origin {
+            origin.definitions = Some(DefinitionsOrigin { path, from_toml });
+        }
+        Ok(())
+    }
+
+    /// How an entry is named in errors about it.
+    fn describe(&self, array: &str, i: usize) -> String {
+        let named = match array {
+            "users" => self.users.get(i).map(|u| format!("user '{}'", u.name)),
+            "vhosts" => self.vhosts.get(i).map(|v| format!("vhost '{}'", v.name)),
+            "permissions" => self
+                .permissions
+                .get(i)
+                .map(|p| format!("permissions of user '{}' in vhost '{}'", p.user, p.vhost)),
+            "topic_permissions" => self.topic_permissions.get(i).map(|p| {
+                format!(
+                    "topic permissions of user '{}' for exchange '{}' in vhost '{}'",
+                    p.user, p.exchange, p.vhost
+                )
+            }),
+            "policies" => self
+                .policies
+                .get(i)
+                .map(|p| format!("policy '{}' in vhost '{}'", p.name, p.vhost)),
+            "exchanges" => self
+                .exchanges
+                .get(i)
+                .map(|x| format!("exchange '{}' in vhost '{}'", x.name, x.vhost)),
+            "queues" => self
+                .queues
+                .get(i)
+                .map(|q| format!("queue '{}' in vhost '{}'", q.name, q.vhost)),
+            "bindings" => self.bindings.get(i).map(|b| {
+                format!(
+                    "binding of {} '{}' to exchange '{}' in vhost '{}'",
+                    b.destination_type, b.destination, b.source, b.vhost
+                )
+            }),
+            _ => None,
+        };
+        named.unwrap_or_else(|| format!("{array}[{i}]"))
+    }
+
+    /// The error for a problem validation found: at its line in the TOML file, or,
+    /// for an entry that came from the definitions file, naming that file and the entry.
+    fn refusal(&self, problem: Problem) -> ConfigError {
+        let Some(origin) = &self.origin else {
+            return ConfigError::Missing {
+                path: "<configuration>".into(),
+                reason: problem.reason,
+            };
+        };
+        if let (Some(defs), Some((array, index))) = (&origin.definitions, problem.entry()) {
+            if defs.holds(array, index) {
+                // The reason without its TOML-style prefix ("queues: ", "users.NAME: "):
+                // the entry's name says it.
+                let user = self.users.get(index).map(|u| u.name.as_str()).unwrap_or("");
+                let reason = problem
+                    .reason
+                    .strip_prefix(&format!("{array}: "))
+                    .or_else(|| {
+                        let prefix = format!("users.{user}: ");
+                        (array == "users")
+                            .then(|| problem.reason.strip_prefix(&prefix))
+                            .flatten()
+                    })
+                    .unwrap_or(&problem.reason)
+                    .to_string();
+                return ConfigError::Entity {
+                    path: defs.path.clone(),
+                    what: self.describe(array, index),
+                    reason,
+                };
+            }
+        }
+        match problem.line_in(&origin.text) {
+            Some(line) => ConfigError::Invalid {
+                path: origin.path.clone(),
+                line,
+                reason: problem.reason,
+            },
+            None => ConfigError::Missing {
+                path: origin.path.clone(),
+                reason: problem.reason,
+            },
+        }
+    }
+
     /// An error about the `index`th entry of a top-level array of tables
-    /// (`exchanges`, `queues`, `bindings`), at that entry's line.
+    /// (`exchanges`, `queues`, `bindings`), at that entry's line; for an entry of
+    /// the definitions file, naming that file (`reason` names the entry).
     pub fn entry_error(&self, array: &'static str, index: usize, reason: String) -> ConfigError {
         let Some(origin) = &self.origin else {
             return ConfigError::Missing {
@@ -486,6 +756,16 @@ impl Config {
                 reason,
             };
         };
+        if let Some(defs) = origin
+            .definitions
+            .as_ref()
+            .filter(|d| d.holds(array, index))
+        {
+            return ConfigError::Missing {
+                path: defs.path.clone(),
+                reason,
+            };
+        }
         let problem = Problem {
             at: vec![vec![Seg::Key(array), Seg::Index(index)]],
             reason,
@@ -777,6 +1057,49 @@ impl Config {
     }
 }
 
+/// Adds `theirs` (from the definitions file at `path`) after `ours` (from the TOML
+/// file): an entity both have must be equal, and is then kept once.
+fn join<T: PartialEq>(
+    origin: Option<&Origin>,
+    path: &str,
+    array: &'static str,
+    ours: &mut Vec<T>,
+    theirs: Vec<T>,
+    same_entity: impl Fn(&T, &T) -> bool,
+    describe: impl Fn(&T) -> String,
+) -> Result<(), ConfigError> {
+    let toml_len = ours.len();
+    for entry in theirs {
+        match ours[..toml_len].iter().position(|o| same_entity(o, &entry)) {
+            Some(i) if ours[i] == entry => {}
+            Some(i) => {
+                let reason = format!(
+                    "{} is also in {path}, with other properties: keep one of the two",
+                    describe(&entry)
+                );
+                let toml_path = origin.map_or("<configuration>", |o| o.path.as_str());
+                let problem = Problem {
+                    at: vec![vec![Seg::Key(array), Seg::Index(i)]],
+                    reason,
+                };
+                return Err(match origin.and_then(|o| problem.line_in(&o.text)) {
+                    Some(line) => ConfigError::Invalid {
+                        path: toml_path.to_string(),
+                        line,
+                        reason: problem.reason,
+                    },
+                    None => ConfigError::Missing {
+                        path: toml_path.to_string(),
+                        reason: problem.reason,
+                    },
+                });
+            }
+            None => ours.push(entry),
+        }
+    }
+    Ok(())
+}
+
 /// A TOML table as AMQP arguments: integers become longs, strings long strings,
 /// booleans, floats (doubles), arrays and nested tables keep their shape. Dates
 /// have no AMQP counterpart here and are refused.
@@ -831,6 +1154,14 @@ struct Problem {
 }
 
 impl Problem {
+    /// The entry of a top-level array the problem is about, if it is about one.
+    fn entry(&self) -> Option<(&'static str, usize)> {
+        match self.at.first()?.as_slice() {
+            [Seg::Key(array), Seg::Index(i), ..] => Some((*array, *i)),
+            _ => None,
+        }
+    }
+
     /// The line of the first of its keys that the file has. The text is parsed again
     /// with toml's own parser, keeping spans, so `[limits]` tables, dotted keys and
     /// inline tables all resolve to the line where the key is written.

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod declare;
+pub mod definitions;
 pub mod error;
 pub mod model;
 pub mod protocol;

@@ -43,6 +43,105 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Reads RabbitMQ definitions (what `rabbitmqctl export_definitions` writes),
+    /// checks them as start-up would and prints them as WarrenMQ TOML; what has no
+    /// WarrenMQ equivalent is listed on standard error.
+    ImportDefinitions {
+        /// The JSON file.
+        file: PathBuf,
+    },
+    /// Prints RabbitMQ definitions (3.10's JSON) of the configuration's users, vhosts,
+    /// permissions and policies, and of its topology and the durable topology stored
+    /// in the data directory. The broker must be stopped: it holds the data directory.
+    ExportDefinitions {
+        /// Configuration file (TOML); without it the embedded default is used.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory whose stored topology is exported; default: the configuration's.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+fn print_warnings(config: &Config) {
+    for w in &config.warnings {
+        eprintln!("warrenmq: warning: {w}");
+    }
+}
+
+/// `warrenmq import-definitions FILE.json`: TOML on stdout, warnings on stderr.
+fn import_definitions(path: &std::path::Path) -> ExitCode {
+    let checked =
+        Config::from_definitions(path).and_then(|c| warrenmq::declare::check(&c).map(|_| c));
+    match checked {
+        Ok(c) => {
+            print_warnings(&c);
+            print!(
+                "{}",
+                warrenmq::definitions::to_toml(&c, &path.display().to_string())
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("warrenmq: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `warrenmq export-definitions`: JSON on stdout, what it could not carry on stderr.
+fn export_definitions(config: Option<&std::path::Path>, data_dir: Option<PathBuf>) -> ExitCode {
+    let config = match config.map(Config::load) {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            eprintln!("warrenmq: bad configuration: {e}");
+            return ExitCode::from(2);
+        }
+        None => Config::default(),
+    };
+    print_warnings(&config);
+    let dir = data_dir.unwrap_or_else(|| config.data_dir.clone());
+    let stored = match warrenmq::definitions::read_stored(&dir) {
+        Ok(s) => s,
+        Err(warrenmq::store::StoreError::Locked(dir)) => {
+            eprintln!(
+                "warrenmq: data directory {} is in use by a running broker: stop it to export                  its stored topology (exporting from a running broker will come with the HTTP API)",
+                dir.display()
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("warrenmq: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if stored.is_none() {
+        eprintln!(
+            "warrenmq: no stored state in {}: exporting the configuration alone",
+            dir.display()
+        );
+    }
+    match warrenmq::definitions::export(&config, stored.as_ref()) {
+        Ok(export) => {
+            for w in &export.warnings {
+                eprintln!("warrenmq: warning: {w}");
+            }
+            match serde_json::to_string_pretty(&export.json) {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("warrenmq: cannot write the definitions: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("warrenmq: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn check_config(path: &std::path::Path) -> ExitCode {
@@ -55,9 +154,12 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             );
             return Ok(None);
         }
-        warrenmq::declare::check(&c).map(Some)
+        warrenmq::declare::check(&c).map(|s| Some((c, s)))
     });
-    match checked {
+    if let Ok(Some((c, _))) = &checked {
+        print_warnings(c);
+    }
+    match checked.map(|c| c.map(|(_, s)| s)) {
         Ok(Some(s)) => {
             let listeners: Vec<String> = s.listeners.iter().map(|a| a.to_string()).collect();
             println!("{}: ok", path.display());
@@ -99,11 +201,13 @@ fn hash_password() -> ExitCode {
         eprintln!("warrenmq: the password is empty");
         return ExitCode::from(2);
     }
-    let mut salt = [0u8; 4];
-    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut salt)) {
-        eprintln!("warrenmq: cannot read random bytes for the salt: {e}");
-        return ExitCode::from(2);
-    }
+    let salt = match warrenmq::auth::random_salt() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("warrenmq: cannot read random bytes for the salt: {e}");
+            return ExitCode::from(2);
+        }
+    };
     println!(
         "{}",
         warrenmq::auth::hash_password(password.as_bytes(), salt)
@@ -131,6 +235,12 @@ fn main() -> ExitCode {
     match &cli.command {
         Some(Command::HashPassword) => return hash_password(),
         Some(Command::CheckConfig { file }) => return check_config(file),
+        Some(Command::ImportDefinitions { file }) => return import_definitions(file),
+        Some(Command::ExportDefinitions { config, data_dir }) => {
+            let config = config.as_ref().or(cli.config.as_ref());
+            let data_dir = data_dir.clone().or_else(|| cli.data_dir.clone());
+            return export_definitions(config.map(PathBuf::as_path), data_dir);
+        }
         None => {}
     }
     let mut config = match &cli.config {
