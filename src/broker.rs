@@ -105,7 +105,21 @@ impl BrokerHandle {
                 &config.topic_permissions,
             )));
         crate::declare::apply_policies(&config, &state.vhosts);
-        let (applied, refused) = crate::declare::apply_live(&config, &state.vhosts);
+        let (applied, refused) = {
+            let mut created = state
+                .config_created
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let before = created.clone();
+            let counts = crate::declare::apply_live(&config, &state.vhosts, &mut created);
+            if config.prune {
+                crate::declare::prune(&config, &state.vhosts, &mut created);
+            }
+            if *created != before {
+                created.save(&*state.store);
+            }
+            counts
+        };
         info!(
             "configuration reloaded: {} users; {applied} declarations applied, {refused} refused",
             config.users.len()
@@ -167,6 +181,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         vhosts,
         queues,
         counts: (nq, nm, skipped),
+        created: recorded,
     } = recovery
         .await
         .map_err(|e| StartError::Recovery(e.to_string()))??;
@@ -178,7 +193,9 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     crate::declare::apply_policies(&config, &vhosts);
     // The file's topology goes through the same path as a client's declarations,
     // and is on disk before anyone connects.
-    let declared = match crate::declare::apply(&config, &vhosts) {
+    let mut created = recorded;
+    let before = created.clone();
+    let declared = match crate::declare::apply(&config, &vhosts, &mut created) {
         Ok(n) => n,
         Err(e) => {
             // Refused before serving: release the data directory before saying so,
@@ -191,7 +208,18 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
             return Err(e.into());
         }
     };
-    if declared > 0 {
+    let pruned = if config.prune {
+        crate::declare::prune(&config, &vhosts, &mut created)
+    } else {
+        0
+    };
+    if created != before {
+        created.save(&*store);
+    }
+    if pruned > 0 {
+        info!("pruned {pruned} exchanges, queues and bindings the configuration no longer lists");
+    }
+    if declared > 0 || created != before {
         store.synced().await.map_err(StartError::Recovery)?;
         info!("declared {declared} exchanges, queues and bindings from the configuration");
     }
@@ -255,6 +283,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         vhost_connections: Default::default(),
         user_channels: Default::default(),
         vhost_configs,
+        config_created: std::sync::Mutex::new(created),
     });
     let (stop, stop_rx) = watch::channel(false);
     let weak_store = Arc::downgrade(&store);
@@ -279,6 +308,8 @@ struct Recovery {
     queues: Vec<crate::store::StoredQueue>,
     /// Queues, messages, and message records that could not be read.
     counts: (usize, usize, usize),
+    /// What the configuration file created before.
+    created: crate::declare::Created,
 }
 
 /// A vhost's limits: its own max_queues, else the broker-wide ones.
@@ -320,12 +351,14 @@ fn recover(config: &Config, gauge: &Arc<MemoryGauge>) -> Result<Recovery, StoreE
         skipped += r.skipped;
         vhosts.insert(v.name.clone(), vhost);
     }
+    let created = crate::declare::Created::load(&*store);
     Ok(Recovery {
         store,
         thread,
         vhosts,
         queues,
         counts: (nq, nm, skipped),
+        created,
     })
 }
 

@@ -43,6 +43,10 @@ pub struct Config {
     /// other properties.
     #[serde(default)]
     pub on_conflict: OnConflict,
+    /// Remove exchanges, queues and bindings the file created once it no longer
+    /// lists them (never a queue holding messages).
+    #[serde(default)]
+    pub prune: bool,
     /// `amqps` listeners; absent = no TLS.
     #[serde(default)]
     pub tls: Option<TlsConfig>,

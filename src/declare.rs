@@ -5,7 +5,7 @@
 //! again; an entity stored with other properties stops start-up at the file's line,
 //! unless `on_conflict = "keep-stored"`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::config::{field_table, Config, ConfigError, OnConflict};
@@ -16,21 +16,188 @@ use crate::model::vhost::Vhost;
 
 /// Declares the file's exchanges, then queues, then bindings; returns how many
 /// entries were applied. The first refusal stops it.
-pub fn apply(config: &Config, vhosts: &HashMap<String, Arc<Vhost>>) -> Result<usize, ConfigError> {
-    apply_with(config, vhosts, &mut Err)
+pub fn apply(
+    config: &Config,
+    vhosts: &HashMap<String, Arc<Vhost>>,
+    created: &mut Created,
+) -> Result<usize, ConfigError> {
+    apply_with(config, vhosts, &mut Err, created)
 }
 
 /// The same on a running broker (SIGHUP): a refused entry is logged and the rest
 /// applied. Returns how many entries were applied and how many refused.
-pub fn apply_live(config: &Config, vhosts: &HashMap<String, Arc<Vhost>>) -> (usize, usize) {
+pub fn apply_live(
+    config: &Config,
+    vhosts: &HashMap<String, Arc<Vhost>>,
+    created: &mut Created,
+) -> (usize, usize) {
     let mut refused = 0;
-    let applied = apply_with(config, vhosts, &mut |e| {
-        tracing::error!("configuration reload: {e}; left as it is");
-        refused += 1;
-        Ok(())
-    })
+    let applied = apply_with(
+        config,
+        vhosts,
+        &mut |e| {
+            tracing::error!("configuration reload: {e}; left as it is");
+            refused += 1;
+            Ok(())
+        },
+        created,
+    )
     .unwrap_or(0);
     (applied, refused)
+}
+
+/// What the configuration file created, as opposed to found: `prune = true` removes
+/// only these once the file no longer lists them. Kept in the store, so that it
+/// survives restarts (a file edited while the broker was down is pruned at start).
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Created {
+    entries: BTreeSet<Made>,
+}
+
+/// One entity the file created, by identity.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Made {
+    Exchange {
+        vhost: String,
+        name: String,
+    },
+    Queue {
+        vhost: String,
+        name: String,
+    },
+    Binding {
+        vhost: String,
+        source: String,
+        destination: String,
+        destination_type: String,
+        routing_key: String,
+        /// The binding's arguments as JSON (part of a binding's identity).
+        arguments: String,
+    },
+}
+
+/// The store's name for the record.
+const CREATED_NOTE: &str = "config-created";
+
+impl Created {
+    /// The record kept in the store; an unreadable one is logged and started afresh
+    /// (which only means pruning forgets what it had created before).
+    pub fn load(store: &dyn crate::store::Store) -> Created {
+        match store.note(CREATED_NOTE) {
+            Ok(None) => Created::default(),
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!("the record of what the configuration created is unreadable ({e}); starting a new one");
+                Created::default()
+            }),
+            Err(e) => {
+                tracing::warn!("the record of what the configuration created cannot be read ({e}); starting a new one");
+                Created::default()
+            }
+        }
+    }
+
+    pub fn save(&self, store: &dyn crate::store::Store) {
+        match serde_json::to_vec(self) {
+            Ok(bytes) => store.put_note(CREATED_NOTE, bytes),
+            Err(e) => tracing::error!("cannot record what the configuration created: {e}"),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// With `prune = true`: removes what the file created and no longer lists, bindings
+/// first, then queues, then exchanges. A queue holding messages is kept (and
+/// stays recorded, to be tried again at the next start or reload). Returns how
+/// many entities were removed.
+pub fn prune(
+    config: &Config,
+    vhosts: &HashMap<String, Arc<Vhost>>,
+    created: &mut Created,
+) -> usize {
+    let listed: BTreeSet<Made> = entries(config).into_iter().filter_map(|e| e.made).collect();
+    let stale: Vec<Made> = created.entries.difference(&listed).cloned().collect();
+    let order = |m: &Made| match m {
+        Made::Binding { .. } => 0,
+        Made::Queue { .. } => 1,
+        Made::Exchange { .. } => 2,
+    };
+    let mut stale = stale;
+    stale.sort_by_key(order);
+    let mut removed = 0;
+    for m in stale {
+        let (vhost, change, what) = match &m {
+            Made::Exchange { vhost, name } => (
+                vhost,
+                Some(Change::DeleteExchange {
+                    name: name.clone(),
+                    if_unused: false,
+                }),
+                format!("exchange '{name}' in vhost '{vhost}'"),
+            ),
+            Made::Queue { vhost, name } => (
+                vhost,
+                Some(Change::DeleteQueue {
+                    name: name.clone(),
+                    if_unused: false,
+                    if_empty: true,
+                }),
+                format!("queue '{name}' in vhost '{vhost}'"),
+            ),
+            Made::Binding {
+                vhost,
+                source,
+                destination,
+                destination_type,
+                routing_key,
+                arguments,
+            } => {
+                let arguments = serde_json::from_str::<toml::Table>(arguments)
+                    .ok()
+                    .and_then(|t| field_table(&t).ok());
+                let destination = match destination_type.as_str() {
+                    "exchange" => Destination::Exchange(destination.as_str().into()),
+                    _ => Destination::Queue(destination.as_str().into()),
+                };
+                (
+                    vhost,
+                    arguments.map(|arguments| {
+                        Change::Unbind(BindingSpec {
+                            source: source.clone(),
+                            destination,
+                            routing_key: routing_key.clone(),
+                            arguments,
+                        })
+                    }),
+                    format!("binding from exchange '{source}' with key '{routing_key}' in vhost '{vhost}'"),
+                )
+            }
+        };
+        let (Some(v), Some(change)) = (vhosts.get(vhost), change) else {
+            created.entries.remove(&m);
+            continue;
+        };
+        match v.apply(change, Actor::Operator) {
+            Ok(_) => {
+                tracing::info!("pruned {what}: the configuration created it and lists it no more");
+                created.entries.remove(&m);
+                removed += 1;
+            }
+            // Gone already (a client deleted it, or a cascade did).
+            Err(e) if e.code == 404 => {
+                created.entries.remove(&m);
+            }
+            Err(e) => tracing::warn!("not pruning {what}: {e}"),
+        }
+    }
+    removed
 }
 
 /// Gives every vhost its policies from the configuration (none for a vhost the
@@ -65,6 +232,8 @@ struct Entry {
     vhost: String,
     what: String,
     change: Result<Change, String>,
+    /// Its identity for the record of what the file created.
+    made: Option<Made>,
 }
 
 fn entries(config: &Config) -> Vec<Entry> {
@@ -78,6 +247,10 @@ fn entries(config: &Config) -> Vec<Entry> {
             index,
             vhost: x.vhost.clone(),
             what: format!("exchange '{}' in vhost '{}'", x.name, x.vhost),
+            made: Some(Made::Exchange {
+                vhost: x.vhost.clone(),
+                name: x.name.clone(),
+            }),
             change: args(&x.arguments, "exchanges").map(|arguments| {
                 Change::DeclareExchange(ExchangeSpec {
                     name: x.name.clone(),
@@ -97,6 +270,10 @@ fn entries(config: &Config) -> Vec<Entry> {
             index,
             vhost: q.vhost.clone(),
             what: format!("queue '{}' in vhost '{}'", q.name, q.vhost),
+            made: Some(Made::Queue {
+                vhost: q.vhost.clone(),
+                name: q.name.clone(),
+            }),
             change: args(&q.arguments, "queues").map(|arguments| {
                 Change::DeclareQueue(QueueSpec {
                     name: q.name.clone(),
@@ -122,6 +299,16 @@ fn entries(config: &Config) -> Vec<Entry> {
                 "binding of {} '{}' to exchange '{}' in vhost '{}'",
                 b.destination_type, b.destination, b.source, b.vhost
             ),
+            made: serde_json::to_string(&b.arguments)
+                .ok()
+                .map(|arguments| Made::Binding {
+                    vhost: b.vhost.clone(),
+                    source: b.source.clone(),
+                    destination: b.destination.clone(),
+                    destination_type: b.destination_type.clone(),
+                    routing_key: b.routing_key.clone(),
+                    arguments,
+                }),
             change: args(&b.arguments, "bindings").map(|arguments| {
                 Change::Bind(BindingSpec {
                     source: b.source.clone(),
@@ -140,6 +327,7 @@ fn apply_with(
     config: &Config,
     vhosts: &HashMap<String, Arc<Vhost>>,
     on_error: &mut dyn FnMut(ConfigError) -> Result<(), ConfigError>,
+    created: &mut Created,
 ) -> Result<usize, ConfigError> {
     let mut applied = 0;
     for e in entries(config) {
@@ -155,9 +343,13 @@ fn apply_with(
                 continue;
             }
         };
+        let existed = vhost.declares_existing(&change);
         let refusal = match vhost.apply(change, Actor::Operator) {
             Ok(_) => {
                 applied += 1;
+                if let (false, Some(made)) = (existed, e.made) {
+                    created.entries.insert(made);
+                }
                 continue;
             }
             Err(refusal) => refusal,
@@ -215,7 +407,7 @@ pub fn check(config: &Config) -> Result<Summary, ConfigError> {
             (v.name.clone(), Arc::new(vhost))
         })
         .collect();
-    apply(config, &vhosts)?;
+    apply(config, &vhosts, &mut Created::default())?;
     Ok(Summary {
         listeners: config.listen.clone(),
         tls_listeners: config

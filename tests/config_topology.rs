@@ -209,3 +209,132 @@ async fn bad_entries_are_refused_at_their_line() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Whether a queue (or exchange) exists, by a passive declare on a fresh channel.
+async fn exists(conn: &lapin::Connection, kind: &str, name: &str) -> bool {
+    let ch = channel(conn).await;
+    let passive = |r: lapin::Result<()>| r.is_ok();
+    match kind {
+        "queue" => ch
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .is_ok(),
+        _ => passive(
+            ch.exchange_declare(
+                name.into(),
+                lapin::ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await,
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_removes_only_what_the_file_created_and_never_a_queue_with_messages() {
+    let dir = common::temp_data_dir();
+    // A client's queue exists before the file names it: the file did not create it.
+    let b = start(&dir, "").await.expect("starts");
+    let conn = connect_url(&url(&b)).await;
+    let ch = channel(&conn).await;
+    for q in ["client.before", "client.only"] {
+        ok(
+            "queue.declare",
+            ch.queue_declare(
+                q.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await;
+    }
+    drop(conn);
+    b.shutdown().await;
+
+    let first = r#"
+[[exchanges]]
+name = "events"
+type = "fanout"
+
+[[queues]]
+name = "events.kept"
+
+[[queues]]
+name = "events.idle"
+
+[[queues]]
+name = "client.before"
+
+[[bindings]]
+source = "events"
+destination = "events.kept"
+"#;
+    let b = start(&dir, first).await.expect("starts");
+    let conn = connect_url(&url(&b)).await;
+    let ch = channel(&conn).await;
+    // A persistent message waits in a queue the file created.
+    support::confirm_mode(&ch).await;
+    support::publish_props(
+        &ch,
+        "events",
+        "",
+        b"pending",
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await;
+    ok("confirms", ch.wait_for_confirms()).await;
+    assert_eq!(support::counts(&ch, "events.kept").await.0, 1);
+    drop(conn);
+    b.shutdown().await;
+
+    // Without prune, a file that lists nothing removes nothing.
+    let b = start(&dir, "").await.expect("starts");
+    let conn = connect_url(&url(&b)).await;
+    assert!(exists(&conn, "exchange", "events").await);
+    assert!(exists(&conn, "queue", "events.idle").await);
+    drop(conn);
+    b.shutdown().await;
+
+    // With prune: the file's empty queue and exchange go (and the binding with
+    // them), the queue holding a message stays, the clients' queues stay.
+    let b = start_with(&dir, "prune = true\n", "")
+        .await
+        .expect("starts");
+    let conn = connect_url(&url(&b)).await;
+    assert!(!exists(&conn, "exchange", "events").await);
+    assert!(!exists(&conn, "queue", "events.idle").await);
+    assert!(exists(&conn, "queue", "events.kept").await);
+    assert!(exists(&conn, "queue", "client.before").await);
+    assert!(exists(&conn, "queue", "client.only").await);
+    let ch = channel(&conn).await;
+    assert_eq!(
+        support::get_body(&ch, "events.kept").await.as_deref(),
+        Some(&b"pending"[..])
+    );
+    drop(conn);
+    b.shutdown().await;
+
+    // Emptied, the kept queue is pruned at the next start: it was still recorded.
+    let b = start_with(&dir, "prune = true\n", "")
+        .await
+        .expect("starts");
+    let conn = connect_url(&url(&b)).await;
+    assert!(!exists(&conn, "queue", "events.kept").await);
+    assert!(exists(&conn, "queue", "client.before").await);
+    drop(conn);
+    b.shutdown().await;
+}

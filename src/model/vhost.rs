@@ -236,6 +236,22 @@ impl Vhost {
         Ok(Applied { outcome, durable })
     }
 
+    /// Whether the entity a declaration names exists already (so that applying it
+    /// would create nothing). Other changes: false.
+    pub fn declares_existing(&self, change: &Change) -> bool {
+        match change {
+            Change::DeclareExchange(x) => self.topology().exchanges.contains_key(x.name.as_str()),
+            Change::DeclareQueue(q) => self.topology().queues.contains_key(q.name.as_str()),
+            Change::Bind(b) => self.lock_writer().bindings.has(
+                &b.source,
+                &b.destination,
+                &b.routing_key,
+                &b.arguments,
+            ),
+            _ => false,
+        }
+    }
+
     /// A change starting from the current topology.
     fn draft<'a>(&'a self, w: &'a mut Writer) -> Draft<'a> {
         Draft {

@@ -41,6 +41,8 @@ pub struct BrokerState {
     pub(crate) vhost_connections: Tally,
     /// Open channels per user, counted for users with a max-channels limit.
     pub(crate) user_channels: Tally,
+    /// What the configuration file created (for `prune`), kept in the store too.
+    pub config_created: Mutex<crate::declare::Created>,
     /// The vhosts' limits as last configured (a reload replaces them).
     pub vhost_configs: arc_swap::ArcSwap<Vec<crate::config::VhostConfig>>,
 }

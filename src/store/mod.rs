@@ -141,6 +141,12 @@ pub trait Store: Send + Sync {
     fn queues(&self) -> Result<Vec<StoredQueue>, StoreError>;
     fn bindings(&self) -> Result<Vec<StoredBinding>, StoreError>;
     fn messages(&self, queue: u64) -> StoredMessages<'_>;
+
+    /// A small record of the broker's own under `name` (what the configuration
+    /// file created), written in order with everything else.
+    fn put_note(&self, name: &str, value: Vec<u8>);
+    /// Reads such a record back: at start-up, before the broker serves anyone.
+    fn note(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 impl dyn Store {

@@ -61,6 +61,7 @@ pub struct SledStore {
 const EXCHANGE: u8 = b'x';
 const QUEUE: u8 = b'q';
 const BINDING: u8 = b'b';
+const NOTE: u8 = b'n';
 const NEXT_QUEUE_ID: &[u8] = b"next-queue-id";
 const FORMAT: &[u8] = b"format";
 const FORMAT_VERSION: &[u8] = b"warrenmq-store-1";
@@ -117,6 +118,12 @@ impl<'a> Reader<'a> {
 fn exchange_key(vhost: &str, name: &str) -> Vec<u8> {
     let mut k = vec![EXCHANGE];
     put_str(&mut k, vhost);
+    put_str(&mut k, name);
+    k
+}
+
+fn note_key(name: &str) -> Vec<u8> {
+    let mut k = vec![NOTE];
     put_str(&mut k, name);
     k
 }
@@ -410,6 +417,14 @@ impl Store for SledStore {
                 arguments: r.table()?,
             })
         })
+    }
+
+    fn put_note(&self, name: &str, value: Vec<u8>) {
+        self.send(Op::PutMeta(note_key(name), value));
+    }
+
+    fn note(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(note_key(name))?.map(|v| v.to_vec()))
     }
 
     fn queues(&self) -> Result<Vec<StoredQueue>, StoreError> {
