@@ -422,17 +422,19 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path}:{line}: {reason}")]
+    #[error("{path}:{line}:{column}: {reason}")]
     Parse {
         path: String,
         line: usize,
+        column: usize,
         reason: String,
     },
-    /// A value that parsed but is out of bounds, at the line of its key.
-    #[error("{path}:{line}: {reason}")]
+    /// A value that parsed but is out of bounds, at its key.
+    #[error("{path}:{line}:{column}: {reason}")]
     Invalid {
         path: String,
         line: usize,
+        column: usize,
         reason: String,
     },
     /// A problem with something the file leaves out (so there is no line to name).
@@ -476,10 +478,14 @@ impl Config {
     /// Parses a configuration's TOML text, merges the definitions file it names (a
     /// relative path is taken from `path`'s directory), then validates the whole.
     pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_string(),
-            line: e.span().map(|s| line_at(text, s.start)).unwrap_or(1),
-            reason: e.message().to_string(),
+        let mut config: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |s| position(text, s.start));
+            ConfigError::Parse {
+                path: path.to_string(),
+                line,
+                column,
+                reason: e.message().to_string(),
+            }
         })?;
         config.origin = Some(Origin {
             path: path.to_string(),
@@ -516,9 +522,10 @@ impl Config {
                     reason,
                 };
                 match problem.line_in(text) {
-                    Some(line) => ConfigError::Invalid {
+                    Some((line, column)) => ConfigError::Invalid {
                         path: path.to_string(),
                         line,
+                        column,
                         reason: problem.reason,
                     },
                     None => ConfigError::Missing {
@@ -738,9 +745,10 @@ impl Config {
             }
         }
         match problem.line_in(&origin.text) {
-            Some(line) => ConfigError::Invalid {
+            Some((line, column)) => ConfigError::Invalid {
                 path: origin.path.clone(),
                 line,
+                column,
                 reason: problem.reason,
             },
             None => ConfigError::Missing {
@@ -775,9 +783,10 @@ impl Config {
             reason,
         };
         match problem.line_in(&origin.text) {
-            Some(line) => ConfigError::Invalid {
+            Some((line, column)) => ConfigError::Invalid {
                 path: origin.path.clone(),
                 line,
+                column,
                 reason: problem.reason,
             },
             None => ConfigError::Missing {
@@ -1087,9 +1096,10 @@ fn join<T: PartialEq>(
                     reason,
                 };
                 return Err(match origin.and_then(|o| problem.line_in(&o.text)) {
-                    Some(line) => ConfigError::Invalid {
+                    Some((line, column)) => ConfigError::Invalid {
                         path: toml_path.to_string(),
                         line,
+                        column,
                         reason: problem.reason,
                     },
                     None => ConfigError::Missing {
@@ -1166,15 +1176,15 @@ impl Problem {
         }
     }
 
-    /// The line of the first of its keys that the file has. The text is parsed again
-    /// with toml's own parser, keeping spans, so `[limits]` tables, dotted keys and
-    /// inline tables all resolve to the line where the key is written.
-    fn line_in(&self, text: &str) -> Option<usize> {
+    /// The line and column of the first of its keys that the file has. The text is
+    /// parsed again with toml's own parser, keeping spans, so `[limits]` tables,
+    /// dotted keys and inline tables all resolve to where the key is written.
+    fn line_in(&self, text: &str) -> Option<(usize, usize)> {
         let doc = toml_edit::ImDocument::parse(text).ok()?;
         self.at
             .iter()
             .find_map(|path| locate(doc.as_item(), path))
-            .map(|offset| line_at(text, offset))
+            .map(|offset| position(text, offset))
     }
 }
 
@@ -1198,12 +1208,19 @@ fn locate(root: &toml_edit::Item, path: &[Seg]) -> Option<usize> {
     offset
 }
 
-fn line_at(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|b| **b == b'\n')
+/// The 1-based line and column (in characters) of a byte offset.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before[before.rfind('\n').map_or(0, |i| i + 1)..]
+        .chars()
         .count()
-        + 1
+        + 1;
+    (line, column)
 }
 
 #[cfg(test)]
@@ -1245,7 +1262,7 @@ mod tests {
         // handshake deadline of every connection.
         let err = refusal("channel_max = 10\nhandshake_timeout = 9223372036854775807\n");
         assert!(
-            err.starts_with("c.toml:7: limits.handshake_timeout:"),
+            err.starts_with("c.toml:7:1: limits.handshake_timeout:"),
             "{err}"
         );
         let err = refusal("handshake_timeout = 18446744073709551615\n");
@@ -1255,7 +1272,7 @@ mod tests {
     #[test]
     fn huge_frame_max_is_refused_at_its_line() {
         let err = refusal("frame_max = 4294967295\n");
-        assert!(err.starts_with("c.toml:6: limits.frame_max:"), "{err}");
+        assert!(err.starts_with("c.toml:6:1: limits.frame_max:"), "{err}");
     }
 
     #[test]
@@ -1278,7 +1295,7 @@ mod tests {
         ] {
             let err = refusal(&format!("heartbeat = 5\n\n{key} = {value}\n"));
             assert!(
-                err.starts_with(&format!("c.toml:8: limits.{key}: ")),
+                err.starts_with(&format!("c.toml:8:1: limits.{key}: ")),
                 "{key} = {value}: {err}"
             );
         }
@@ -1308,22 +1325,23 @@ mod tests {
         let vhosts = "[[vhosts]]\nname = \"/\"\n";
         let text = format!("{top}\nlimits = {{ heartbeat = 1, frame_max = 1 }}\n{vhosts}");
         let err = Config::parse(&text, "c.toml").unwrap_err().to_string();
-        assert!(err.starts_with("c.toml:4: limits.frame_max:"), "{err}");
+        // The column is the key's, inside the inline table.
+        assert!(err.starts_with("c.toml:4:27: limits.frame_max:"), "{err}");
         let text = format!("{top}limits.heartbeat = 1\nlimits.frame_max = 1\n{vhosts}");
         let err = Config::parse(&text, "c.toml").unwrap_err().to_string();
-        assert!(err.starts_with("c.toml:4: limits.frame_max:"), "{err}");
+        assert!(err.starts_with("c.toml:4:8: limits.frame_max:"), "{err}");
     }
 
     #[test]
     fn budget_above_watermark_names_whichever_key_is_set() {
         let err = refusal("memory_high_watermark = 2097152\n");
         assert!(
-            err.starts_with("c.toml:6: limits.queue_memory_budget:"),
+            err.starts_with("c.toml:6:1: limits.queue_memory_budget:"),
             "{err}"
         );
         let err = refusal("memory_high_watermark = 2097152\nqueue_memory_budget = 2097153\n");
         assert!(
-            err.starts_with("c.toml:7: limits.queue_memory_budget:"),
+            err.starts_with("c.toml:7:1: limits.queue_memory_budget:"),
             "{err}"
         );
     }
@@ -1332,11 +1350,14 @@ mod tests {
     fn other_validation_errors_name_their_line() {
         let text = "listen = []\ndata_dir = \"x\"\n[[vhosts]]\nname = \"/\"\n";
         let err = Config::parse(text, "c.toml").unwrap_err().to_string();
-        assert!(err.starts_with("c.toml:1: listen:"), "{err}");
+        assert!(err.starts_with("c.toml:1:1: listen:"), "{err}");
         let text =
             format!("{HEAD}[[users]]\nname = \"u\"\npassword = \"p\"\nvhosts = [\"nope\"]\n");
         let err = Config::parse(&text, "c.toml").unwrap_err().to_string();
-        assert!(err.starts_with("c.toml:8: users.u: unknown vhost"), "{err}");
+        assert!(
+            err.starts_with("c.toml:8:1: users.u: unknown vhost"),
+            "{err}"
+        );
         // Nothing to point at when the file leaves the key out.
         let text = "listen = [\"0.0.0.0:5672\"]\ndata_dir = \"x\"\n";
         let err = Config::parse(text, "c.toml").unwrap_err().to_string();

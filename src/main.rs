@@ -38,7 +38,7 @@ enum Command {
     /// RabbitMQ's format (rabbit_password_hashing_sha256, random salt).
     HashPassword,
     /// Checks a configuration file as start-up would (syntax, keys, bounds, users,
-    /// topology) without starting the broker; prints a summary, or FILE:LINE: reason.
+    /// topology) without starting the broker; prints a summary, or FILE:LINE:COLUMN: reason.
     CheckConfig {
         /// The TOML file to check.
         file: PathBuf,

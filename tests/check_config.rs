@@ -47,26 +47,26 @@ fn each_kind_of_error_is_reported_at_its_line() {
     let cases = [
         ("syntax", format!("{BASE}\n[[queues]\nname = \"q\"\n"), "syntax.toml:11:"),
         ("unknown-key", format!("{BASE}colour = \"red\"\n"), "unknown-key.toml:"),
-        ("bounds", format!("{BASE}[limits]\nframe_max = 1\n"), "bounds.toml:11: limits.frame_max"),
+        ("bounds", format!("{BASE}[limits]\nframe_max = 1\n"), "bounds.toml:11:1: limits.frame_max"),
         (
             "exchange-type",
             format!("{BASE}\n[[exchanges]]\nname = \"x\"\ntype = \"nonsense\"\n"),
-            "exchange-type.toml:11: exchange 'x' in vhost '/': 503 COMMAND_INVALID - unknown exchange type 'nonsense'",
+            "exchange-type.toml:11:1: exchange 'x' in vhost '/': 503 COMMAND_INVALID - unknown exchange type 'nonsense'",
         ),
         (
             "queue-argument",
             format!("{BASE}\n[[queues]]\nname = \"q\"\narguments = {{ \"x-overflow\" = \"sideways\" }}\n"),
-            "queue-argument.toml:11: queue 'q' in vhost '/': 406 PRECONDITION_FAILED - invalid arg 'x-overflow'",
+            "queue-argument.toml:11:1: queue 'q' in vhost '/': 406 PRECONDITION_FAILED - invalid arg 'x-overflow'",
         ),
         (
             "binding",
             format!("{BASE}\n[[bindings]]\nsource = \"amq.topic\"\ndestination = \"nowhere\"\n"),
-            "binding.toml:11: binding of queue 'nowhere' to exchange 'amq.topic' in vhost '/': 404 NOT_FOUND - no queue 'nowhere' in vhost '/'",
+            "binding.toml:11:1: binding of queue 'nowhere' to exchange 'amq.topic' in vhost '/': 404 NOT_FOUND - no queue 'nowhere' in vhost '/'",
         ),
         (
             "user",
             BASE.replace("password = \"guest\"", "password_hash = \"AAAA\""),
-            "user.toml:9: users.guest: password_hash is 3 bytes long",
+            "user.toml:9:1: users.guest: password_hash is 3 bytes long",
         ),
     ];
     for (name, text, expected) in cases {

@@ -146,7 +146,7 @@ async fn a_stored_entity_with_other_properties_stops_start_up_at_its_line() {
     let err = start(&dir, &changed).await.err().expect("refused");
     // The file's first ten lines are the listener, vhost and user; `[[queues]]`
     // for orders.eu is line 20.
-    assert!(err.starts_with("topology.toml:20: "), "{err}");
+    assert!(err.starts_with("topology.toml:20:1: "), "{err}");
     assert!(err.contains("queue 'orders.eu' in vhost '/'"), "{err}");
     assert!(
         err.contains("inequivalent arg 'x-max-length' for queue 'orders.eu' in vhost '/': received '200' but current is '100'"),
@@ -191,18 +191,18 @@ async fn bad_entries_are_refused_at_their_line() {
     let err = config(&dir, unknown_vhost)
         .expect_err("refused")
         .to_string();
-    assert_eq!(err, "topology.toml:13: queues: unknown vhost 'nowhere'");
+    assert_eq!(err, "topology.toml:13:1: queues: unknown vhost 'nowhere'");
 
     let date = "[[queues]]\nname = \"q\"\narguments = { \"x-expires\" = 1979-05-27 }\n";
     let err = config(&dir, date).expect_err("refused").to_string();
     assert!(
-        err.starts_with("topology.toml:13: queues: arguments: 1979-05-27"),
+        err.starts_with("topology.toml:13:1: queues: arguments: 1979-05-27"),
         "{err}"
     );
 
     let missing = "[[bindings]]\nsource = \"nope\"\ndestination = \"q\"\n";
     let err = start(&dir, missing).await.err().expect("refused");
-    assert!(err.starts_with("topology.toml:11: "), "{err}");
+    assert!(err.starts_with("topology.toml:11:1: "), "{err}");
     assert!(
         err.contains("NOT_FOUND - no queue 'q' in vhost '/'"),
         "{err}"

@@ -487,7 +487,7 @@ fn errors_in_the_definitions_name_the_file_and_the_entity() {
     assert_eq!(
         err,
         format!(
-            "{}:5: queue 'q' in vhost '/' is also in {defs}, with other properties: keep one of the two",
+            "{}:5:1: queue 'q' in vhost '/' is also in {defs}, with other properties: keep one of the two",
             dir.0.join("c.toml").display()
         )
     );

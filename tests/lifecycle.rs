@@ -316,7 +316,7 @@ fn huge_handshake_timeout_is_refused_with_file_and_line() {
         "timeout.toml",
         "listen = [\"127.0.0.1:0\"]\ndata_dir = \"d\"\n[limits]\nheartbeat = 5\nhandshake_timeout = 9223372036854775807\n\n[[vhosts]]\nname = \"/\"\n",
     );
-    let at = format!("{}:5: limits.handshake_timeout:", path.display());
+    let at = format!("{}:5:1: limits.handshake_timeout:", path.display());
     assert!(err.contains(&at), "{err}");
     // u64::MAX is not even a TOML integer; it is refused at the same line.
     let (path, err) = refused_config(
@@ -333,7 +333,7 @@ fn huge_frame_max_is_refused_with_file_and_line() {
         "frame.toml",
         "listen = [\"127.0.0.1:0\"]\ndata_dir = \"d\"\n[limits]\nframe_max = 4294967295\n[[vhosts]]\nname = \"/\"\n",
     );
-    let at = format!("{}:4: limits.frame_max:", path.display());
+    let at = format!("{}:4:1: limits.frame_max:", path.display());
     assert!(err.contains(&at), "{err}");
 }
 

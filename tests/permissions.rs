@@ -185,7 +185,7 @@ fn a_bad_regular_expression_is_refused_at_its_line() {
         .expect_err("refused")
         .to_string();
     assert!(
-        err.starts_with("p.toml:13: permissions: configure: not a regular expression"),
+        err.starts_with("p.toml:13:1: permissions: configure: not a regular expression"),
         "{err}"
     );
 }

@@ -258,7 +258,7 @@ fn a_policy_with_an_unknown_key_stops_start_up_at_its_line() {
         + 1;
     assert_eq!(
         err,
-        format!("policies.toml:{line}: policies: 'p': definition: unknown key 'colour'")
+        format!("policies.toml:{line}:1: policies: 'p': definition: unknown key 'colour'")
     );
 }
 

@@ -235,7 +235,7 @@ async fn a_missing_certificate_file_stops_start_up_at_its_key() {
         .unwrap()
         + 1;
     assert!(
-        err.starts_with(&format!("{}:{line}: tls.certfile: ", file.display())),
+        err.starts_with(&format!("{}:{line}:1: tls.certfile: ", file.display())),
         "{err}"
     );
     assert!(err.contains("missing.pem"), "{err}");

@@ -81,7 +81,7 @@ fn bad_user_entries_are_refused_at_their_line() {
     let err = config(both).expect_err("refused").to_string();
     assert_eq!(
         err,
-        "users.toml:10: users.a: give either password or password_hash, not both"
+        "users.toml:10:1: users.a: give either password or password_hash, not both"
     );
     let neither = "[[users]]\nname = \"a\"\n";
     let err = config(neither).expect_err("refused").to_string();
@@ -89,7 +89,7 @@ fn bad_user_entries_are_refused_at_their_line() {
     let short = "[[users]]\nname = \"a\"\npassword_hash = \"AAAA\"\n";
     let err = config(short).expect_err("refused").to_string();
     assert!(
-        err.starts_with("users.toml:9: users.a: password_hash is 3 bytes long"),
+        err.starts_with("users.toml:9:1: users.a: password_hash is 3 bytes long"),
         "{err}"
     );
     // RabbitMQ's legacy md5 hashes are read (tests/definitions.rs logs in with one);
