@@ -11,7 +11,8 @@ use lapin::BasicProperties;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_topology_routes_and_guards_orders() {
-    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/topology.toml");
+    let file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/topology.toml");
     let mut config = warrenmq::Config::load(&file).expect("the example loads");
     config.listen = vec!["127.0.0.1:0".parse().unwrap()];
     config.data_dir = common::temp_data_dir();
@@ -27,7 +28,10 @@ async fn the_example_topology_routes_and_guards_orders() {
     support::publish(&ch, "orders", "asia.jp.1003", b"asia order").await;
     assert_eq!(support::drain(&ch, "orders.eu").await, vec!["eu order"]);
     assert_eq!(support::drain(&ch, "orders.us").await, vec!["us order"]);
-    assert_eq!(support::drain(&ch, "orders.unrouted").await, vec!["asia order"]);
+    assert_eq!(
+        support::drain(&ch, "orders.unrouted").await,
+        vec!["asia order"]
+    );
 
     // A routing key outside the user's topic permissions closes the channel.
     let ch = support::channel(&conn).await;
@@ -45,7 +49,10 @@ async fn the_example_topology_routes_and_guards_orders() {
         Err(e) => e,
         Ok(confirm) => confirm.await.expect_err("refused"),
     };
-    assert!(format!("{err:?}").contains("access to topic 'mars.1'"), "{err:?}");
+    assert!(
+        format!("{err:?}").contains("access to topic 'mars.1'"),
+        "{err:?}"
+    );
     drop(conn);
     broker.shutdown().await;
 }
