@@ -26,6 +26,8 @@ use tracing::warn;
 /// A running broker.
 pub struct BrokerHandle {
     addrs: Vec<SocketAddr>,
+    /// Where the management HTTP API listens, if configured.
+    management_addrs: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     store: std::sync::Weak<dyn Store>,
@@ -43,6 +45,11 @@ impl BrokerHandle {
 
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// Where the management HTTP API listens (empty when it is off).
+    pub fn management_addrs(&self) -> &[SocketAddr] {
+        &self.management_addrs
     }
 
     /// Applies a re-read configuration to the running broker (SIGHUP): the users
@@ -251,6 +258,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         &mut addrs,
     )
     .await?;
+    let plain = addrs.len();
     if let Some(tls) = &config.tls {
         bind_all(
             &tls.listen,
@@ -261,6 +269,26 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         )
         .await?;
     }
+    let mut management = Vec::new();
+    let mut management_addrs = Vec::new();
+    if let Some(m) = &config.management {
+        let mut bound = Vec::new();
+        bind_all(
+            &m.listen,
+            false,
+            "the management HTTP API",
+            &mut bound,
+            &mut management_addrs,
+        )
+        .await?;
+        management = bound.into_iter().map(|(l, _)| l).collect();
+    }
+    let listening: Vec<(&'static str, SocketAddr)> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (if i < plain { "amqp" } else { "amqp/ssl" }, *a))
+        .chain(management_addrs.iter().map(|a| ("http", *a)))
+        .collect();
     let tls = arc_swap::ArcSwapOption::new(config.tls_server.clone());
     let vhost_configs = arc_swap::ArcSwap::from_pointee(config.vhosts.clone());
     let state = Arc::new(BrokerState {
@@ -284,15 +312,19 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         user_channels: Default::default(),
         vhost_configs,
         config_created: std::sync::Mutex::new(created),
+        connections: Default::default(),
+        listening,
+        started_at: crate::store::wall_ms(),
     });
     let (stop, stop_rx) = watch::channel(false);
     let weak_store = Arc::downgrade(&store);
     drop(store);
     let weak_state = Arc::downgrade(&state);
-    let task = tokio::spawn(accept_all(listeners, state, stop_rx));
+    let task = tokio::spawn(accept_all(listeners, management, state, stop_rx));
     Ok(BrokerHandle {
         state: weak_state,
         addrs,
+        management_addrs,
         stop,
         task,
         store: weak_store,
@@ -420,11 +452,19 @@ fn ipv6_available() -> bool {
 
 async fn accept_all(
     listeners: Vec<Listener>,
+    management: Vec<TcpListener>,
     state: Arc<BrokerState>,
     stop: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
     let mut acceptors = JoinSet::new();
+    if !management.is_empty() {
+        acceptors.spawn(crate::management::serve(
+            management,
+            state.clone(),
+            stop.clone(),
+        ));
+    }
     for (l, tls) in listeners {
         let state = state.clone();
         let stop = stop.clone();

@@ -47,6 +47,9 @@ pub struct Config {
     /// lists them (never a queue holding messages).
     #[serde(default)]
     pub prune: bool,
+    /// The management HTTP API (RabbitMQ's paths and shapes); absent = off.
+    #[serde(default)]
+    pub management: Option<ManagementConfig>,
     /// `amqps` listeners; absent = no TLS.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -67,6 +70,19 @@ pub struct Config {
     /// Where this configuration came from, to name FILE:LINE in later errors.
     #[serde(skip)]
     pub origin: Option<Origin>,
+}
+
+/// The `[management]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagementConfig {
+    /// Addresses for the HTTP API (RabbitMQ's management.tcp.port is 15672).
+    #[serde(default = "default_management_listen")]
+    pub listen: Vec<SocketAddr>,
+}
+
+fn default_management_listen() -> Vec<SocketAddr> {
+    vec![SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 15672))]
 }
 
 /// The `[tls]` table: names as in RabbitMQ's `ssl_options`.

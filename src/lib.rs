@@ -6,6 +6,7 @@ pub mod config;
 pub mod declare;
 pub mod definitions;
 pub mod error;
+pub mod management;
 pub mod model;
 pub mod protocol;
 pub mod session;

@@ -28,6 +28,20 @@ struct Source {
 }
 
 impl Bindings {
+    /// Every binding, for listings (the management API): source, destination,
+    /// key and arguments.
+    pub fn all(&self) -> Vec<(Arc<str>, Destination, Arc<str>, FieldTable)> {
+        let mut out = Vec::new();
+        for (source, s) in &self.by_source {
+            for (dest, keys) in &s.to {
+                for (key, args) in keys {
+                    out.push((source.clone(), dest.clone(), key.clone(), args.clone()));
+                }
+            }
+        }
+        out
+    }
+
     pub fn has(&self, source: &str, dest: &Destination, key: &str, args: &FieldTable) -> bool {
         self.by_source
             .get(source)

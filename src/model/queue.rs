@@ -84,6 +84,8 @@ pub trait Deliver: Send + Sync {
     ) -> Result<(), QueuedMessage>;
     /// The consumer's queue was deleted (consumer cancel notify).
     fn cancelled(&self, tag: &Arc<str>);
+    /// The connection id and channel number, for listings.
+    fn owner(&self) -> (u64, u16);
 }
 
 pub struct Consumer {
@@ -455,6 +457,29 @@ struct QueueState {
     paging: bool,
     /// basic.get callers waiting for that page-in.
     page_waiters: Vec<oneshot::Sender<()>>,
+}
+
+/// A queue as listings show it.
+pub struct QueueStats {
+    pub ready: u64,
+    /// Body bytes of the ready messages.
+    pub ready_bytes: u64,
+    /// Of those, the bytes held in memory (the rest is paged out to the store).
+    pub ready_resident_bytes: u64,
+    pub consumers: Vec<ConsumerInfo>,
+    /// Monotonic milliseconds (`now_ms`) since it was last used, when it has no consumer.
+    pub idle_since: Option<u64>,
+}
+
+/// A consumer as listings show it.
+pub struct ConsumerInfo {
+    pub tag: Arc<str>,
+    /// The connection id and channel number it consumes on.
+    pub channel: (u64, u16),
+    pub no_ack: bool,
+    pub exclusive: bool,
+    pub prefetch: u32,
+    pub priority: i64,
 }
 
 /// What basic.get finds.
@@ -1043,6 +1068,29 @@ impl Queue {
             }
         }
         self.auto_delete && st.had_consumer && st.consumers.is_empty() && !st.deleted
+    }
+
+    /// What listings show of the queue now.
+    pub fn stats(&self) -> QueueStats {
+        let st = self.lock();
+        QueueStats {
+            ready: st.ready.len as u64,
+            ready_bytes: st.ready.bytes as u64,
+            ready_resident_bytes: st.ready.resident as u64,
+            consumers: st
+                .consumers
+                .iter()
+                .map(|c| ConsumerInfo {
+                    tag: c.tag.clone(),
+                    channel: c.channel.owner(),
+                    no_ack: c.no_ack,
+                    exclusive: c.exclusive,
+                    prefetch: c.prefetch,
+                    priority: c.priority,
+                })
+                .collect(),
+            idle_since: st.consumers.is_empty().then_some(st.last_used),
+        }
     }
 
     /// Ready and consumer counts, as declare-ok reports them.

@@ -35,6 +35,16 @@ impl Topology {
     }
 
     /// Whether an exchange is internal; None when there is no such exchange.
+    /// Every exchange, for listings.
+    pub fn exchanges(&self) -> impl Iterator<Item = &Arc<Exchange>> {
+        self.exchanges.values()
+    }
+
+    /// Every queue, for listings.
+    pub fn queues(&self) -> impl Iterator<Item = &Arc<Queue>> {
+        self.queues.values()
+    }
+
     /// Whether `exchange` exists and is a topic exchange (topic permissions apply).
     pub fn is_topic(&self, exchange: &str) -> bool {
         self.exchanges

@@ -236,6 +236,11 @@ impl Vhost {
         Ok(Applied { outcome, durable })
     }
 
+    /// Every binding in this vhost (a snapshot, for listings).
+    pub fn bindings(&self) -> Vec<(Arc<str>, Destination, Arc<str>, FieldTable)> {
+        self.lock_writer().bindings.all()
+    }
+
     /// Whether the entity a declaration names exists already (so that applying it
     /// would create nothing). Other changes: false.
     pub fn declares_existing(&self, change: &Change) -> bool {

@@ -41,6 +41,12 @@ pub struct BrokerState {
     pub(crate) vhost_connections: Tally,
     /// Open channels per user, counted for users with a max-channels limit.
     pub(crate) user_channels: Tally,
+    /// Every connection being served, for listings and closing by the management API.
+    pub(crate) connections: Mutex<HashMap<u64, Arc<crate::session::shared::ConnShared>>>,
+    /// What listens, as bound: ("amqp" | "amqp/ssl" | "http", address).
+    pub listening: Vec<(&'static str, std::net::SocketAddr)>,
+    /// Wall-clock milliseconds when the broker started serving.
+    pub started_at: u64,
     /// What the configuration file created (for `prune`), kept in the store too.
     pub config_created: Mutex<crate::declare::Created>,
     /// The vhosts' limits as last configured (a reload replaces them).
@@ -74,6 +80,22 @@ impl Tally {
                 map.remove(key);
             }
         }
+    }
+}
+
+/// A connection listed in `BrokerState::connections` until dropped.
+pub struct Registered {
+    broker: Arc<BrokerState>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.broker
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
     }
 }
 
@@ -136,6 +158,34 @@ impl BrokerState {
 
     pub fn vhost_disconnected(&self, vhost: &str) {
         self.vhost_connections.remove(vhost)
+    }
+
+    /// Lists a connection until the returned guard is dropped.
+    pub fn register_connection(
+        self: &Arc<Self>,
+        c: &Arc<crate::session::shared::ConnShared>,
+    ) -> Registered {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(c.id, c.clone());
+        Registered {
+            broker: self.clone(),
+            id: c.id,
+        }
+    }
+
+    /// The connections being served, by id.
+    pub fn connections(&self) -> Vec<Arc<crate::session::shared::ConnShared>> {
+        let mut v: Vec<_> = self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|c| c.id);
+        v
     }
 
     /// Counts a channel of a user with a max-channels limit; Err(limit) when reached.

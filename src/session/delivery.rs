@@ -41,9 +41,51 @@ pub struct ChannelShared {
     /// synced soon rather than left to sled's periodic flush.
     settled_persistent: AtomicBool,
     state: Mutex<DeliveryState>,
+    /// What listings show of the channel's settings.
+    pub listing: ChannelListing,
+}
+
+/// A channel's settings as the management API lists them.
+#[derive(Default)]
+pub struct ChannelListing {
+    pub confirm: AtomicBool,
+    pub transactional: AtomicBool,
+    /// basic.qos global=false: each new consumer's prefetch.
+    pub prefetch: std::sync::atomic::AtomicU32,
+}
+
+/// A channel's unacknowledged deliveries, for listings.
+pub struct UnackedSummary {
+    /// Per queue: the queue, how many, and their body bytes.
+    pub per_queue: Vec<(Arc<Queue>, u64, u64)>,
+    /// basic.qos global=true.
+    pub global_prefetch: u32,
 }
 
 impl ChannelShared {
+    /// Its unacknowledged deliveries by queue (a snapshot under the channel's lock).
+    pub fn unacked_summary(&self) -> UnackedSummary {
+        let st = self.lock();
+        let mut per_queue: Vec<(Arc<Queue>, u64, u64)> = Vec::new();
+        for u in st.unacked.values() {
+            let bytes = u.msg.msg.body.len() as u64;
+            match per_queue
+                .iter_mut()
+                .find(|(q, _, _)| Arc::ptr_eq(q, &u.queue))
+            {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += bytes;
+                }
+                None => per_queue.push((u.queue.clone(), 1, bytes)),
+            }
+        }
+        UnackedSummary {
+            per_queue,
+            global_prefetch: st.prefetch,
+        }
+    }
+
     pub fn new(id: u16, generation: u64, conn: Arc<ConnShared>) -> ChannelShared {
         ChannelShared {
             id,
@@ -52,6 +94,7 @@ impl ChannelShared {
             open: AtomicBool::new(true),
             settled_persistent: AtomicBool::new(false),
             state: Mutex::new(DeliveryState::default()),
+            listing: ChannelListing::default(),
         }
     }
 
@@ -121,6 +164,10 @@ impl Deliver for ChannelShared {
             queue.forget(&m);
         }
         Ok(())
+    }
+
+    fn owner(&self) -> (u64, u16) {
+        (self.conn.id, self.id)
     }
 
     /// The queue of one of this channel's consumers was deleted.

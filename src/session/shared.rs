@@ -2,8 +2,11 @@
 //! the events queues and the store's committer send it. Channels and queues hold
 //! this, never the connection task itself.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use amq_protocol::types::FieldTable;
 
 use tokio::sync::mpsc;
 
@@ -19,6 +22,8 @@ pub enum ConnEvent {
         generation: u64,
         tag: Arc<str>,
     },
+    /// Close the connection (see `ConnShared::request_close`).
+    Close,
     /// The store flushed what a publisher confirm waited for.
     Synced {
         channel: u16,
@@ -37,8 +42,38 @@ pub enum Synced {
     Nack(u64),
 }
 
+/// What listings show of a connection, fixed when it was accepted.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+    /// Wall-clock milliseconds since the Unix epoch.
+    pub connected_at: u64,
+}
+
+/// What the handshake settled, for listings.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub vhost: String,
+    pub mechanism: String,
+    pub client_properties: FieldTable,
+    pub channel_max: u16,
+    pub frame_max: u32,
+    pub heartbeat: u16,
+}
+
 /// The parts of a connection that queues and channels reach from other tasks.
 pub struct ConnShared {
+    pub info: ConnInfo,
+    /// Set once connection.open was accepted.
+    opened: OnceLock<Opened>,
+    /// Bytes read from the client.
+    pub received: AtomicU64,
+    /// Its channels, for listings (closed ones are dropped as new ones open).
+    channels: Mutex<Vec<Weak<crate::session::delivery::ChannelShared>>>,
+    /// A request to close the connection from outside (the management API).
+    close: OnceLock<String>,
     pub id: u64,
     pub outbox: Outbox,
     frame_max: AtomicU32,
@@ -55,8 +90,18 @@ pub struct ConnShared {
 }
 
 impl ConnShared {
-    pub fn new(id: u64, frame_max: u32, events: mpsc::UnboundedSender<ConnEvent>) -> ConnShared {
+    pub fn new(
+        id: u64,
+        frame_max: u32,
+        events: mpsc::UnboundedSender<ConnEvent>,
+        info: ConnInfo,
+    ) -> ConnShared {
         ConnShared {
+            info,
+            opened: OnceLock::new(),
+            received: AtomicU64::new(0),
+            channels: Mutex::new(Vec::new()),
+            close: OnceLock::new(),
             id,
             outbox: Outbox::default(),
             frame_max: AtomicU32::new(frame_max),
@@ -67,6 +112,48 @@ impl ConnShared {
             permissions: OnceLock::new(),
             topics: OnceLock::new(),
         }
+    }
+
+    /// RabbitMQ's name for a connection: "peer -> local".
+    pub fn name(&self) -> String {
+        format!("{} -> {}", self.info.peer, self.info.local)
+    }
+
+    pub fn set_opened(&self, o: Opened) {
+        let _ = self.opened.set(o);
+    }
+
+    pub fn opened(&self) -> Option<&Opened> {
+        self.opened.get()
+    }
+
+    pub fn add_channel(&self, ch: &Arc<crate::session::delivery::ChannelShared>) {
+        let mut list = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|w| w.upgrade().is_some_and(|c| c.is_open()));
+        list.push(Arc::downgrade(ch));
+    }
+
+    /// The open channels, by number.
+    pub fn channels(&self) -> Vec<Arc<crate::session::delivery::ChannelShared>> {
+        let list = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<_> = list
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|c| c.is_open())
+            .collect();
+        out.sort_by_key(|c| c.id);
+        out
+    }
+
+    /// Asks the connection to close with 320 CONNECTION_FORCED and this reason.
+    pub fn request_close(&self, reason: String) {
+        if self.close.set(reason).is_ok() {
+            let _ = self.events.send(ConnEvent::Close);
+        }
+    }
+
+    pub fn close_reason(&self) -> Option<&str> {
+        self.close.get().map(|s| s.as_str())
     }
 
     pub fn set_permissions(&self, p: Arc<crate::auth::Permissions>) {

@@ -37,6 +37,10 @@ impl Channel {
                     // As RabbitMQ does: a per-consumer qos also lifts the channel-wide limit.
                     self.shared.lock().prefetch = 0;
                     self.consumer_prefetch = q.prefetch_count as u32;
+                    self.shared.listing.prefetch.store(
+                        q.prefetch_count as u32,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                 }
                 self.reply(AMQPClass::Basic(M::QosOk(basic::QosOk {})));
                 self.kick_consumers();

@@ -79,8 +79,10 @@ impl Channel {
         gauge: Arc<MemoryGauge>,
         (max_message_size, max_consumers): (u64, u32),
     ) -> Channel {
+        let shared = Arc::new(ChannelShared::new(id, generation, conn.clone()));
+        conn.add_channel(&shared);
         Channel {
-            shared: Arc::new(ChannelShared::new(id, generation, conn)),
+            shared,
             vhost,
             gauge,
             consumers: HashMap::new(),
@@ -291,6 +293,10 @@ impl Channel {
                     ));
                 }
                 self.confirm = true;
+                self.shared
+                    .listing
+                    .confirm
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 if !s.nowait {
                     self.reply(C::Confirm(confirm::AMQPMethod::SelectOk(
                         confirm::SelectOk {},

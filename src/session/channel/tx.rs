@@ -42,6 +42,10 @@ impl Channel {
                 }
                 if self.tx.is_none() {
                     self.tx = Some(Tx::default());
+                    self.shared
+                        .listing
+                        .transactional
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 self.reply(AMQPClass::Tx(M::SelectOk(tx::SelectOk {})));
             }

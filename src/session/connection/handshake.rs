@@ -224,6 +224,14 @@ impl Connection {
             0,
             &AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
         );
+        self.shared.set_opened(crate::session::shared::Opened {
+            vhost: vhost_name.to_string(),
+            mechanism: mechanism.clone(),
+            client_properties: start_ok.client_properties.clone(),
+            channel_max: self.channel_max,
+            frame_max: self.frame_max,
+            heartbeat: self.heartbeat,
+        });
         info!(user = %user.name, vhost = vhost_name, "connection opened");
         Ok(())
     }

@@ -93,6 +93,12 @@ pub async fn serve(
             .with_interval(Duration::from_secs(10))
             .with_retries(6);
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        let info = crate::session::shared::ConnInfo {
+            peer,
+            local: stream.local_addr().unwrap_or(peer),
+            tls: tls.is_some(),
+            connected_at: crate::store::wall_ms(),
+        };
         let (reader, writer, client_cn) = match tls {
             None => {
                 let (r, w) = split_tcp(stream);
@@ -117,7 +123,13 @@ pub async fn serve(
             }
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(ConnShared::new(id, broker.config.limits.frame_max, tx));
+        let shared = Arc::new(ConnShared::new(
+            id,
+            broker.config.limits.frame_max,
+            tx,
+            info,
+        ));
+        let _registered = broker.register_connection(&shared);
         let writer_shared = shared.clone();
         let writer_task = tokio::spawn(
             async move { writer_shared.outbox.run_writer(writer).await }.in_current_span(),
@@ -134,6 +146,7 @@ pub async fn serve(
             peer,
             client_cn,
             input: Input {
+                shared: shared.clone(),
                 reader,
                 buf: BytesMut::with_capacity(READ_MIN),
                 chunk: READ_MIN,
@@ -176,6 +189,8 @@ const READ_MAX: usize = 64 * 1024;
 
 /// The read half and what has been read but not yet parsed.
 struct Input {
+    /// Counts the bytes read, for listings.
+    shared: Arc<ConnShared>,
     reader: Reader,
     buf: BytesMut,
     /// How much room the next read gets.
@@ -199,6 +214,9 @@ impl Input {
         match n {
             Ok(0) | Err(_) => Err(End::Gone),
             Ok(n) => {
+                self.shared
+                    .received
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 if n == room {
                     self.chunk = (self.chunk * 2).min(READ_MAX);
                 }
@@ -288,6 +306,9 @@ impl Connection {
         // When the frame now in the read buffer began to arrive.
         let mut partial_since: Option<Instant> = None;
         loop {
+            if let Some(end) = self.forced() {
+                return end;
+            }
             // Frames that arrived together may hold more than one full frame.
             if let Err(e) = self.process_frames().await {
                 return e;
@@ -383,7 +404,12 @@ impl Connection {
             }
             tokio::select! {
                 _ = self.shutdown.changed() => return Some(shutting_down()),
-                Some(ev) = self.events.recv() => self.on_event(ev),
+                Some(ev) = self.events.recv() => {
+                    self.on_event(ev);
+                    if let Some(end) = self.forced() {
+                        return Some(end);
+                    }
+                }
                 _ = self.shared.outbox.drained.notified() => {
                     for ch in self.channels.values() {
                         ch.resume();
@@ -412,7 +438,12 @@ impl Connection {
         while self.shared.outbox.over_hard_limit() {
             tokio::select! {
                 _ = self.shutdown.changed() => return Some(shutting_down()),
-                Some(ev) = self.events.recv() => self.on_event(ev),
+                Some(ev) = self.events.recv() => {
+                    self.on_event(ev);
+                    if let Some(end) = self.forced() {
+                        return Some(end);
+                    }
+                }
                 _ = self.shared.outbox.drained.notified() => {
                     if self.shared.outbox.is_closed() {
                         return Some(End::Gone);
@@ -444,8 +475,16 @@ impl Connection {
             .filter(|c| c.shared.generation == generation)
     }
 
+    /// A close asked for from outside (the management API): 320, as RabbitMQ.
+    fn forced(&self) -> Option<End> {
+        self.shared
+            .close_reason()
+            .map(|reason| End::Error(AmqpError::connection_forced(reason.to_string())))
+    }
+
     fn on_event(&mut self, ev: ConnEvent) {
         match ev {
+            ConnEvent::Close => {}
             ConnEvent::ConsumerGone {
                 channel,
                 generation,

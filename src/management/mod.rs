@@ -1,0 +1,207 @@
+//! The management HTTP API: RabbitMQ's paths, JSON shapes, errors and access rules
+//! (user tags), so that rabbitmqadmin, dashboards and probes written against
+//! RabbitMQ's management plugin work against this broker unchanged. It reads the
+//! state the AMQP side keeps (the vhosts' topology, each queue, the registry of
+//! connections) and never holds a lock a publisher needs for longer than a copy.
+
+mod api;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::User;
+use crate::session::context::BrokerState;
+
+/// Serves the API on `listeners` until `stop` changes.
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    state: Arc<BrokerState>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut servers = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let app = api::router(state.clone());
+        let mut stop = stop.clone();
+        servers.spawn(async move {
+            let served = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = stop.changed().await;
+            })
+            .await;
+            if let Err(e) = served {
+                tracing::error!("management API stopped: {e}");
+            }
+        });
+    }
+    while servers.join_next().await.is_some() {}
+}
+
+/// An error as RabbitMQ's management plugin gives it: a status and
+/// `{"error": ..., "reason": ...}`.
+pub struct ApiError {
+    status: StatusCode,
+    error: &'static str,
+    reason: String,
+    /// 401s ask for basic credentials.
+    challenge: bool,
+}
+
+impl ApiError {
+    pub fn not_found() -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            error: "Object Not Found",
+            reason: "Not Found".into(),
+            challenge: false,
+        }
+    }
+
+    pub fn login_failed() -> ApiError {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            error: "not_authorized",
+            reason: "Login failed".into(),
+            challenge: true,
+        }
+    }
+
+    pub fn not_authorised(reason: &str) -> ApiError {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            error: "not_authorised",
+            reason: reason.into(),
+            challenge: true,
+        }
+    }
+
+    pub fn unavailable(reason: String) -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            error: "failed",
+            reason,
+            challenge: false,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({ "error": self.error, "reason": self.reason }));
+        let mut r = (self.status, body).into_response();
+        if self.challenge {
+            r.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Basic realm=\"WarrenMQ Management\""),
+            );
+        }
+        r
+    }
+}
+
+/// What a caller's tags let it do, as RabbitMQ's management plugin reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Its own vhosts' objects and its own connections.
+    Management,
+    /// As management, and policies and parameters of its vhosts.
+    Policymaker,
+    /// Everything, read-only, in every vhost; the node's figures.
+    Monitoring,
+    Administrator,
+}
+
+/// An authenticated caller.
+pub struct Caller {
+    pub user: User,
+    pub role: Role,
+}
+
+impl Caller {
+    /// Whether the caller may see objects of `vhost`: monitoring and administrators
+    /// see every vhost; others the vhosts they have permissions in.
+    pub fn sees_vhost(&self, state: &BrokerState, vhost: &str) -> bool {
+        self.role >= Role::Monitoring || may_use_vhost(state, &self.user, vhost)
+    }
+
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.role >= role {
+            Ok(())
+        } else {
+            Err(ApiError::not_authorised("Not administrator user"))
+        }
+    }
+}
+
+fn may_use_vhost(state: &BrokerState, user: &User, vhost: &str) -> bool {
+    state
+        .permissions
+        .load()
+        .contains_key(&(user.name.clone(), vhost.to_string()))
+        || user.vhosts.iter().any(|v| v == vhost)
+}
+
+/// HTTP basic authentication against the broker's users (loopback-only users only
+/// from loopback, failures paced as AMQP logins are), then the tags.
+pub async fn authenticate(
+    state: &BrokerState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<Caller, ApiError> {
+    use base64::Engine;
+    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+        return Err(ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            error: "not_authorized",
+            reason: "Not authorized".into(),
+            challenge: true,
+        });
+    };
+    let creds = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|raw| String::from_utf8(raw).ok());
+    let Some((name, password)) = creds.as_deref().and_then(|c| c.split_once(':')) else {
+        return Err(ApiError::login_failed());
+    };
+    let mut response = vec![0u8];
+    response.extend_from_slice(name.as_bytes());
+    response.push(0);
+    response.extend_from_slice(password.as_bytes());
+    let users = state.users.load();
+    let user = match crate::auth::authenticate(&users, "PLAIN", &response, peer.ip()) {
+        Ok(u) => u.clone(),
+        Err(_) => {
+            tokio::time::sleep(state.login_throttle.failed(peer.ip())).await;
+            return Err(ApiError::login_failed());
+        }
+    };
+    let has = |t: &str| user.tags.iter().any(|x| x == t);
+    let role = if has("administrator") {
+        Role::Administrator
+    } else if has("monitoring") {
+        Role::Monitoring
+    } else if has("policymaker") {
+        Role::Policymaker
+    } else if has("management") {
+        Role::Management
+    } else {
+        return Err(ApiError::not_authorised("Not management user"));
+    };
+    Ok(Caller { user, role })
+}
