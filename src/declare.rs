@@ -185,7 +185,13 @@ pub fn prune(
             continue;
         };
         match v.apply(change, Actor::Operator) {
-            Ok(_) => {
+            Ok(applied) => {
+                // Its consumers are told, as a client's queue.delete tells them.
+                if let crate::model::change::Outcome::QueueDeleted { cancellations, .. } =
+                    applied.outcome
+                {
+                    cancellations.notify();
+                }
                 tracing::info!("pruned {what}: the configuration created it and lists it no more");
                 created.entries.remove(&m);
                 removed += 1;

@@ -21,6 +21,10 @@ struct Cli {
     /// Address to listen on for AMQP (repeatable); replaces the configured list.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Vec<SocketAddr>,
+    /// Address for the management HTTP API (repeatable); turns it on, replacing the
+    /// configured `[management]` addresses.
+    #[arg(long, value_name = "ADDR:PORT")]
+    management: Vec<SocketAddr>,
     /// Configuration file (TOML); without it the embedded default is used.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -220,6 +224,11 @@ impl Cli {
     fn override_file(&self, config: &mut Config) {
         if !self.listen.is_empty() {
             config.listen = self.listen.clone();
+        }
+        if !self.management.is_empty() {
+            config.management = Some(warrenmq::config::ManagementConfig {
+                listen: self.management.clone(),
+            });
         }
         if let Some(dir) = &self.data_dir {
             config.data_dir = dir.clone();

@@ -361,3 +361,164 @@ async fn health_checks_answer_as_rabbitmqs() {
     );
     b.shutdown().await;
 }
+
+/// One HTTP/1.1 request with a JSON body.
+async fn send(addr: SocketAddr, method: &str, path: &str, body: &str, extra: &str) -> (u16, Value) {
+    use base64::Engine;
+    let token = base64::engine::general_purpose::STANDARD.encode("guest:guest");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Basic {token}\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_and_messages_change_through_the_api_as_through_amqp() {
+    let b = broker().await;
+    let api = b.management_addrs()[0];
+
+    let (status, _) = send(
+        api,
+        "PUT",
+        "/api/exchanges/%2F/orders",
+        r#"{"type":"topic","durable":true}"#,
+        "",
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, _) = send(
+        api,
+        "PUT",
+        "/api/exchanges/%2F/orders",
+        r#"{"type":"topic","durable":true}"#,
+        "",
+    )
+    .await;
+    assert_eq!(status, 204, "declaring again changes nothing");
+    let (status, body) = send(
+        api,
+        "PUT",
+        "/api/exchanges/%2F/orders",
+        r#"{"type":"fanout"}"#,
+        "",
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["reason"],
+        "inequivalent arg 'type' for exchange 'orders' in vhost '/': received 'fanout' but current is 'topic'"
+    );
+    let (status, _) = send(
+        api,
+        "PUT",
+        "/api/queues/%2F/eu",
+        r#"{"durable":true,"arguments":{"x-max-length":100}}"#,
+        "",
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, _) = send(
+        api,
+        "POST",
+        "/api/bindings/%2F/e/orders/q/eu",
+        r#"{"routing_key":"eu.#"}"#,
+        "",
+    )
+    .await;
+    assert_eq!(status, 201);
+
+    // What the API declared routes an AMQP publish.
+    let conn = support::connect_url(&format!("amqp://guest:guest@{}/%2f", b.local_addr())).await;
+    let ch = support::channel(&conn).await;
+    support::publish(&ch, "orders", "eu.1", b"over amqp").await;
+    assert_eq!(
+        support::get_body(&ch, "eu").await.as_deref(),
+        Some(&b"over amqp"[..])
+    );
+
+    // A message published through the API reaches an AMQP client, and one got
+    // through the API (requeued) stays.
+    let (status, body) = send(
+        api,
+        "POST",
+        "/api/exchanges/%2F/orders/publish",
+        r#"{"routing_key":"eu.2","payload":"over http","payload_encoding":"string","properties":{"delivery_mode":2}}"#,
+        "",
+    )
+    .await;
+    assert_eq!((status, body["routed"].clone()), (200, Value::Bool(true)));
+    let (status, got) = send(
+        api,
+        "POST",
+        "/api/queues/%2F/eu/get",
+        r#"{"count":"5","ackmode":"ack_requeue_true","encoding":"auto"}"#,
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(got[0]["payload"], "over http");
+    assert_eq!(got[0]["properties"]["delivery_mode"], 2);
+    let m = support::get(&ch, "eu").await.expect("still in the queue");
+    assert_eq!(m.delivery.data, b"over http");
+    assert!(m.delivery.redelivered);
+
+    let (status, _) = send(
+        api,
+        "DELETE",
+        "/api/bindings/%2F/e/orders/q/eu/eu.%2523",
+        "",
+        "",
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (_, bindings) = send(api, "GET", "/api/bindings/%2F/e/orders/q/eu", "", "").await;
+    assert_eq!(bindings, serde_json::json!([]));
+
+    let (status, _) = send(api, "DELETE", "/api/queues/%2F/eu?if-empty=true", "", "").await;
+    assert_eq!(status, 204);
+    let (status, _) = send(api, "DELETE", "/api/exchanges/%2F/orders", "", "").await;
+    assert_eq!(status, 204);
+
+    // Closing a connection through the API: the client gets 320 with the reason.
+    let name = get(api, "/api/connections").await[0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!(
+        "/api/connections/{}",
+        name.replace(' ', "%20").replace('>', "%3E")
+    );
+    let (status, _) = send(api, "DELETE", &path, "", "x-reason: maintenance\r\n").await;
+    assert_eq!(status, 204);
+    let closed = support::amqp_err(
+        "queue.declare",
+        ch.queue_declare(
+            "after".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_eq!(closed, (320, "CONNECTION_FORCED - maintenance".to_string()));
+    b.shutdown().await;
+}

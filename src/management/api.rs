@@ -10,10 +10,11 @@ use std::sync::Arc;
 use amq_protocol::types::{AMQPValue, FieldTable};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::HeaderMap;
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
+use super::write;
 use super::{authenticate, ApiError, Caller, Role};
 use crate::model::exchange::Destination;
 use crate::model::queue::{now_ms, Queue, QueueStats};
@@ -45,13 +46,36 @@ pub fn router(state: Arc<BrokerState>) -> Router {
         .route("/api/parameters", get(nothing))
         .route("/api/exchanges", get(exchanges))
         .route("/api/exchanges/{vhost}", get(exchanges_in))
-        .route("/api/exchanges/{vhost}/{name}", get(exchange))
+        .route(
+            "/api/exchanges/{vhost}/{name}",
+            get(exchange)
+                .put(write::put_exchange)
+                .delete(write::delete_exchange),
+        )
+        .route(
+            "/api/exchanges/{vhost}/{name}/publish",
+            post(write::publish),
+        )
         .route("/api/queues", get(queues))
         .route("/api/queues/{vhost}", get(queues_in))
-        .route("/api/queues/{vhost}/{name}", get(queue))
+        .route(
+            "/api/queues/{vhost}/{name}",
+            get(queue).put(write::put_queue).delete(write::delete_queue),
+        )
+        .route("/api/queues/{vhost}/{name}/contents", delete(write::purge))
+        .route("/api/queues/{vhost}/{name}/get", post(write::get_messages))
         .route("/api/bindings", get(bindings))
         .route("/api/bindings/{vhost}", get(bindings_in))
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{kind}/{dest}",
+            get(write::bindings_between).post(write::post_binding),
+        )
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{kind}/{dest}/{props}",
+            delete(write::delete_binding),
+        )
         .route("/api/connections", get(connections))
+        .route("/api/connections/{name}", delete(write::delete_connection))
         .route("/api/channels", get(channels))
         .route("/api/consumers", get(consumers))
         .route("/api/consumers/{vhost}", get(consumers_in))
@@ -83,7 +107,7 @@ async fn caller(
 
 /// A field table as RabbitMQ's JSON shows it. Depth is bounded: tables from
 /// clients were checked against `limits.max_header_depth` when they arrived.
-fn table_json(t: &FieldTable) -> Value {
+pub(super) fn table_json(t: &FieldTable) -> Value {
     Value::Object(
         t.inner()
             .iter()
@@ -370,7 +394,7 @@ async fn exchange(
 
 /// RabbitMQ's properties_key: the routing key, percent-encoded, and "~" and a
 /// hash of the arguments when there are any.
-fn properties_key(key: &str, args: &FieldTable) -> String {
+pub(super) fn properties_key(key: &str, args: &FieldTable) -> String {
     let mut out = String::new();
     for b in key.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {

@@ -5,6 +5,7 @@
 //! connections) and never holds a lock a publisher needs for longer than a copy.
 
 mod api;
+mod write;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -81,6 +82,33 @@ impl ApiError {
             error: "not_authorised",
             reason: reason.into(),
             challenge: true,
+        }
+    }
+
+    pub fn bad_request(reason: String) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            error: "bad_request",
+            reason,
+            challenge: false,
+        }
+    }
+
+    pub fn forbidden(reason: String) -> ApiError {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            error: "access_refused",
+            reason,
+            challenge: false,
+        }
+    }
+
+    pub fn internal(reason: String) -> ApiError {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            error: "internal_error",
+            reason,
+            challenge: false,
         }
     }
 
