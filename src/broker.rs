@@ -28,6 +28,8 @@ pub struct BrokerHandle {
     addrs: Vec<SocketAddr>,
     /// Where the management HTTP API listens, if configured.
     management_addrs: Vec<SocketAddr>,
+    /// Where Prometheus metrics are served, if configured.
+    prometheus_addrs: Vec<SocketAddr>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     store: std::sync::Weak<dyn Store>,
@@ -45,6 +47,11 @@ impl BrokerHandle {
 
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// Where Prometheus metrics are served (empty when off).
+    pub fn prometheus_addrs(&self) -> &[SocketAddr] {
+        &self.prometheus_addrs
     }
 
     /// Where the management HTTP API listens (empty when it is off).
@@ -283,11 +290,26 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         .await?;
         management = bound.into_iter().map(|(l, _)| l).collect();
     }
+    let mut prometheus = Vec::new();
+    let mut prometheus_addrs = Vec::new();
+    if let Some(m) = &config.prometheus {
+        let mut bound = Vec::new();
+        bind_all(
+            &m.listen,
+            false,
+            "Prometheus metrics",
+            &mut bound,
+            &mut prometheus_addrs,
+        )
+        .await?;
+        prometheus = bound.into_iter().map(|(l, _)| l).collect();
+    }
     let listening: Vec<(&'static str, SocketAddr)> = addrs
         .iter()
         .enumerate()
         .map(|(i, a)| (if i < plain { "amqp" } else { "amqp/ssl" }, *a))
         .chain(management_addrs.iter().map(|a| ("http", *a)))
+        .chain(prometheus_addrs.iter().map(|a| ("http/prometheus", *a)))
         .collect();
     let tls = arc_swap::ArcSwapOption::new(config.tls_server.clone());
     let vhost_configs = arc_swap::ArcSwap::from_pointee(config.vhosts.clone());
@@ -313,6 +335,8 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         vhost_configs,
         config_created: std::sync::Mutex::new(created),
         connections: Default::default(),
+        closed: Default::default(),
+        churn: Default::default(),
         listening,
         started_at: crate::store::wall_ms(),
     });
@@ -320,11 +344,17 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let weak_store = Arc::downgrade(&store);
     drop(store);
     let weak_state = Arc::downgrade(&state);
-    let task = tokio::spawn(accept_all(listeners, management, state, stop_rx));
+    let task = tokio::spawn(accept_all(
+        listeners,
+        (management, prometheus),
+        state,
+        stop_rx,
+    ));
     Ok(BrokerHandle {
         state: weak_state,
         addrs,
         management_addrs,
+        prometheus_addrs,
         stop,
         task,
         store: weak_store,
@@ -452,7 +482,7 @@ fn ipv6_available() -> bool {
 
 async fn accept_all(
     listeners: Vec<Listener>,
-    management: Vec<TcpListener>,
+    (management, prometheus): (Vec<TcpListener>, Vec<TcpListener>),
     state: Arc<BrokerState>,
     stop: watch::Receiver<bool>,
 ) {
@@ -461,6 +491,13 @@ async fn accept_all(
     if !management.is_empty() {
         acceptors.spawn(crate::management::serve(
             management,
+            state.clone(),
+            stop.clone(),
+        ));
+    }
+    if !prometheus.is_empty() {
+        acceptors.spawn(crate::management::metrics::serve(
+            prometheus,
             state.clone(),
             stop.clone(),
         ));

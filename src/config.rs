@@ -50,6 +50,9 @@ pub struct Config {
     /// The management HTTP API (RabbitMQ's paths and shapes); absent = off.
     #[serde(default)]
     pub management: Option<ManagementConfig>,
+    /// Prometheus metrics with RabbitMQ's names (rabbitmq_prometheus); absent = off.
+    #[serde(default)]
+    pub prometheus: Option<PrometheusConfig>,
     /// `amqps` listeners; absent = no TLS.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -83,6 +86,19 @@ pub struct ManagementConfig {
 
 fn default_management_listen() -> Vec<SocketAddr> {
     vec![SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 15672))]
+}
+
+/// The `[prometheus]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrometheusConfig {
+    /// Addresses for /metrics (RabbitMQ's prometheus.tcp.port is 15692).
+    #[serde(default = "default_prometheus_listen")]
+    pub listen: Vec<SocketAddr>,
+}
+
+fn default_prometheus_listen() -> Vec<SocketAddr> {
+    vec![SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 15692))]
 }
 
 /// The `[tls]` table: names as in RabbitMQ's `ssl_options`.

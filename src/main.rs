@@ -25,6 +25,10 @@ struct Cli {
     /// configured `[management]` addresses.
     #[arg(long, value_name = "ADDR:PORT")]
     management: Vec<SocketAddr>,
+    /// Address for Prometheus metrics (repeatable); turns them on, replacing the
+    /// configured `[prometheus]` addresses.
+    #[arg(long, value_name = "ADDR:PORT")]
+    prometheus: Vec<SocketAddr>,
     /// Configuration file (TOML); without it the embedded default is used.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -224,6 +228,11 @@ impl Cli {
     fn override_file(&self, config: &mut Config) {
         if !self.listen.is_empty() {
             config.listen = self.listen.clone();
+        }
+        if !self.prometheus.is_empty() {
+            config.prometheus = Some(warrenmq::config::PrometheusConfig {
+                listen: self.prometheus.clone(),
+            });
         }
         if !self.management.is_empty() {
             config.management = Some(warrenmq::config::ManagementConfig {

@@ -5,6 +5,7 @@
 //! connections) and never holds a lock a publisher needs for longer than a copy.
 
 mod api;
+pub mod metrics;
 mod write;
 
 use std::net::SocketAddr;

@@ -43,6 +43,10 @@ pub struct BrokerState {
     pub(crate) user_channels: Tally,
     /// Every connection being served, for listings and closing by the management API.
     pub(crate) connections: Mutex<HashMap<u64, Arc<crate::session::shared::ConnShared>>>,
+    /// Counts of closed connections (their channels' included), and how many
+    /// connections and channels were opened and closed, for metrics.
+    pub closed: crate::session::shared::MessageCounts,
+    pub churn: Churn,
     /// What listens, as bound: ("amqp" | "amqp/ssl" | "http", address).
     pub listening: Vec<(&'static str, std::net::SocketAddr)>,
     /// Wall-clock milliseconds when the broker started serving.
@@ -51,6 +55,15 @@ pub struct BrokerState {
     pub config_created: Mutex<crate::declare::Created>,
     /// The vhosts' limits as last configured (a reload replaces them).
     pub vhost_configs: arc_swap::ArcSwap<Vec<crate::config::VhostConfig>>,
+}
+
+/// Connections and channels opened and closed since start.
+#[derive(Default)]
+pub struct Churn {
+    pub connections_opened: std::sync::atomic::AtomicU64,
+    pub connections_closed: std::sync::atomic::AtomicU64,
+    pub channels_opened: std::sync::atomic::AtomicU64,
+    pub channels_closed: std::sync::atomic::AtomicU64,
 }
 
 /// Counts per name (user or vhost) of things open now.
@@ -91,11 +104,30 @@ pub struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.broker
+        let gone = self
+            .broker
             .connections
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.id);
+        // Its counts stay in the broker's totals.
+        if let Some(c) = gone {
+            c.counts_into(&self.broker.closed);
+            let churn = &self.broker.churn;
+            let add = |a: &std::sync::atomic::AtomicU64, n: u64| {
+                a.fetch_add(n, Ordering::Relaxed);
+            };
+            add(&churn.connections_closed, 1);
+            add(
+                &churn.channels_opened,
+                c.channels_opened.load(Ordering::Relaxed),
+            );
+            // Channels still open when the connection went close with it.
+            add(
+                &churn.channels_closed,
+                c.channels_closed.load(Ordering::Relaxed) + c.channels().len() as u64,
+            );
+        }
     }
 }
 
@@ -169,6 +201,9 @@ impl BrokerState {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(c.id, c.clone());
+        self.churn
+            .connections_opened
+            .fetch_add(1, Ordering::Relaxed);
         Registered {
             broker: self.clone(),
             id: c.id,

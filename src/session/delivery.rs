@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use amq_protocol::protocol::{basic, AMQPClass};
 
+use super::shared::MessageCounts;
 use super::shared::{ConnEvent, ConnShared};
 use crate::error::{AmqpError, AmqpResult};
 use crate::model::queue::{Consumer, Deliver, Queue, QueuedMessage};
@@ -43,6 +44,8 @@ pub struct ChannelShared {
     state: Mutex<DeliveryState>,
     /// What listings show of the channel's settings.
     pub listing: ChannelListing,
+    /// Its message counts, for metrics.
+    pub counts: crate::session::shared::MessageCounts,
 }
 
 /// A channel's settings as the management API lists them.
@@ -95,6 +98,7 @@ impl ChannelShared {
             settled_persistent: AtomicBool::new(false),
             state: Mutex::new(DeliveryState::default()),
             listing: ChannelListing::default(),
+            counts: Default::default(),
         }
     }
 
@@ -107,8 +111,12 @@ impl ChannelShared {
     }
 
     /// The channel is closing: queues stop delivering to it.
+    /// Its counts pass to its connection's, which metrics keep reading.
     pub fn close(&self) {
-        self.open.store(false, Ordering::Release);
+        if self.open.swap(false, Ordering::AcqRel) {
+            self.counts.add_to(&self.conn.closed_channels);
+            MessageCounts::bump(&self.conn.channels_closed, 1);
+        }
     }
 
     /// Whether a persisted message was settled since the last call.
@@ -149,6 +157,18 @@ impl Deliver for ChannelShared {
             &m.msg.body,
             self.conn.frame_max(),
         );
+        let c = &self.counts;
+        MessageCounts::bump(
+            if consumer.no_ack {
+                &c.delivered_consume_auto_ack
+            } else {
+                &c.delivered_consume_manual_ack
+            },
+            1,
+        );
+        if m.redelivered {
+            MessageCounts::bump(&c.redelivered, 1);
+        }
         if !consumer.no_ack {
             consumer.unacked.fetch_add(1, Ordering::AcqRel);
             st.unacked.insert(
@@ -214,6 +234,18 @@ impl ChannelShared {
                 remaining,
             );
             out.content(self.id, &m.msg.header, &m.msg.body, self.conn.frame_max());
+        }
+        let c = &self.counts;
+        MessageCounts::bump(
+            if no_ack {
+                &c.delivered_get_auto_ack
+            } else {
+                &c.delivered_get_manual_ack
+            },
+            1,
+        );
+        if m.redelivered {
+            MessageCounts::bump(&c.redelivered, 1);
         }
         if !no_ack {
             st.unacked.insert(

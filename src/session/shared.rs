@@ -42,6 +42,67 @@ pub enum Synced {
     Nack(u64),
 }
 
+/// Message counts as RabbitMQ's global metrics name them, kept per channel (so a
+/// count is one uncontended atomic add) and summed when metrics are read.
+#[derive(Default, Debug)]
+pub struct MessageCounts {
+    pub received: AtomicU64,
+    pub received_confirm: AtomicU64,
+    pub routed: AtomicU64,
+    pub unroutable_dropped: AtomicU64,
+    pub unroutable_returned: AtomicU64,
+    pub confirmed: AtomicU64,
+    pub delivered_consume_auto_ack: AtomicU64,
+    pub delivered_consume_manual_ack: AtomicU64,
+    pub delivered_get_auto_ack: AtomicU64,
+    pub delivered_get_manual_ack: AtomicU64,
+    pub get_empty: AtomicU64,
+    pub redelivered: AtomicU64,
+    pub acknowledged: AtomicU64,
+}
+
+impl MessageCounts {
+    pub fn bump(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Every counter with its RabbitMQ name (after `rabbitmq_global_messages_`).
+    pub fn named(&self) -> [(&'static str, &AtomicU64); 13] {
+        [
+            ("received_total", &self.received),
+            ("received_confirm_total", &self.received_confirm),
+            ("routed_total", &self.routed),
+            ("unroutable_dropped_total", &self.unroutable_dropped),
+            ("unroutable_returned_total", &self.unroutable_returned),
+            ("confirmed_total", &self.confirmed),
+            (
+                "delivered_consume_auto_ack_total",
+                &self.delivered_consume_auto_ack,
+            ),
+            (
+                "delivered_consume_manual_ack_total",
+                &self.delivered_consume_manual_ack,
+            ),
+            ("delivered_get_auto_ack_total", &self.delivered_get_auto_ack),
+            (
+                "delivered_get_manual_ack_total",
+                &self.delivered_get_manual_ack,
+            ),
+            ("get_empty_total", &self.get_empty),
+            ("redelivered_total", &self.redelivered),
+            ("acknowledged_total", &self.acknowledged),
+        ]
+    }
+
+    /// Adds these counts to `into` (a closing channel's to its connection's, a
+    /// closing connection's to the broker's).
+    pub fn add_to(&self, into: &MessageCounts) {
+        for ((_, from), (_, to)) in self.named().iter().zip(into.named().iter()) {
+            to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+}
+
 /// What listings show of a connection, fixed when it was accepted.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -72,6 +133,11 @@ pub struct ConnShared {
     pub received: AtomicU64,
     /// Its channels, for listings (closed ones are dropped as new ones open).
     channels: Mutex<Vec<Weak<crate::session::delivery::ChannelShared>>>,
+    /// Counts of its closed channels.
+    pub closed_channels: MessageCounts,
+    /// Channels it opened and closed.
+    pub channels_opened: AtomicU64,
+    pub channels_closed: AtomicU64,
     /// A request to close the connection from outside (the management API).
     close: OnceLock<String>,
     pub id: u64,
@@ -102,6 +168,9 @@ impl ConnShared {
             received: AtomicU64::new(0),
             channels: Mutex::new(Vec::new()),
             close: OnceLock::new(),
+            closed_channels: MessageCounts::default(),
+            channels_opened: AtomicU64::new(0),
+            channels_closed: AtomicU64::new(0),
             id,
             outbox: Outbox::default(),
             frame_max: AtomicU32::new(frame_max),
@@ -131,6 +200,15 @@ impl ConnShared {
         let mut list = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         list.retain(|w| w.upgrade().is_some_and(|c| c.is_open()));
         list.push(Arc::downgrade(ch));
+        self.channels_opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Its counts: the open channels' and the closed ones'.
+    pub fn counts_into(&self, into: &MessageCounts) {
+        self.closed_channels.add_to(into);
+        for ch in self.channels() {
+            ch.counts.add_to(into);
+        }
     }
 
     /// The open channels, by number.

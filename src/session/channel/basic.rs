@@ -63,7 +63,13 @@ impl Channel {
                 let q = self.vhost.queue(&name, self.actor())?;
                 match q.get() {
                     Got::Message(m, remaining) => self.shared.get_ok(&q, m, remaining, g.no_ack),
-                    Got::Empty => self.reply(AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {}))),
+                    Got::Empty => {
+                        crate::session::shared::MessageCounts::bump(
+                            &self.shared.counts.get_empty,
+                            1,
+                        );
+                        self.reply(AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {})))
+                    }
                     // The head is on disk: ask again once it is read back, and
                     // meanwhile nothing else on this connection overtakes the get.
                     Got::PagingIn(ready) => {
@@ -76,7 +82,12 @@ impl Channel {
                     let taken = self.shared.take(a.delivery_tag, a.multiple)?;
                     tx.acks.push(TxOp::Ack(taken));
                 } else {
-                    settle(self.shared.take(a.delivery_tag, a.multiple)?);
+                    let taken = self.shared.take(a.delivery_tag, a.multiple)?;
+                    crate::session::shared::MessageCounts::bump(
+                        &self.shared.counts.acknowledged,
+                        taken.len() as u64,
+                    );
+                    settle(taken);
                     self.after_settle();
                 }
             }

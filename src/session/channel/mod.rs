@@ -30,6 +30,8 @@ use crate::model::vhost::Vhost;
 
 pub struct Channel {
     pub shared: Arc<ChannelShared>,
+    /// The highest publish sequence number acked to the publisher (for metrics).
+    confirmed_upto: u64,
     /// Held while open when the user has a max-channels limit.
     pub(crate) counted: Option<crate::session::context::CountedChannel>,
     vhost: Arc<Vhost>,
@@ -101,6 +103,7 @@ impl Channel {
             closing: false,
             backlogged: false,
             counted: None,
+            confirmed_upto: 0,
         }
     }
 

@@ -2,6 +2,7 @@
 //! message, routed through the topology to queues; and publisher confirms, sent
 //! at once or after the store's next sync when a persistent message went to disk.
 
+use crate::session::shared::MessageCounts;
 use std::sync::Arc;
 
 use amq_protocol::protocol::{basic, AMQPClass, BasicProperties};
@@ -126,6 +127,7 @@ impl Channel {
         // Confirms leave in order: once one waits for a flush, later ones wait behind it.
         let wait = self.vhost.store.is_some() && (self.sync_needed || self.syncs_pending > 0);
         if !wait {
+            self.count_confirmed(tag);
             self.reply(AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
                 delivery_tag: tag,
                 multiple: true,
@@ -134,6 +136,14 @@ impl Channel {
         };
         self.sync_needed = false;
         self.confirm_after_sync(Synced::AckUpTo(tag));
+    }
+
+    /// Counts the publishes a basic.ack up to `tag` confirms.
+    fn count_confirmed(&mut self, tag: u64) {
+        if tag > self.confirmed_upto {
+            MessageCounts::bump(&self.shared.counts.confirmed, tag - self.confirmed_upto);
+            self.confirmed_upto = tag;
+        }
     }
 
     /// Sends `confirm` once the store's next flush is done, after every confirm
@@ -162,10 +172,13 @@ impl Channel {
             return;
         }
         let class = match confirm {
-            Synced::AckUpTo(upto) if ok => basic::AMQPMethod::Ack(basic::Ack {
-                delivery_tag: upto,
-                multiple: true,
-            }),
+            Synced::AckUpTo(upto) if ok => {
+                self.count_confirmed(upto);
+                basic::AMQPMethod::Ack(basic::Ack {
+                    delivery_tag: upto,
+                    multiple: true,
+                })
+            }
             Synced::AckUpTo(upto) => basic::AMQPMethod::Nack(basic::Nack {
                 delivery_tag: upto,
                 multiple: true,
@@ -405,7 +418,20 @@ impl Channel {
                 Routed::Queues(q) => q,
             }
         };
+        let counts = &self.shared.counts;
+        MessageCounts::bump(&counts.received, 1);
+        if self.confirm {
+            MessageCounts::bump(&counts.received_confirm, 1);
+        }
         if queues.is_empty() {
+            MessageCounts::bump(
+                if p.mandatory {
+                    &counts.unroutable_returned
+                } else {
+                    &counts.unroutable_dropped
+                },
+                1,
+            );
             if p.mandatory {
                 let mut out = self.shared.conn.outbox.append();
                 write_return(
@@ -424,6 +450,7 @@ impl Channel {
                 );
             }
         } else {
+            MessageCounts::bump(&counts.routed, 1);
             let mut msg = Message::new(
                 p.exchange,
                 p.routing_key,
