@@ -104,6 +104,7 @@ impl BrokerHandle {
             );
         }
         state.users.store(Arc::new(config.users.clone()));
+        state.current.store(Arc::new(config.clone()));
         state.vhost_configs.store(Arc::new(config.vhosts.clone()));
         for v in &config.vhosts {
             if let Some(vhost) = state.vhosts.get(&v.name) {
@@ -313,8 +314,10 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         .collect();
     let tls = arc_swap::ArcSwapOption::new(config.tls_server.clone());
     let vhost_configs = arc_swap::ArcSwap::from_pointee(config.vhosts.clone());
+    let current = arc_swap::ArcSwap::from_pointee(config.clone());
     let state = Arc::new(BrokerState {
         tls,
+        current,
         users: arc_swap::ArcSwap::from_pointee(config.users.clone()),
         permissions: arc_swap::ArcSwap::from_pointee(crate::auth::permission_table(
             &config.permissions,

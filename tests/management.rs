@@ -522,3 +522,55 @@ async fn topology_and_messages_change_through_the_api_as_through_amqp() {
     assert_eq!(closed, (320, "CONNECTION_FORCED - maintenance".to_string()));
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_export_the_running_broker_and_load_back() {
+    let b = broker().await;
+    let api = b.management_addrs()[0];
+    let (status, _) = send(
+        api,
+        "PUT",
+        "/api/queues/%2F/kept",
+        r#"{"durable":true}"#,
+        "",
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, _) = send(
+        api,
+        "PUT",
+        "/api/queues/%2F/passing",
+        r#"{"durable":false}"#,
+        "",
+    )
+    .await;
+    assert_eq!(status, 201);
+    let defs = get(api, "/api/definitions").await;
+    let queues: Vec<&str> = defs["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|q| q["name"].as_str())
+        .collect();
+    assert_eq!(queues, vec!["kept"], "durable queues only");
+    assert!(defs["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|u| u["name"] == "guest"));
+
+    // The export loads as a definitions file.
+    let dir = common::temp_data_dir();
+    std::fs::write(dir.join("defs.json"), defs.to_string()).unwrap();
+    let text = format!(
+        "listen = [\"127.0.0.1:0\"]\ndata_dir = {:?}\ndefinitions = \"defs.json\"\n",
+        dir.join("data").display().to_string()
+    );
+    std::fs::write(dir.join("w.toml"), text).unwrap();
+    let loaded = warrenmq::Config::load(&dir.join("w.toml")).expect("the export loads back");
+    assert!(loaded.queues.iter().any(|q| q.name == "kept"));
+
+    let (status, _) = http(api, "GET", "/api/definitions", Some(("watcher", "w"))).await;
+    assert_eq!(status, 401, "administrators only");
+    b.shutdown().await;
+}

@@ -44,6 +44,7 @@ pub fn router(state: Arc<BrokerState>) -> Router {
         .route("/api/policies", get(policies))
         .route("/api/policies/{vhost}", get(policies_in))
         .route("/api/parameters", get(nothing))
+        .route("/api/definitions", get(definitions))
         .route("/api/exchanges", get(exchanges))
         .route("/api/exchanges/{vhost}", get(exchanges_in))
         .route(
@@ -794,8 +795,8 @@ async fn user(State(s): St, ConnectInfo(p): Peer, h: HeaderMap, Path(name): Path
 async fn permissions(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
     let c = caller(&s, &h, p).await?;
     c.require(Role::Administrator)?;
-    let mut list: Vec<Value> = s
-        .config
+    let config = s.current.load();
+    let mut list: Vec<Value> = config
         .permissions
         .iter()
         .map(|p| json!({"user": p.user, "vhost": p.vhost, "configure": p.configure, "write": p.write, "read": p.read}))
@@ -820,7 +821,8 @@ async fn topic_permissions(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> 
     let c = caller(&s, &h, p).await?;
     c.require(Role::Administrator)?;
     Ok(Json(Value::Array(
-        s.config
+        s.current
+            .load()
             .topic_permissions
             .iter()
             .map(|t| json!({"user": t.user, "vhost": t.vhost, "exchange": t.exchange, "write": t.write, "read": t.read}))
@@ -829,7 +831,8 @@ async fn topic_permissions(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> 
 }
 
 fn policies_json(s: &BrokerState, c: &Caller, vhost: Option<&str>) -> Vec<Value> {
-    s.config
+    s.current
+        .load()
         .policies
         .iter()
         .filter(|p| vhost.is_none_or(|v| v == p.vhost) && c.sees_vhost(s, &p.vhost))
@@ -856,6 +859,72 @@ async fn policies_in(
     let c = caller(&s, &h, p).await?;
     one(&s, &c, &vhost)?;
     Ok(Json(Value::Array(policies_json(&s, &c, Some(&vhost)))))
+}
+
+/// RabbitMQ's definitions of the running broker: the configuration's users,
+/// vhosts, permissions and policies, and the durable exchanges, queues and
+/// bindings as they are now (whoever declared them). Administrators only.
+async fn definitions(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
+    use crate::store::{StoredBinding, StoredDestination, StoredExchange, StoredQueue};
+    let c = caller(&s, &h, p).await?;
+    c.require(Role::Administrator)?;
+    let mut live = crate::definitions::Stored {
+        exchanges: Vec::new(),
+        queues: Vec::new(),
+        bindings: Vec::new(),
+    };
+    for (vname, v) in &s.vhosts {
+        let t = v.topology();
+        for x in t.exchanges() {
+            let d = &x.def;
+            if d.durable && !d.name.starts_with("amq.") {
+                live.exchanges.push(StoredExchange {
+                    vhost: vname.clone(),
+                    name: d.name.to_string(),
+                    kind: d.kind.code,
+                    auto_delete: d.auto_delete,
+                    internal: d.internal,
+                    arguments: d.arguments.clone(),
+                });
+            }
+        }
+        for q in t.queues() {
+            if q.durable && q.exclusive_owner.is_none() {
+                live.queues.push(StoredQueue {
+                    vhost: vname.clone(),
+                    name: q.name.to_string(),
+                    id: 0,
+                    auto_delete: q.auto_delete,
+                    arguments: q.arguments.clone(),
+                });
+            }
+        }
+        for (source, dest, key, args) in v.bindings() {
+            let durable_dest = match &dest {
+                Destination::Queue(q) => t.queue(q).is_some_and(|q| q.durable),
+                Destination::Exchange(x) => t.exchange(x).is_some_and(|x| x.def.durable),
+            };
+            if !durable_dest || t.exchange(&source).is_none_or(|x| !x.def.durable) {
+                continue;
+            }
+            live.bindings.push(StoredBinding {
+                vhost: vname.clone(),
+                source: source.to_string(),
+                destination: match dest {
+                    Destination::Queue(q) => StoredDestination::Queue(q.to_string()),
+                    Destination::Exchange(x) => StoredDestination::Exchange(x.to_string()),
+                },
+                routing_key: key.to_string(),
+                arguments: args,
+            });
+        }
+    }
+    let config = s.current.load();
+    let export = crate::definitions::export(&config, Some(&live)).map_err(ApiError::internal)?;
+    for w in export.warnings {
+        tracing::warn!("definitions export: {w}");
+    }
+    Ok(Json(export.json))
 }
 
 async fn nothing(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {

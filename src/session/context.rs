@@ -17,6 +17,9 @@ use crate::store::Store;
 pub struct BrokerState {
     /// As the broker started; `users` is the part a reload (SIGHUP) replaces.
     pub config: Config,
+    /// The configuration as last loaded (start-up or SIGHUP), for listings of
+    /// what it defines (permissions, policies, definitions).
+    pub current: arc_swap::ArcSwap<Config>,
     /// Who may log in, replaced whole on reload; a login reads it without a lock.
     pub users: arc_swap::ArcSwap<Vec<crate::config::User>>,
     /// Permissions per (user, vhost), replaced whole on reload.
