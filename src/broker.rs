@@ -256,6 +256,14 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         );
     }
 
+    // The disk alarm is known before anyone can publish.
+    let disk_free = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    if config.limits.disk_free_limit > 0 {
+        if let Some(n) = crate::disk::check(&config.data_dir, config.limits.disk_free_limit, &gauge)
+        {
+            disk_free.store(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let mut listeners = Vec::new();
     let mut addrs = Vec::new();
     bind_all(
@@ -316,6 +324,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let vhost_configs = arc_swap::ArcSwap::from_pointee(config.vhosts.clone());
     let current = arc_swap::ArcSwap::from_pointee(config.clone());
     let state = Arc::new(BrokerState {
+        disk_free,
         tls,
         current,
         users: arc_swap::ArcSwap::from_pointee(config.users.clone()),
@@ -495,6 +504,16 @@ async fn accept_all(
         acceptors.spawn(crate::management::serve(
             management,
             state.clone(),
+            stop.clone(),
+        ));
+    }
+    let limit = state.config.limits.disk_free_limit;
+    if limit > 0 {
+        acceptors.spawn(crate::disk::watch(
+            state.config.data_dir.clone(),
+            limit,
+            state.gauge.clone(),
+            state.disk_free.clone(),
             stop.clone(),
         ));
     }

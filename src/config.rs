@@ -310,6 +310,9 @@ pub struct Limits {
     pub handshake_timeout: u64,
     pub max_message_size: u64,
     pub memory_high_watermark: u64,
+    /// Free bytes the data directory's file system must keep; below, publishers
+    /// are blocked (RabbitMQ's disk_free_limit, 50 MB by default); 0 = no check.
+    pub disk_free_limit: u64,
     pub queue_memory_budget: u64,
     /// Client connections open at once, broker-wide; 0 = unlimited.
     pub max_connections: u32,
@@ -340,6 +343,7 @@ impl Default for Limits {
             handshake_timeout: 10,
             max_message_size: 128 * MIB,
             memory_high_watermark: 1024 * MIB,
+            disk_free_limit: 50_000_000,
             queue_memory_budget: 64 * MIB,
             max_connections: 65536,
             max_connections_per_user: 0,

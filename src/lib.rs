@@ -5,6 +5,7 @@ pub mod broker;
 pub mod config;
 pub mod declare;
 pub mod definitions;
+pub mod disk;
 pub mod error;
 pub mod management;
 pub mod model;

@@ -424,3 +424,28 @@ async fn decoded_headers_count_against_the_watermark() {
         "8 messages of 4,000 decoded headers each pass a 1 MiB watermark"
     );
 }
+
+#[tokio::test]
+async fn low_free_disk_space_blocks_publishers_with_low_on_disk() {
+    // A limit no disk meets: the alarm is on from the start.
+    let (b, handle) = broker(|l| l.disk_free_limit = u64::MAX / 2).await;
+    let mut raw = blockable(&b).await;
+    let mut publish = basic_publish(1, "anywhere");
+    publish.extend(content_header(1, 1));
+    publish.extend(body(1, b"x"));
+    raw.stream.write_all(&publish).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let reason = loop {
+        let frame = tokio::time::timeout_at(deadline, read_frame(&mut raw.stream))
+            .await
+            .expect("connection.blocked within 5 s")
+            .expect("a frame");
+        if frame.channel == 0 && frame.method_id() == Some((10, 60)) {
+            let args = frame.args();
+            let n = args[0] as usize;
+            break String::from_utf8_lossy(&args[1..1 + n]).into_owned();
+        }
+    };
+    assert_eq!(reason, "low on disk");
+    handle.shutdown().await;
+}

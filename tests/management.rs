@@ -574,3 +574,45 @@ async fn definitions_export_the_running_broker_and_load_back() {
     assert_eq!(status, 401, "administrators only");
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_alarm_fails_the_alarm_checks_and_shows_in_nodes() {
+    // Without an alarm the check passes...
+    let b = broker().await;
+    assert_eq!(
+        get(b.management_addrs()[0], "/api/health/checks/alarms").await["status"],
+        "ok"
+    );
+    b.shutdown().await;
+
+    // ...with a free-space limit no disk meets, it fails with the reason.
+    let text = CONFIG.replace("DATA", &common::temp_data_dir().display().to_string())
+        + "\n[limits]\ndisk_free_limit = 4000000000000000000\n";
+    let config = warrenmq::Config::parse(&text, "management.toml").expect("valid");
+    let b = warrenmq::start(config).await.expect("starts");
+    let api = b.management_addrs()[0];
+    let (status, body) = http(
+        api,
+        "GET",
+        "/api/health/checks/alarms",
+        Some(("guest", "guest")),
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        body["reason"],
+        "resource alarm(s) in effect in the cluster: disk"
+    );
+    let (status, _) = http(
+        api,
+        "GET",
+        "/api/health/checks/local-alarms",
+        Some(("guest", "guest")),
+    )
+    .await;
+    assert_eq!(status, 503);
+    let nodes = get(api, "/api/nodes").await;
+    assert_eq!(nodes[0]["disk_free_alarm"], true);
+    assert!(nodes[0]["disk_free"].as_u64().unwrap() > 0);
+    b.shutdown().await;
+}

@@ -700,8 +700,10 @@ async fn nodes(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
         "uptime": uptime,
         "mem_used": s.gauge.used(),
         "mem_limit": s.config.limits.memory_high_watermark,
-        "mem_alarm": s.gauge.over(),
-        "disk_free_alarm": false,
+        "mem_alarm": s.gauge.memory_over(),
+        "disk_free_alarm": s.gauge.disk_alarm(),
+        "disk_free": s.disk_free.load(std::sync::atomic::Ordering::Relaxed),
+        "disk_free_limit": s.config.limits.disk_free_limit,
         "exchange_types": crate::model::exchange::TYPES.iter().map(|t| json!({"name": t.name})).collect::<Vec<_>>(),
     }])))
 }
@@ -938,10 +940,18 @@ fn ok() -> Reply {
 
 async fn alarms(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
     caller(&s, &h, p).await?;
-    if s.gauge.over() {
-        return Err(ApiError::unavailable(
-            "resource alarm(s) in effect in the cluster: memory".into(),
-        ));
+    let mut alarms = Vec::new();
+    if s.gauge.memory_over() {
+        alarms.push("memory");
+    }
+    if s.gauge.disk_alarm() {
+        alarms.push("disk");
+    }
+    if !alarms.is_empty() {
+        return Err(ApiError::unavailable(format!(
+            "resource alarm(s) in effect in the cluster: {}",
+            alarms.join(", ")
+        )));
     }
     ok()
 }

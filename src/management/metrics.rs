@@ -340,8 +340,28 @@ fn render(s: &BrokerState, per_object: bool) -> String {
         "rabbitmq_alarms_memory_used_watermark",
         "untyped",
         "is set to 1 when memory alarm is in effect in the node",
-        if s.gauge.over() { 1.0 } else { 0.0 },
+        if s.gauge.memory_over() { 1.0 } else { 0.0 },
     );
+    if s.config.limits.disk_free_limit > 0 {
+        o.one(
+            "rabbitmq_alarms_free_disk_space_watermark",
+            "untyped",
+            "is set to 1 when free disk space alarm is in effect in the node",
+            if s.gauge.disk_alarm() { 1.0 } else { 0.0 },
+        );
+        o.one(
+            "rabbitmq_disk_space_available_bytes",
+            "gauge",
+            "Disk space available in bytes",
+            s.disk_free.load(Ordering::Relaxed) as f64,
+        );
+        o.one(
+            "rabbitmq_disk_space_available_limit_bytes",
+            "gauge",
+            "Free disk space low watermark in bytes",
+            s.config.limits.disk_free_limit as f64,
+        );
+    }
     if let Some(open) = open {
         o.one(
             "rabbitmq_process_open_fds",

@@ -254,6 +254,9 @@ impl Drop for Reservation {
 pub struct MemoryGauge {
     used: AtomicUsize,
     high: usize,
+    /// Free disk space is below `limits.disk_free_limit`: publishers are blocked
+    /// as for memory (RabbitMQ's disk alarm).
+    disk_alarm: std::sync::atomic::AtomicBool,
     pub below: Notify,
 }
 
@@ -262,6 +265,7 @@ impl MemoryGauge {
         MemoryGauge {
             used: AtomicUsize::new(0),
             high,
+            disk_alarm: std::sync::atomic::AtomicBool::new(false),
             below: Notify::new(),
         }
     }
@@ -281,8 +285,26 @@ impl MemoryGauge {
         self.used.load(Ordering::Relaxed)
     }
 
+    /// Whether publishers must wait: memory above the watermark, or the disk alarm.
     pub fn over(&self) -> bool {
+        self.memory_over() || self.disk_alarm()
+    }
+
+    pub fn memory_over(&self) -> bool {
         self.used() > self.high
+    }
+
+    pub fn disk_alarm(&self) -> bool {
+        self.disk_alarm.load(Ordering::Relaxed)
+    }
+
+    /// Raises or clears the disk alarm; returns whether it changed.
+    pub fn set_disk_alarm(&self, on: bool) -> bool {
+        let was = self.disk_alarm.swap(on, Ordering::AcqRel);
+        if was && !on {
+            self.below.notify_waiters();
+        }
+        was != on
     }
 }
 

@@ -17,6 +17,8 @@ use crate::store::Store;
 pub struct BrokerState {
     /// As the broker started; `users` is the part a reload (SIGHUP) replaces.
     pub config: Config,
+    /// Free bytes in the data directory's file system at the last check.
+    pub disk_free: Arc<std::sync::atomic::AtomicU64>,
     /// The configuration as last loaded (start-up or SIGHUP), for listings of
     /// what it defines (permissions, policies, definitions).
     pub current: arc_swap::ArcSwap<Config>,

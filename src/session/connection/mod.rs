@@ -382,15 +382,20 @@ impl Connection {
 
     /// Stops reading from a publisher while the broker is over its memory watermark.
     async fn wait_for_memory(&mut self) -> Option<End> {
-        warn!(
-            "memory high watermark exceeded ({} bytes held), blocking publisher",
-            self.broker.gauge.used()
-        );
+        let disk = self.broker.gauge.disk_alarm() && !self.broker.gauge.memory_over();
+        if disk {
+            warn!("free disk space below the limit, blocking publisher");
+        } else {
+            warn!(
+                "memory high watermark exceeded ({} bytes held), blocking publisher",
+                self.broker.gauge.used()
+            );
+        }
         if self.blocked_capable {
             self.send(
                 0,
                 &AMQPClass::Connection(connection::AMQPMethod::Blocked(connection::Blocked {
-                    reason: short("low on memory"),
+                    reason: short(if disk { "low on disk" } else { "low on memory" }),
                 })),
             );
         }
