@@ -27,7 +27,10 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     }
     // SAFETY: statvfs succeeded, so it filled the struct.
     let st = unsafe { st.assume_init() };
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    // The field types differ between platforms (narrower on 32-bit ones).
+    #[allow(clippy::unnecessary_cast)]
+    let (blocks, size) = (st.f_bavail as u64, st.f_frsize as u64);
+    Ok(blocks.saturating_mul(size))
 }
 
 /// Checks once and sets the alarm; returns the free bytes, if they could be read.
