@@ -1085,10 +1085,13 @@ impl Ctl {
             "Product version: {}",
             text(&overview, "product_version")
         ));
-        out.push(format!(
-            "RabbitMQ version: {}",
-            text(&overview, "rabbitmq_version")
-        ));
+        // RabbitMQ's own version, or the one whose API another broker follows.
+        let version = text(&overview, "rabbitmq_version");
+        if product == "RabbitMQ" {
+            out.push(format!("RabbitMQ version: {version}"));
+        } else {
+            out.push(format!("Management API of RabbitMQ version: {version}"));
+        }
         out.push(format!("Node name: {}", text(&overview, "node")));
         if let Some(n) = &node {
             if let Some(ms) = number(n, "uptime") {

@@ -136,7 +136,6 @@ pub struct Response {
 }
 
 impl Response {
-    #[allow(dead_code)]
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -507,7 +506,7 @@ fn read_chunked(r: &mut Reader, out: &mut Vec<u8>, max_body: usize) -> Result<()
             return Err(too_large(max_body));
         }
         r.exact(size, out)?;
-        match r.line(0)? {
+        match r.line(2)? {
             Some(l) if l.is_empty() => {}
             _ => return Err(Error::Protocol("a chunk does not end with CRLF".into())),
         }
@@ -572,6 +571,16 @@ mod tests {
 
     /// Serves `reply` to one request and returns the client's answer.
     fn exchange(reply: &'static [u8], max_body: usize) -> Result<Response, Error> {
+        exchange_in(reply, max_body, 7, Duration::ZERO)
+    }
+
+    /// As `exchange`, written `piece` bytes at a time with `pause` between pieces.
+    fn exchange_in(
+        reply: &'static [u8],
+        max_body: usize,
+        piece: usize,
+        pause: Duration,
+    ) -> Result<Response, Error> {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = std::thread::spawn(move || {
@@ -586,10 +595,11 @@ mod tests {
                 req.extend_from_slice(&b[..n]);
             }
             // Written in pieces, so that the reader meets every boundary.
-            for piece in reply.chunks(7) {
-                if s.write_all(piece).is_err() {
+            for bytes in reply.chunks(piece) {
+                if s.write_all(bytes).is_err() {
                     break;
                 }
+                std::thread::sleep(pause);
             }
             String::from_utf8(req).unwrap()
         });
@@ -618,6 +628,15 @@ mod tests {
         let r = exchange(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\n[1,\r\n2\r\n2]\r\n0\r\nX-T: y\r\n\r\n",
             100,
+        )
+        .unwrap();
+        assert_eq!(r.body, b"[1,2]");
+        // One byte per read: every line and chunk boundary falls between two reads.
+        let r = exchange_in(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n",
+            100,
+            1,
+            Duration::from_millis(1),
         )
         .unwrap();
         assert_eq!(r.body, b"[1,2]");
