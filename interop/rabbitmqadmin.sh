@@ -81,6 +81,17 @@ refused "an inequivalent redeclare is refused" "inequivalent arg 'type'" declare
 check "delete binding" "binding deleted" delete binding source="$X" destination_type=queue destination="$Q" properties_key="a.%23"
 check "delete queue" "queue deleted" delete queue name="$Q"
 check "delete exchange" "exchange deleted" delete exchange name="$X"
+U="interop-admin-user-$$"
+check "declare user" "user declared" declare user name="$U" password=pw tags=monitoring
+check "declare permission" "permission declared" declare permission vhost=/ user="$U" configure='.*' write='.*' read='.*'
+check "list users shows it" "$U +\| monitoring" list users name tags
+check "list permissions shows it" "$U" list permissions
+check "declare policy" "policy declared" declare policy name="$U-ttl" pattern='^interop-ttl' definition='{"message-ttl": 60000}' apply-to=queues
+check "list policies shows it" "$U-ttl" list policies
+refused "a policy with an unknown key is refused" "unknown key" declare policy name="$U-bad" pattern='.*' definition='{"colour": "blue"}'
+check "delete policy" "policy deleted" delete policy name="$U-ttl"
+check "delete permission" "permission deleted" delete permission vhost=/ user="$U"
+check "delete user" "user deleted" delete user name="$U"
 check "list connections" "" list connections
 check "list channels" "" list channels
 check "list consumers" "" list consumers

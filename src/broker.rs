@@ -64,13 +64,19 @@ impl BrokerHandle {
     /// missing is created; a refused entry is logged and left). What cannot change
     /// while running (listeners, data directory, limits, vhosts) is logged as
     /// waiting for a restart.
-    pub fn reload(&self, config: Config) {
+    pub fn reload(&self, file: Config) {
         let Some(state) = self.state.upgrade() else {
             return;
         };
-        for w in &config.warnings {
+        for w in &file.warnings {
             warn!("{w}");
         }
+        // What the management API made joins the file's, as at start-up.
+        let config = {
+            let live = state.live.lock().unwrap_or_else(|p| p.into_inner());
+            state.file_config.store(Arc::new(file.clone()));
+            live.join(&file)
+        };
         let old = &state.config;
         let mut later = Vec::new();
         if config.listen != old.listen {
@@ -103,23 +109,7 @@ impl BrokerHandle {
                 later.join(", ")
             );
         }
-        state.users.store(Arc::new(config.users.clone()));
-        state.current.store(Arc::new(config.clone()));
-        state.vhost_configs.store(Arc::new(config.vhosts.clone()));
-        for v in &config.vhosts {
-            if let Some(vhost) = state.vhosts.get(&v.name) {
-                vhost.set_limits(vhost_limits(&config, v));
-            }
-        }
-        state
-            .permissions
-            .store(Arc::new(crate::auth::permission_table(&config.permissions)));
-        state
-            .topic_permissions
-            .store(Arc::new(crate::auth::topic_table(
-                &config.topic_permissions,
-            )));
-        crate::declare::apply_policies(&config, &state.vhosts);
+        state.refresh(&config);
         let (applied, refused) = {
             let mut created = state
                 .config_created
@@ -197,9 +187,13 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         queues,
         counts: (nq, nm, skipped),
         created: recorded,
+        live,
     } = recovery
         .await
         .map_err(|e| StartError::Recovery(e.to_string()))??;
+    // What the management API made joins the file's configuration.
+    let file_config = arc_swap::ArcSwap::from_pointee(config.clone());
+    let config = live.join(&config);
     for vhost in vhosts.values() {
         vhost.start_housekeeping();
     }
@@ -324,6 +318,8 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let vhost_configs = arc_swap::ArcSwap::from_pointee(config.vhosts.clone());
     let current = arc_swap::ArcSwap::from_pointee(config.clone());
     let state = Arc::new(BrokerState {
+        file_config,
+        live: std::sync::Mutex::new(live),
         disk_free,
         tls,
         current,
@@ -384,10 +380,12 @@ struct Recovery {
     counts: (usize, usize, usize),
     /// What the configuration file created before.
     created: crate::declare::Created,
+    /// Users, permissions and policies made through the management API.
+    live: crate::live::Live,
 }
 
 /// A vhost's limits: its own max_queues, else the broker-wide ones.
-fn vhost_limits(
+pub(crate) fn vhost_limits(
     config: &Config,
     v: &crate::config::VhostConfig,
 ) -> crate::model::vhost::VhostLimits {
@@ -426,6 +424,7 @@ fn recover(config: &Config, gauge: &Arc<MemoryGauge>) -> Result<Recovery, StoreE
         vhosts.insert(v.name.clone(), vhost);
     }
     let created = crate::declare::Created::load(&*store);
+    let live = crate::live::Live::load(&*store);
     Ok(Recovery {
         store,
         thread,
@@ -433,6 +432,7 @@ fn recover(config: &Config, gauge: &Arc<MemoryGauge>) -> Result<Recovery, StoreE
         queues,
         counts: (nq, nm, skipped),
         created,
+        live,
     })
 }
 

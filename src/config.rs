@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The default configuration, shipped as `config/warrenmq.toml` and embedded here.
 pub const DEFAULT_TOML: &str = include_str!("../config/warrenmq.toml");
@@ -193,7 +193,7 @@ pub enum OnConflict {
 
 /// A `[[permissions]]` entry: regular expressions over the names of exchanges and
 /// queues, as in RabbitMQ's definitions ("" allows nothing).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PermissionConfig {
     pub user: String,
@@ -206,7 +206,7 @@ pub struct PermissionConfig {
 
 /// A `[[topic_permissions]]` entry: which routing keys `user` may publish with
 /// (write) and bind with (read) on the topic exchange `exchange`, as RabbitMQ's.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicPermissionConfig {
     pub user: String,
@@ -220,7 +220,7 @@ pub struct TopicPermissionConfig {
 /// A `[[policies]]` entry, field names as in RabbitMQ's definitions: the policy of
 /// highest priority whose pattern matches a queue's (or exchange's) name supplies
 /// the keys of `definition` (message-ttl, max-length, dead-letter-exchange, ...).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     pub name: String,
@@ -375,7 +375,7 @@ pub const TIMEOUT_MAX_SECS: u64 = 3600;
 /// Parsing nested tables recurses; this keeps any setting far from the stack's limit.
 pub const HEADER_DEPTH_MAX: u32 = 128;
 
-#[derive(Clone, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     pub name: String,
@@ -830,6 +830,12 @@ impl Config {
                 reason: problem.reason,
             },
         }
+    }
+
+    /// Runs start-up's checks on a configuration built in memory (the file's with
+    /// what the management API added); the reason of the first failure.
+    pub fn check(&self) -> Result<(), String> {
+        self.validate().map_err(|p| p.reason)
     }
 
     fn validate(&self) -> Result<(), Problem> {

@@ -7,6 +7,7 @@ pub mod declare;
 pub mod definitions;
 pub mod disk;
 pub mod error;
+pub mod live;
 pub mod management;
 pub mod model;
 pub mod protocol;

@@ -616,3 +616,113 @@ async fn a_disk_alarm_fails_the_alarm_checks_and_shows_in_nodes() {
     assert!(nodes[0]["disk_free"].as_u64().unwrap() > 0);
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_permissions_and_policies_made_through_the_api_apply_now_and_after_a_restart() {
+    let data = common::temp_data_dir();
+    let text = CONFIG.replace("DATA", &data.display().to_string());
+    let start = || async {
+        let config = warrenmq::Config::parse(&text, "management.toml").expect("valid");
+        warrenmq::start(config).await.expect("starts")
+    };
+    let b = start().await;
+    let api = b.management_addrs()[0];
+    let ops_url = |b: &warrenmq::BrokerHandle| format!("amqp://ops:s3cret@{}/%2f", b.local_addr());
+
+    let (status, _) = send(
+        api,
+        "PUT",
+        "/api/users/ops",
+        r#"{"password":"s3cret","tags":"management"}"#,
+        "",
+    )
+    .await;
+    assert_eq!(status, 201);
+    // No permissions in "/" yet: the vhost is refused.
+    let refused = lapin::Connection::connect(&ops_url(&b), Default::default()).await;
+    assert!(format!("{:?}", refused.expect_err("refused"))
+        .contains("access to vhost '/' refused for user 'ops'"));
+    let (status, _) = send(
+        api,
+        "PUT",
+        "/api/permissions/%2F/ops",
+        r#"{"configure":".*","write":".*","read":".*"}"#,
+        "",
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, _) = send(
+        api,
+        "PUT",
+        "/api/policies/%2F/cap",
+        r#"{"pattern":"^capped$","definition":{"max-length":1},"apply-to":"queues"}"#,
+        "",
+    )
+    .await;
+    assert_eq!(status, 201);
+
+    let capped = |b: &warrenmq::BrokerHandle| {
+        let url = ops_url(b);
+        async move {
+            let conn = support::connect_url(&url).await;
+            let ch = support::channel(&conn).await;
+            support::ok(
+                "queue.declare",
+                ch.queue_declare(
+                    "capped".into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                ),
+            )
+            .await;
+            for body in ["1", "2", "3"] {
+                support::publish(&ch, "", "capped", body.as_bytes()).await;
+            }
+            let left = support::drain(&ch, "capped").await;
+            conn.close(200, "bye".into()).await.unwrap();
+            left
+        }
+    };
+    assert_eq!(capped(&b).await, vec!["3"]);
+
+    // What the configuration file defines stays the file's.
+    let (status, body) = send(api, "PUT", "/api/users/guest", r#"{"password":"x"}"#, "").await;
+    assert_eq!(status, 400);
+    assert!(body["reason"]
+        .as_str()
+        .unwrap()
+        .contains("defined in the configuration file"));
+    let (status, _) = send(
+        api,
+        "PUT",
+        "/api/permissions/%2F/nobody",
+        r#"{"configure":".*","write":".*","read":".*"}"#,
+        "",
+    )
+    .await;
+    assert_eq!(status, 400, "permissions of an unknown user are refused");
+
+    // A restart keeps them.
+    b.shutdown().await;
+    let b = start().await;
+    let api = b.management_addrs()[0];
+    assert_eq!(capped(&b).await, vec!["3"]);
+    let users = get(api, "/api/users").await;
+    assert!(users
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|u| u["name"] == "ops" && u["tags"][0] == "management"));
+
+    let (status, _) = send(api, "DELETE", "/api/policies/%2F/cap", "", "").await;
+    assert_eq!(status, 204);
+    let (status, _) = send(api, "DELETE", "/api/users/ops", "", "").await;
+    assert_eq!(status, 204);
+    assert!(lapin::Connection::connect(&ops_url(&b), Default::default())
+        .await
+        .is_err());
+    b.shutdown().await;
+}

@@ -14,7 +14,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::write;
+use super::{access, write};
 use super::{authenticate, ApiError, Caller, Role};
 use crate::model::exchange::Destination;
 use crate::model::queue::{now_ms, Queue, QueueStats};
@@ -38,7 +38,23 @@ pub fn router(state: Arc<BrokerState>) -> Router {
         .route("/api/vhosts", get(vhosts))
         .route("/api/vhosts/{vhost}", get(vhost))
         .route("/api/users", get(users))
-        .route("/api/users/{name}", get(user))
+        .route(
+            "/api/users/{name}",
+            get(user).put(access::put_user).delete(access::delete_user),
+        )
+        .route(
+            "/api/permissions/{vhost}/{user}",
+            axum::routing::put(access::put_permissions).delete(access::delete_permissions),
+        )
+        .route(
+            "/api/topic-permissions/{vhost}/{user}",
+            axum::routing::put(access::put_topic_permissions)
+                .delete(access::delete_topic_permissions),
+        )
+        .route(
+            "/api/policies/{vhost}/{name}",
+            axum::routing::put(access::put_policy).delete(access::delete_policy),
+        )
         .route("/api/permissions", get(permissions))
         .route("/api/topic-permissions", get(topic_permissions))
         .route("/api/policies", get(policies))

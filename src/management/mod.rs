@@ -4,6 +4,7 @@
 //! state the AMQP side keeps (the vhosts' topology, each queue, the registry of
 //! connections) and never holds a lock a publisher needs for longer than a copy.
 
+mod access;
 mod api;
 pub mod metrics;
 mod write;

@@ -17,6 +17,11 @@ use crate::store::Store;
 pub struct BrokerState {
     /// As the broker started; `users` is the part a reload (SIGHUP) replaces.
     pub config: Config,
+    /// The configuration file as last read (without what the API added).
+    pub file_config: arc_swap::ArcSwap<Config>,
+    /// Users, permissions and policies made through the management API; held
+    /// while one is changed, so changes apply one at a time.
+    pub live: Mutex<crate::live::Live>,
     /// Free bytes in the data directory's file system at the last check.
     pub disk_free: Arc<std::sync::atomic::AtomicU64>,
     /// The configuration as last loaded (start-up or SIGHUP), for listings of
@@ -195,6 +200,26 @@ impl BrokerState {
 
     pub fn vhost_disconnected(&self, vhost: &str) {
         self.vhost_connections.remove(vhost)
+    }
+
+    /// Applies a configuration's users, permissions, topic permissions, vhost
+    /// limits and policies (SIGHUP, or a change made through the management API).
+    pub fn refresh(&self, config: &Config) {
+        self.users.store(Arc::new(config.users.clone()));
+        self.current.store(Arc::new(config.clone()));
+        self.vhost_configs.store(Arc::new(config.vhosts.clone()));
+        for v in &config.vhosts {
+            if let Some(vhost) = self.vhosts.get(&v.name) {
+                vhost.set_limits(crate::broker::vhost_limits(config, v));
+            }
+        }
+        self.permissions
+            .store(Arc::new(crate::auth::permission_table(&config.permissions)));
+        self.topic_permissions
+            .store(Arc::new(crate::auth::topic_table(
+                &config.topic_permissions,
+            )));
+        crate::declare::apply_policies(config, &self.vhosts);
     }
 
     /// Lists a connection until the returned guard is dropped.

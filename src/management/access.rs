@@ -1,0 +1,421 @@
+//! The management API's write side for users, permissions, topic permissions and
+//! policies. Changes are kept in the store (`crate::live`) and applied as a SIGHUP
+//! applies the file's: a new user logs in at once, a policy applies to existing
+//! queues at once. Entries the configuration file defines are the file's, and the
+//! API refuses to change them, naming the file.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use super::{authenticate, ApiError, Role};
+use crate::config::{Config, PermissionConfig, PolicyConfig, TopicPermissionConfig, User};
+use crate::live::Live;
+use crate::session::context::BrokerState;
+
+type St = State<Arc<BrokerState>>;
+type Peer = ConnectInfo<SocketAddr>;
+
+fn body(raw: &[u8]) -> Result<Value, ApiError> {
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Object(Default::default()));
+    }
+    serde_json::from_slice(raw).map_err(|e| ApiError::bad_request(format!("not JSON: {e}")))
+}
+
+fn text(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(Value::as_str).map(str::to_string)
+}
+
+fn file_owned(what: String) -> ApiError {
+    ApiError::bad_request(format!(
+        "{what} is defined in the configuration file: change it there (and send SIGHUP)"
+    ))
+}
+
+/// Applies one change to what the API has made: checked as start-up checks the
+/// configuration, stored, then applied. Returns whether an entry was created.
+async fn change(
+    s: &BrokerState,
+    f: impl FnOnce(&mut Live, &Config) -> Result<bool, ApiError>,
+) -> Result<bool, ApiError> {
+    let created = {
+        let mut live = s.live.lock().unwrap_or_else(|p| p.into_inner());
+        let file = s.file_config.load();
+        let mut next = live.clone();
+        let created = f(&mut next, &file)?;
+        let joined = next.join(&file);
+        joined.check().map_err(ApiError::bad_request)?;
+        next.save(&*s.store).map_err(ApiError::internal)?;
+        *live = next;
+        s.refresh(&joined);
+        created
+    };
+    s.store
+        .synced()
+        .await
+        .map_err(|e| ApiError::internal(format!("store failure: {e}")))?;
+    Ok(created)
+}
+
+/// Policies are for administrators and policymakers (not monitoring users).
+fn may_set_policies(c: &super::Caller) -> Result<(), ApiError> {
+    let tagged = |t: &str| c.user.tags.iter().any(|x| x == t);
+    if tagged("administrator") || tagged("policymaker") {
+        Ok(())
+    } else {
+        Err(ApiError::not_authorised("Not policymaker user"))
+    }
+}
+
+fn created_or_updated(created: bool) -> Response {
+    if created {
+        StatusCode::CREATED.into_response()
+    } else {
+        StatusCode::NO_CONTENT.into_response()
+    }
+}
+
+/// RabbitMQ's tags: "a,b" or a list.
+fn tags(v: Option<&Value>) -> Vec<String> {
+    match v {
+        Some(Value::String(s)) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string)
+            .collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+pub async fn put_user(
+    State(s): St,
+    ConnectInfo(p): Peer,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    raw: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let c = authenticate(&s, &h, p).await?;
+    c.require(Role::Administrator)?;
+    let b = body(&raw)?;
+    let (hash, algorithm) = match (text(&b, "password"), text(&b, "password_hash")) {
+        (Some(password), _) => {
+            let salt = crate::auth::random_salt()
+                .map_err(|e| ApiError::internal(format!("no random salt: {e}")))?;
+            (
+                crate::auth::hash_password(password.as_bytes(), salt),
+                "rabbit_password_hashing_sha256".to_string(),
+            )
+        }
+        (None, Some(hash)) => (
+            hash,
+            text(&b, "hashing_algorithm")
+                .unwrap_or_else(|| "rabbit_password_hashing_sha256".into()),
+        ),
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "Must specify password or password_hash".into(),
+            ))
+        }
+    };
+    let user = User {
+        name: name.clone(),
+        password: None,
+        password_hash: Some(hash),
+        hashing_algorithm: algorithm,
+        tags: tags(b.get("tags")),
+        loopback_only: false,
+        vhosts: Vec::new(),
+        max_connections: None,
+        max_channels: None,
+    };
+    let created = change(&s, |live, file| {
+        if file.users.iter().any(|u| u.name == name) {
+            return Err(file_owned(format!("user '{name}'")));
+        }
+        match live.users.iter_mut().find(|u| u.name == name) {
+            Some(u) => {
+                *u = user;
+                Ok(false)
+            }
+            None => {
+                live.users.push(user);
+                Ok(true)
+            }
+        }
+    })
+    .await?;
+    Ok(created_or_updated(created))
+}
+
+pub async fn delete_user(
+    State(s): St,
+    ConnectInfo(p): Peer,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let c = authenticate(&s, &h, p).await?;
+    c.require(Role::Administrator)?;
+    change(&s, |live, file| {
+        if file.users.iter().any(|u| u.name == name) {
+            return Err(file_owned(format!("user '{name}'")));
+        }
+        let before = live.users.len();
+        live.users.retain(|u| u.name != name);
+        if live.users.len() == before {
+            return Err(ApiError::not_found());
+        }
+        live.permissions.retain(|p| p.user != name);
+        live.topic_permissions.retain(|p| p.user != name);
+        Ok(false)
+    })
+    .await?;
+    // As RabbitMQ: a deleted user's connections are closed.
+    for conn in s.connections() {
+        if conn.user() == name {
+            conn.request_close(format!("user '{name}' is deleted"));
+        }
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub async fn put_permissions(
+    State(s): St,
+    ConnectInfo(p): Peer,
+    h: HeaderMap,
+    Path((vhost, user)): Path<(String, String)>,
+    raw: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let c = authenticate(&s, &h, p).await?;
+    c.require(Role::Administrator)?;
+    let b = body(&raw)?;
+    let entry = PermissionConfig {
+        user: user.clone(),
+        vhost: vhost.clone(),
+        configure: text(&b, "configure").unwrap_or_default(),
+        write: text(&b, "write").unwrap_or_default(),
+        read: text(&b, "read").unwrap_or_default(),
+    };
+    let created = change(&s, |live, file| {
+        if file
+            .permissions
+            .iter()
+            .any(|p| p.user == user && p.vhost == vhost)
+        {
+            return Err(file_owned(format!(
+                "the permissions of user '{user}' in vhost '{vhost}'"
+            )));
+        }
+        match live
+            .permissions
+            .iter_mut()
+            .find(|p| p.user == user && p.vhost == vhost)
+        {
+            Some(p) => {
+                *p = entry;
+                Ok(false)
+            }
+            None => {
+                live.permissions.push(entry);
+                Ok(true)
+            }
+        }
+    })
+    .await?;
+    Ok(created_or_updated(created))
+}
+
+pub async fn delete_permissions(
+    State(s): St,
+    ConnectInfo(p): Peer,
+    h: HeaderMap,
+    Path((vhost, user)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let c = authenticate(&s, &h, p).await?;
+    c.require(Role::Administrator)?;
+    change(&s, |live, file| {
+        if file
+            .permissions
+            .iter()
+            .any(|p| p.user == user && p.vhost == vhost)
+        {
+            return Err(file_owned(format!(
+                "the permissions of user '{user}' in vhost '{vhost}'"
+            )));
+        }
+        let before = live.permissions.len();
+        live.permissions
+            .retain(|p| !(p.user == user && p.vhost == vhost));
+        if live.permissions.len() == before {
+            return Err(ApiError::not_found());
+        }
+        Ok(false)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub async fn put_topic_permissions(
+    State(s): St,
+    ConnectInfo(p): Peer,
+    h: HeaderMap,
+    Path((vhost, user)): Path<(String, String)>,
+    raw: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let c = authenticate(&s, &h, p).await?;
+    c.require(Role::Administrator)?;
+    let b = body(&raw)?;
+    let Some(exchange) = text(&b, "exchange") else {
+        return Err(ApiError::bad_request("exchange is required".into()));
+    };
+    let entry = TopicPermissionConfig {
+        user: user.clone(),
+        vhost: vhost.clone(),
+        exchange: exchange.clone(),
+        write: text(&b, "write").unwrap_or_default(),
+        read: text(&b, "read").unwrap_or_default(),
+    };
+    let same = move |p: &TopicPermissionConfig| {
+        p.user == user && p.vhost == vhost && p.exchange == exchange
+    };
+    let created = change(&s, |live, file| {
+        if file.topic_permissions.iter().any(&same) {
+            return Err(file_owned("these topic permissions".into()));
+        }
+        match live.topic_permissions.iter_mut().find(|p| same(p)) {
+            Some(p) => {
+                *p = entry;
+                Ok(false)
+            }
+            None => {
+                live.topic_permissions.push(entry);
+                Ok(true)
+            }
+        }
+    })
+    .await?;
+    Ok(created_or_updated(created))
+}
+
+pub async fn delete_topic_permissions(
+    State(s): St,
+    ConnectInfo(p): Peer,
+    h: HeaderMap,
+    Path((vhost, user)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let c = authenticate(&s, &h, p).await?;
+    c.require(Role::Administrator)?;
+    change(&s, |live, _| {
+        let before = live.topic_permissions.len();
+        live.topic_permissions
+            .retain(|p| !(p.user == user && p.vhost == vhost));
+        if live.topic_permissions.len() == before {
+            return Err(ApiError::not_found());
+        }
+        Ok(false)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub async fn put_policy(
+    State(s): St,
+    ConnectInfo(p): Peer,
+    h: HeaderMap,
+    Path((vhost, name)): Path<(String, String)>,
+    raw: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let c = authenticate(&s, &h, p).await?;
+    may_set_policies(&c)?;
+    if !c.sees_vhost(&s, &vhost) {
+        return Err(ApiError::not_authorised("Access refused."));
+    }
+    let b = body(&raw)?;
+    let Some(pattern) = text(&b, "pattern") else {
+        return Err(ApiError::bad_request("pattern is required".into()));
+    };
+    let definition: toml::Table = match b.get("definition") {
+        Some(d) => serde_json::from_value(d.clone())
+            .map_err(|e| ApiError::bad_request(format!("definition: {e}")))?,
+        None => return Err(ApiError::bad_request("definition is required".into())),
+    };
+    let priority = match b.get("priority") {
+        Some(Value::Number(n)) => n.as_i64().unwrap_or(0),
+        Some(Value::String(s)) => s.trim().parse().unwrap_or(0),
+        _ => 0,
+    };
+    let entry = PolicyConfig {
+        name: name.clone(),
+        vhost: vhost.clone(),
+        pattern,
+        apply_to: text(&b, "apply-to").unwrap_or_else(|| "all".into()),
+        priority,
+        definition,
+    };
+    let created = change(&s, |live, file| {
+        if file
+            .policies
+            .iter()
+            .any(|p| p.name == name && p.vhost == vhost)
+        {
+            return Err(file_owned(format!("policy '{name}' in vhost '{vhost}'")));
+        }
+        match live
+            .policies
+            .iter_mut()
+            .find(|p| p.name == name && p.vhost == vhost)
+        {
+            Some(p) => {
+                *p = entry;
+                Ok(false)
+            }
+            None => {
+                live.policies.push(entry);
+                Ok(true)
+            }
+        }
+    })
+    .await?;
+    Ok(created_or_updated(created))
+}
+
+pub async fn delete_policy(
+    State(s): St,
+    ConnectInfo(p): Peer,
+    h: HeaderMap,
+    Path((vhost, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let c = authenticate(&s, &h, p).await?;
+    may_set_policies(&c)?;
+    if !c.sees_vhost(&s, &vhost) {
+        return Err(ApiError::not_authorised("Access refused."));
+    }
+    change(&s, |live, file| {
+        if file
+            .policies
+            .iter()
+            .any(|p| p.name == name && p.vhost == vhost)
+        {
+            return Err(file_owned(format!("policy '{name}' in vhost '{vhost}'")));
+        }
+        let before = live.policies.len();
+        live.policies
+            .retain(|p| !(p.name == name && p.vhost == vhost));
+        if live.policies.len() == before {
+            return Err(ApiError::not_found());
+        }
+        Ok(false)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
