@@ -17,6 +17,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// "text" (default) or "json": one JSON object per line, with the span fields
+    /// (connection id, peer) of each event, for log shippers.
+    #[serde(default)]
+    pub log_format: LogFormat,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -179,6 +183,14 @@ impl std::fmt::Debug for Origin {
             .field("definitions", &self.definitions)
             .finish()
     }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
