@@ -81,6 +81,10 @@ refused "an inequivalent redeclare is refused" "inequivalent arg 'type'" declare
 check "delete binding" "binding deleted" delete binding source="$X" destination_type=queue destination="$Q" properties_key="a.%23"
 check "delete queue" "queue deleted" delete queue name="$Q"
 check "delete exchange" "exchange deleted" delete exchange name="$X"
+V="interop-admin-vhost-$$"
+check "declare vhost" "vhost declared" declare vhost name="$V"
+check "list vhosts shows it" "$V" list vhosts name
+check "delete vhost" "vhost deleted" delete vhost name="$V"
 U="interop-admin-user-$$"
 check "declare user" "user declared" declare user name="$U" password=pw tags=monitoring
 check "declare permission" "permission declared" declare permission vhost=/ user="$U" configure='.*' write='.*' read='.*'

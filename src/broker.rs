@@ -96,10 +96,7 @@ impl BrokerHandle {
             later.push("[limits]");
         }
         let vhosts_changed = config.vhosts.len() != old.vhosts.len()
-            || config
-                .vhosts
-                .iter()
-                .any(|v| !state.vhosts.contains_key(&v.name));
+            || config.vhosts.iter().any(|v| state.vhost(&v.name).is_none());
         if vhosts_changed {
             later.push("[[vhosts]]");
         }
@@ -116,9 +113,10 @@ impl BrokerHandle {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             let before = created.clone();
-            let counts = crate::declare::apply_live(&config, &state.vhosts, &mut created);
+            let vhosts = state.vhost_map();
+            let counts = crate::declare::apply_live(&config, &vhosts, &mut created);
             if config.prune {
-                crate::declare::prune(&config, &state.vhosts, &mut created);
+                crate::declare::prune(&config, &vhosts, &mut created);
             }
             if *created != before {
                 created.save(&*state.store);
@@ -333,7 +331,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         store: store.clone(),
         gauge,
         config,
-        vhosts,
+        vhosts: arc_swap::ArcSwap::from_pointee(vhosts),
         login_throttle: LoginThrottle::default(),
         next_connection: AtomicU64::new(0),
         open_connections: Default::default(),
@@ -407,9 +405,12 @@ fn recover(config: &Config, gauge: &Arc<MemoryGauge>) -> Result<Recovery, StoreE
     let thread = sled.take_thread();
     let store: Arc<dyn Store> = sled;
     let (exchanges, queues, bindings) = (store.exchanges()?, store.queues()?, store.bindings()?);
+    // Vhosts the management API made are recovered with the file's.
+    let live = crate::live::Live::load(&*store);
+    let joined = live.join(config);
     let mut vhosts = HashMap::new();
     let (mut nq, mut nm, mut skipped) = (0, 0, 0);
-    for v in &config.vhosts {
+    for v in &joined.vhosts {
         let vhost = Arc::new(Vhost::new(
             &v.name,
             Some(store.clone()),
@@ -424,7 +425,6 @@ fn recover(config: &Config, gauge: &Arc<MemoryGauge>) -> Result<Recovery, StoreE
         vhosts.insert(v.name.clone(), vhost);
     }
     let created = crate::declare::Created::load(&*store);
-    let live = crate::live::Live::load(&*store);
     Ok(Recovery {
         store,
         thread,

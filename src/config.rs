@@ -442,7 +442,7 @@ fn default_hashing() -> String {
     "rabbit_password_hashing_sha256".into()
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VhostConfig {
     pub name: String,

@@ -7,13 +7,17 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, PermissionConfig, PolicyConfig, TopicPermissionConfig, User};
+use crate::config::{
+    Config, PermissionConfig, PolicyConfig, TopicPermissionConfig, User, VhostConfig,
+};
 use crate::store::Store;
 
 const NOTE: &str = "live-definitions";
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Live {
+    #[serde(default)]
+    pub vhosts: Vec<VhostConfig>,
     #[serde(default)]
     pub users: Vec<User>,
     #[serde(default)]
@@ -52,6 +56,11 @@ impl Live {
     /// the API's copy is left out, with a warning.
     pub fn join(&self, file: &Config) -> Config {
         let mut c = file.clone();
+        for v in &self.vhosts {
+            if !file.vhosts.iter().any(|f| f.name == v.name) {
+                c.vhosts.push(v.clone());
+            }
+        }
         for u in &self.users {
             if file.users.iter().any(|f| f.name == u.name) {
                 tracing::warn!("user '{}' is in the configuration file now; the one made through the management API is ignored", u.name);

@@ -116,27 +116,6 @@ async fn ctl(url: &str, args: &[&str]) -> Run {
     ctl_with(url, args, b"").await
 }
 
-/// The reply code and text a connection will be closed with, as its client sees them.
-fn closing_error(conn: &lapin::Connection) -> tokio::task::JoinHandle<(u16, String)> {
-    use futures_lite::StreamExt;
-    let mut events = Box::pin(conn.events_listener());
-    tokio::spawn(async move {
-        let wait = async {
-            while let Some(event) = events.next().await {
-                if let lapin::Event::Error(e) = event {
-                    if let lapin::ErrorKind::ProtocolError(p) = e.kind() {
-                        return (p.get_id(), p.get_message().as_str().to_string());
-                    }
-                }
-            }
-            panic!("the connection's events ended without an error");
-        };
-        tokio::time::timeout(support::WAIT, wait)
-            .await
-            .expect("the connection is closed")
-    })
-}
-
 /// Runs the tool until it prints `expected` (for what the broker does after answering).
 async fn wait_for(url: &str, args: &[&str], expected: &str) {
     let mut last = String::new();
@@ -454,7 +433,7 @@ async fn closing_connections_reaches_the_clients() {
     let url = api_url(&b);
     let amqp = format!("amqp://guest:guest@{}/%2f", b.local_addr());
     let conn = support::connect_url(&amqp).await;
-    let closed = closing_error(&conn);
+    let closed = support::closing_error(&conn);
 
     let run = ctl(&url, &["-s", "list_connections", "name"]).await;
     let names = run.ok().lines();
@@ -477,7 +456,7 @@ async fn closing_connections_reaches_the_clients() {
     wait_for(&url, &["-s", "list_connections", "name"], "").await;
     let a = support::connect_url(&amqp).await;
     let b2 = support::connect_url(&amqp).await;
-    let (a_closed, b2_closed) = (closing_error(&a), closing_error(&b2));
+    let (a_closed, b2_closed) = (support::closing_error(&a), support::closing_error(&b2));
     let run = ctl(&url, &["close_all_connections", "bye"]).await;
     assert!(
         run.ok().stdout.contains("Closed 2 connection(s)"),

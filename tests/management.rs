@@ -508,18 +508,14 @@ async fn topology_and_messages_change_through_the_api_as_through_amqp() {
         "/api/connections/{}",
         name.replace(' ', "%20").replace('>', "%3E")
     );
+    let closed = support::closing_error(&conn);
     let (status, _) = send(api, "DELETE", &path, "", "x-reason: maintenance\r\n").await;
     assert_eq!(status, 204);
-    let closed = support::amqp_err(
-        "queue.declare",
-        ch.queue_declare(
-            "after".into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await;
-    assert_eq!(closed, (320, "CONNECTION_FORCED - maintenance".to_string()));
+    assert_eq!(
+        closed.await.unwrap(),
+        (320, "CONNECTION_FORCED - maintenance".to_string())
+    );
+    drop(ch);
     b.shutdown().await;
 }
 
@@ -724,5 +720,95 @@ async fn users_permissions_and_policies_made_through_the_api_apply_now_and_after
     assert!(lapin::Connection::connect(&ops_url(&b), Default::default())
         .await
         .is_err());
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vhosts_made_through_the_api_serve_clients_survive_a_restart_and_delete_cleanly() {
+    let data = common::temp_data_dir();
+    let text = CONFIG.replace("DATA", &data.display().to_string());
+    let start = || async {
+        let config = warrenmq::Config::parse(&text, "management.toml").expect("valid");
+        warrenmq::start(config).await.expect("starts")
+    };
+    let b = start().await;
+    let api = b.management_addrs()[0];
+    let url = |b: &warrenmq::BrokerHandle| format!("amqp://guest:guest@{}/staging", b.local_addr());
+
+    let (status, _) = send(api, "PUT", "/api/vhosts/staging", "", "").await;
+    assert_eq!(status, 201);
+    let (status, _) = send(api, "PUT", "/api/vhosts/staging", "", "").await;
+    assert_eq!(status, 204);
+    let (status, _) = send(
+        api,
+        "PUT",
+        "/api/permissions/staging/guest",
+        r#"{"configure":".*","write":".*","read":".*"}"#,
+        "",
+    )
+    .await;
+    assert_eq!(status, 201);
+    let conn = support::connect_url(&url(&b)).await;
+    let ch = support::channel(&conn).await;
+    support::ok(
+        "queue.declare",
+        ch.queue_declare(
+            "kept".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    support::confirm_mode(&ch).await;
+    support::publish_props(
+        &ch,
+        "",
+        "kept",
+        b"survives",
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await;
+    support::ok("confirms", ch.wait_for_confirms()).await;
+    drop(conn);
+    b.shutdown().await;
+
+    // After a restart the vhost, its permissions and its persistent message are there.
+    let b = start().await;
+    let api = b.management_addrs()[0];
+    let conn = support::connect_url(&url(&b)).await;
+    let ch = support::channel(&conn).await;
+    assert_eq!(support::counts(&ch, "kept").await.0, 1);
+
+    // Deleting it closes its connections and removes its queues from the store.
+    let closed = support::closing_error(&conn);
+    let (status, _) = send(api, "DELETE", "/api/vhosts/staging", "", "").await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        closed.await.unwrap(),
+        (
+            320,
+            "CONNECTION_FORCED - vhost 'staging' is deleted".to_string()
+        )
+    );
+    drop(ch);
+    let (status, _) = http(api, "GET", "/api/vhosts/staging", Some(("guest", "guest"))).await;
+    assert_eq!(status, 404);
+    let (status, _) = send(api, "DELETE", "/api/vhosts/%2F", "", "").await;
+    assert_eq!(status, 400, "the file's vhost stays");
+    b.shutdown().await;
+
+    // Made again, it starts empty: nothing of the deleted one was left on disk.
+    let b = start().await;
+    let api = b.management_addrs()[0];
+    assert!(lapin::Connection::connect(&url(&b), Default::default())
+        .await
+        .is_err());
+    let (status, _) = send(api, "PUT", "/api/vhosts/staging", "", "").await;
+    assert_eq!(status, 201);
+    let queues = get(api, "/api/queues/staging").await;
+    assert_eq!(queues, serde_json::json!([]));
     b.shutdown().await;
 }

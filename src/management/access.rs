@@ -419,3 +419,72 @@ pub async fn delete_policy(
     .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
+
+pub async fn put_vhost(
+    State(s): St,
+    ConnectInfo(p): Peer,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let c = authenticate(&s, &h, p).await?;
+    c.require(Role::Administrator)?;
+    if name.is_empty() {
+        return Err(ApiError::bad_request("a vhost needs a name".into()));
+    }
+    if s.vhost(&name).is_some() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    // Kept first, so that a vhost that exists is always one the store knows.
+    let created = change(&s, |live, file| {
+        if file.vhosts.iter().any(|v| v.name == name) {
+            return Err(file_owned(format!("vhost '{name}'")));
+        }
+        if live.vhosts.iter().any(|v| v.name == name) {
+            return Ok(false);
+        }
+        live.vhosts.push(crate::config::VhostConfig {
+            name: name.clone(),
+            max_connections: None,
+            max_queues: None,
+        });
+        Ok(true)
+    })
+    .await?;
+    s.add_vhost(&name)
+        .await
+        .map_err(|e| ApiError::internal(format!("vhost '{name}' could not be started: {e}")))?;
+    // Its limits and the policies that name it apply now that it exists.
+    s.refresh(&s.current.load());
+    Ok(created_or_updated(created))
+}
+
+pub async fn delete_vhost(
+    State(s): St,
+    ConnectInfo(p): Peer,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let c = authenticate(&s, &h, p).await?;
+    c.require(Role::Administrator)?;
+    change(&s, |live, file| {
+        if file.vhosts.iter().any(|v| v.name == name) {
+            return Err(file_owned(format!("vhost '{name}'")));
+        }
+        let before = live.vhosts.len();
+        live.vhosts.retain(|v| v.name != name);
+        if live.vhosts.len() == before {
+            return Err(ApiError::not_found());
+        }
+        live.permissions.retain(|p| p.vhost != name);
+        live.topic_permissions.retain(|p| p.vhost != name);
+        live.policies.retain(|p| p.vhost != name);
+        Ok(false)
+    })
+    .await?;
+    s.remove_vhost(&name);
+    s.store
+        .synced()
+        .await
+        .map_err(|e| ApiError::internal(format!("store failure: {e}")))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -36,7 +36,12 @@ pub fn router(state: Arc<BrokerState>) -> Router {
         .route("/api/whoami", get(whoami))
         .route("/api/nodes", get(nodes))
         .route("/api/vhosts", get(vhosts))
-        .route("/api/vhosts/{vhost}", get(vhost))
+        .route(
+            "/api/vhosts/{vhost}",
+            get(vhost)
+                .put(access::put_vhost)
+                .delete(access::delete_vhost),
+        )
         .route("/api/users", get(users))
         .route(
             "/api/users/{name}",
@@ -269,26 +274,27 @@ fn queue_json(vhost: &str, q: &Arc<Queue>, stats: &QueueStats, unacked: (u64, u6
 }
 
 /// The vhosts the caller may see, in name order.
-fn visible<'a>(state: &'a BrokerState, c: &Caller) -> Vec<(&'a String, &'a Arc<Vhost>)> {
+fn visible(state: &BrokerState, c: &Caller) -> Vec<(String, Arc<Vhost>)> {
     let mut v: Vec<_> = state
-        .vhosts
+        .vhost_map()
         .iter()
         .filter(|(name, _)| c.sees_vhost(state, name))
+        .map(|(n, v)| (n.clone(), v.clone()))
         .collect();
-    v.sort_by(|a, b| a.0.cmp(b.0));
+    v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
 
 /// The named vhost if the caller may see it; 404 otherwise, as RabbitMQ.
-fn one<'a>(state: &'a BrokerState, c: &Caller, name: &str) -> Result<&'a Arc<Vhost>, ApiError> {
-    match state.vhosts.get(name) {
+fn one(state: &BrokerState, c: &Caller, name: &str) -> Result<Arc<Vhost>, ApiError> {
+    match state.vhost(name) {
         Some(v) if c.sees_vhost(state, name) => Ok(v),
         Some(_) => Err(ApiError::not_authorised("Access refused.")),
         None => Err(ApiError::not_found()),
     }
 }
 
-fn queues_of(vhosts: &[(&String, &Arc<Vhost>)], unacked: &Unacked) -> Vec<Value> {
+fn queues_of(vhosts: &[(String, Arc<Vhost>)], unacked: &Unacked) -> Vec<Value> {
     let mut out = Vec::new();
     for (name, v) in vhosts {
         let t = v.topology();
@@ -318,7 +324,7 @@ async fn queues_in(
     let c = caller(&s, &h, p).await?;
     let v = one(&s, &c, &vhost)?;
     Ok(Json(Value::Array(queues_of(
-        &[(&vhost, v)],
+        &[(vhost.clone(), v.clone())],
         &Unacked::gather(&s),
     ))))
 }
@@ -360,7 +366,7 @@ fn exchange_json(vhost: &str, x: &crate::model::exchange::ExchangeDef) -> Value 
     })
 }
 
-fn exchanges_of(vhosts: &[(&String, &Arc<Vhost>)]) -> Vec<Value> {
+fn exchanges_of(vhosts: &[(String, Arc<Vhost>)]) -> Vec<Value> {
     let mut out = Vec::new();
     for (name, v) in vhosts {
         // The default exchange is listed first, as RabbitMQ lists it.
@@ -390,7 +396,10 @@ async fn exchanges_in(
 ) -> Reply {
     let c = caller(&s, &h, p).await?;
     let v = one(&s, &c, &vhost)?;
-    Ok(Json(Value::Array(exchanges_of(&[(&vhost, v)]))))
+    Ok(Json(Value::Array(exchanges_of(&[(
+        vhost.clone(),
+        v.clone(),
+    )]))))
 }
 
 async fn exchange(
@@ -402,7 +411,9 @@ async fn exchange(
     let c = caller(&s, &h, p).await?;
     let v = one(&s, &c, &vhost)?;
     if name.is_empty() || name == "amq.default" {
-        return Ok(Json(exchanges_of(&[(&vhost, v)]).swap_remove(0)));
+        return Ok(Json(
+            exchanges_of(&[(vhost.clone(), v.clone())]).swap_remove(0),
+        ));
     }
     let t = v.topology();
     let x = t.exchange(&name).ok_or_else(ApiError::not_found)?;
@@ -430,7 +441,7 @@ pub(super) fn properties_key(key: &str, args: &FieldTable) -> String {
     out
 }
 
-fn bindings_of(vhosts: &[(&String, &Arc<Vhost>)]) -> Vec<Value> {
+fn bindings_of(vhosts: &[(String, Arc<Vhost>)]) -> Vec<Value> {
     let mut out = Vec::new();
     for (name, v) in vhosts {
         // Every queue's implicit binding to the default exchange comes first.
@@ -477,7 +488,10 @@ async fn bindings_in(
 ) -> Reply {
     let c = caller(&s, &h, p).await?;
     let v = one(&s, &c, &vhost)?;
-    Ok(Json(Value::Array(bindings_of(&[(&vhost, v)]))))
+    Ok(Json(Value::Array(bindings_of(&[(
+        vhost.clone(),
+        v.clone(),
+    )]))))
 }
 
 /// The connections the caller may see: all for monitoring and administrators,
@@ -610,7 +624,7 @@ fn consumer_json(
     })
 }
 
-fn consumers_of(s: &BrokerState, vhosts: &[(&String, &Arc<Vhost>)]) -> Vec<Value> {
+fn consumers_of(s: &BrokerState, vhosts: &[(String, Arc<Vhost>)]) -> Vec<Value> {
     let mut out = Vec::new();
     for (name, v) in vhosts {
         let t = v.topology();
@@ -638,11 +652,14 @@ async fn consumers_in(
 ) -> Reply {
     let c = caller(&s, &h, p).await?;
     let v = one(&s, &c, &vhost)?;
-    Ok(Json(Value::Array(consumers_of(&s, &[(&vhost, v)]))))
+    Ok(Json(Value::Array(consumers_of(
+        &s,
+        &[(vhost.clone(), v.clone())],
+    ))))
 }
 
 /// Ready and unacknowledged messages over the given vhosts.
-fn totals(vhosts: &[(&String, &Arc<Vhost>)], unacked: &Unacked) -> (u64, u64, usize, usize, usize) {
+fn totals(vhosts: &[(String, Arc<Vhost>)], unacked: &Unacked) -> (u64, u64, usize, usize, usize) {
     let (mut ready, mut un, mut queues, mut consumers, mut exchanges) = (0, 0, 0, 0, 0);
     for (_, v) in vhosts {
         let t = v.topology();
@@ -725,7 +742,7 @@ async fn nodes(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
 }
 
 fn vhost_json(name: &str, v: &Arc<Vhost>, unacked: &Unacked) -> Value {
-    let (ready, un, ..) = totals(&[(&name.to_string(), v)], unacked);
+    let (ready, un, ..) = totals(&[(name.to_string(), v.clone())], unacked);
     json!({
         "name": name,
         "description": "",
@@ -746,7 +763,7 @@ async fn vhosts(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
     Ok(Json(Value::Array(
         visible(&s, &c)
             .into_iter()
-            .map(|(n, v)| vhost_json(n, v, &unacked))
+            .map(|(n, v)| vhost_json(&n, &v, &unacked))
             .collect(),
     )))
 }
@@ -759,7 +776,7 @@ async fn vhost(
 ) -> Reply {
     let c = caller(&s, &h, p).await?;
     let v = one(&s, &c, &name)?;
-    Ok(Json(vhost_json(&name, v, &Unacked::gather(&s))))
+    Ok(Json(vhost_json(&name, &v, &Unacked::gather(&s))))
 }
 
 fn user_json(u: &crate::config::User) -> Value {
@@ -891,7 +908,7 @@ async fn definitions(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply 
         queues: Vec::new(),
         bindings: Vec::new(),
     };
-    for (vname, v) in &s.vhosts {
+    for (vname, v) in s.vhost_map().iter() {
         let t = v.topology();
         for x in t.exchanges() {
             let d = &x.def;

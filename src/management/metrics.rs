@@ -233,7 +233,8 @@ fn render(s: &BrokerState, per_object: bool) -> String {
         consumers: u64,
     }
     let mut rows = Vec::new();
-    let mut vhosts: Vec<_> = s.vhosts.iter().collect();
+    let map = s.vhost_map();
+    let mut vhosts: Vec<_> = map.iter().collect();
     vhosts.sort_by(|a, b| a.0.cmp(b.0));
     for (vname, v) in vhosts {
         let t = v.topology();

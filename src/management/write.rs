@@ -50,7 +50,7 @@ fn permitted(
     vhost: &str,
     access: &[(Access, &str, &str)],
 ) -> Result<Arc<Vhost>, ApiError> {
-    let v = s.vhosts.get(vhost).ok_or_else(ApiError::not_found)?;
+    let v = s.vhost(vhost).ok_or_else(ApiError::not_found)?;
     let key = (c.user.name.clone(), vhost.to_string());
     let table = s.permissions.load();
     let perms = match table.get(&key) {
@@ -73,7 +73,7 @@ fn permitted(
             )));
         }
     }
-    Ok(v.clone())
+    Ok(v)
 }
 
 /// JSON arguments as AMQP field values, as the configuration file's are converted.
@@ -644,7 +644,7 @@ pub async fn bindings_between(
     if !c.sees_vhost(&s, &vhost) {
         return Err(ApiError::not_authorised("Access refused."));
     }
-    let v = s.vhosts.get(&vhost).ok_or_else(ApiError::not_found)?;
+    let v = s.vhost(&vhost).ok_or_else(ApiError::not_found)?;
     let destination = destination(&kind, &dest)?;
     let dest_kind = if kind == "q" { "queue" } else { "exchange" };
     let list: Vec<Value> = v

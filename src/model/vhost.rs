@@ -236,6 +236,43 @@ impl Vhost {
         Ok(Applied { outcome, durable })
     }
 
+    /// Deletes every queue (their messages with them, consumers told) and every
+    /// exchange but the predeclared ones: the vhost is being deleted.
+    pub fn delete_everything(&self) {
+        let t = self.topology();
+        let queues: Vec<Arc<str>> = t.queues.keys().cloned().collect();
+        let exchanges: Vec<Arc<str>> = t
+            .exchanges
+            .keys()
+            .filter(|n| !n.starts_with("amq."))
+            .cloned()
+            .collect();
+        drop(t);
+        for name in queues {
+            let change = Change::DeleteQueue {
+                name: name.to_string(),
+                if_unused: false,
+                if_empty: false,
+            };
+            if let Ok(Applied {
+                outcome: Outcome::QueueDeleted { cancellations, .. },
+                ..
+            }) = self.apply(change, Actor::Operator)
+            {
+                cancellations.notify();
+            }
+        }
+        for name in exchanges {
+            let _ = self.apply(
+                Change::DeleteExchange {
+                    name: name.to_string(),
+                    if_unused: false,
+                },
+                Actor::Operator,
+            );
+        }
+    }
+
     /// Every binding in this vhost (a snapshot, for listings).
     pub fn bindings(&self) -> Vec<(Arc<str>, Destination, Arc<str>, FieldTable)> {
         self.lock_writer().bindings.all()

@@ -33,7 +33,9 @@ pub struct BrokerState {
     pub permissions: arc_swap::ArcSwap<crate::auth::PermissionTable>,
     /// Topic permissions per (user, vhost), replaced whole on reload.
     pub topic_permissions: arc_swap::ArcSwap<crate::auth::TopicTable>,
-    pub vhosts: HashMap<String, Arc<Vhost>>,
+    /// The vhosts by name; replaced whole when one is added or deleted (rare),
+    /// read without a lock.
+    pub vhosts: arc_swap::ArcSwap<HashMap<String, Arc<Vhost>>>,
     /// What `amqps` listeners serve with; a reload replaces it (new certificates
     /// for new connections, the open ones keep theirs).
     pub tls: arc_swap::ArcSwapOption<tokio_rustls::rustls::ServerConfig>,
@@ -202,6 +204,61 @@ impl BrokerState {
         self.vhost_connections.remove(vhost)
     }
 
+    pub fn vhost(&self, name: &str) -> Option<Arc<Vhost>> {
+        self.vhosts.load().get(name).cloned()
+    }
+
+    /// Adds a vhost made at run time (the management API), with whatever the store
+    /// holds for it from before; its limits and policies come with the next refresh.
+    pub async fn add_vhost(&self, name: &str) -> Result<Arc<Vhost>, String> {
+        let vhost = Arc::new(Vhost::new(
+            name,
+            Some(self.store.clone()),
+            self.gauge.clone(),
+            self.config.limits.queue_memory_budget as usize,
+        ));
+        // Reading the store back is disk work: off the async workers.
+        let (store, gauge, v) = (self.store.clone(), self.gauge.clone(), vhost.clone());
+        tokio::task::spawn_blocking(move || {
+            let (x, q, b) = (store.exchanges()?, store.queues()?, store.bindings()?);
+            v.recover(&x, &q, &b, &gauge).map(|_| ())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        vhost.start_housekeeping();
+        self.vhosts.rcu(|map| {
+            let mut next = (**map).clone();
+            next.insert(name.to_string(), vhost.clone());
+            next
+        });
+        Ok(vhost)
+    }
+
+    /// Removes a vhost made at run time: its connections are closed, its queues
+    /// (and their messages) and exchanges deleted from the store.
+    pub fn remove_vhost(&self, name: &str) {
+        let Some(vhost) = self.vhost(name) else {
+            return;
+        };
+        self.vhosts.rcu(|map| {
+            let mut next = (**map).clone();
+            next.remove(name);
+            next
+        });
+        for c in self.connections() {
+            if c.opened().is_some_and(|o| o.vhost == name) {
+                c.request_close(format!("vhost '{name}' is deleted"));
+            }
+        }
+        vhost.delete_everything();
+    }
+
+    /// Every vhost now.
+    pub fn vhost_map(&self) -> Arc<HashMap<String, Arc<Vhost>>> {
+        self.vhosts.load_full()
+    }
+
     /// Applies a configuration's users, permissions, topic permissions, vhost
     /// limits and policies (SIGHUP, or a change made through the management API).
     pub fn refresh(&self, config: &Config) {
@@ -209,7 +266,7 @@ impl BrokerState {
         self.current.store(Arc::new(config.clone()));
         self.vhost_configs.store(Arc::new(config.vhosts.clone()));
         for v in &config.vhosts {
-            if let Some(vhost) = self.vhosts.get(&v.name) {
+            if let Some(vhost) = self.vhost(&v.name) {
                 vhost.set_limits(crate::broker::vhost_limits(config, v));
             }
         }
@@ -219,7 +276,7 @@ impl BrokerState {
             .store(Arc::new(crate::auth::topic_table(
                 &config.topic_permissions,
             )));
-        crate::declare::apply_policies(config, &self.vhosts);
+        crate::declare::apply_policies(config, &self.vhost_map());
     }
 
     /// Lists a connection until the returned guard is dropped.

@@ -374,3 +374,24 @@ pub async fn settle(ch: &Channel) {
     let returned = ok("wait_for_confirms", ch.wait_for_confirms()).await;
     assert!(returned.is_empty(), "unexpected basic.return: {returned:?}");
 }
+
+/// The reply code and text a connection will be closed with, as its client sees them.
+pub fn closing_error(conn: &lapin::Connection) -> tokio::task::JoinHandle<(u16, String)> {
+    use futures_lite::StreamExt;
+    let mut events = Box::pin(conn.events_listener());
+    tokio::spawn(async move {
+        let wait = async {
+            while let Some(event) = events.next().await {
+                if let lapin::Event::Error(e) = event {
+                    if let lapin::ErrorKind::ProtocolError(p) = e.kind() {
+                        return (p.get_id(), p.get_message().as_str().to_string());
+                    }
+                }
+            }
+            panic!("the connection's events ended without an error");
+        };
+        tokio::time::timeout(WAIT, wait)
+            .await
+            .expect("the connection is closed")
+    })
+}

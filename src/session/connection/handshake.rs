@@ -171,7 +171,7 @@ impl Connection {
             }
         };
         let vhost_name = open.virtual_host.as_str();
-        let Some(vhost) = self.broker.vhosts.get(vhost_name).cloned() else {
+        let Some(vhost) = self.broker.vhost(vhost_name) else {
             return Err(
                 AmqpError::not_allowed(format!("vhost {vhost_name} not found"))
                     .with_method(10, 40)
