@@ -6,7 +6,6 @@
 mod common;
 mod support;
 
-use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,23 +35,10 @@ async fn the_example_topology_routes_and_guards_orders() {
     // A routing key outside the user's topic permissions closes the channel.
     let ch = support::channel(&conn).await;
     support::confirm_mode(&ch).await;
-    let refused = ch
-        .basic_publish(
-            "orders".into(),
-            "mars.1".into(),
-            BasicPublishOptions::default(),
-            b"x",
-            BasicProperties::default(),
-        )
-        .await;
-    let err = match refused {
-        Err(e) => e,
-        Ok(confirm) => confirm.await.expect_err("refused"),
-    };
-    assert!(
-        format!("{err:?}").contains("access to topic 'mars.1'"),
-        "{err:?}"
-    );
+    let (code, text) =
+        support::publish_to_refused(&ch, "orders", "mars.1", BasicProperties::default()).await;
+    assert_eq!(code, 403);
+    assert!(text.contains("access to topic 'mars.1'"), "{text}");
     drop(conn);
     broker.shutdown().await;
 }

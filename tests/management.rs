@@ -56,20 +56,45 @@ async fn broker() -> warrenmq::BrokerHandle {
     warrenmq::start(config).await.expect("starts")
 }
 
-/// One HTTP/1.1 request; returns the status and the body as JSON (Null if empty).
+/// One HTTP/1.1 request without a body; returns the status and the body as JSON
+/// (Null if empty).
 async fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
     auth: Option<(&str, &str)>,
 ) -> (u16, Value) {
+    request(addr, method, path, auth, "", "").await
+}
+
+/// One HTTP/1.1 request as guest, with a JSON body and extra header lines.
+async fn send(addr: SocketAddr, method: &str, path: &str, body: &str, extra: &str) -> (u16, Value) {
+    request(addr, method, path, Some(("guest", "guest")), body, extra).await
+}
+
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+    body: &str,
+    extra: &str,
+) -> (u16, Value) {
     use base64::Engine;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}");
     if let Some((u, p)) = auth {
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
         req.push_str(&format!("Authorization: Basic {token}\r\n"));
     }
+    if !body.is_empty() {
+        req.push_str(&format!(
+            "content-type: application/json\r\ncontent-length: {}\r\n",
+            body.len()
+        ));
+    }
     req.push_str("\r\n");
+    req.push_str(body);
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
@@ -360,36 +385,6 @@ async fn health_checks_answer_as_rabbitmqs() {
         "ok"
     );
     b.shutdown().await;
-}
-
-/// One HTTP/1.1 request with a JSON body.
-async fn send(addr: SocketAddr, method: &str, path: &str, body: &str, extra: &str) -> (u16, Value) {
-    use base64::Engine;
-    let token = base64::engine::general_purpose::STANDARD.encode("guest:guest");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Basic {token}\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

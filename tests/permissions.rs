@@ -190,30 +190,6 @@ fn a_bad_regular_expression_is_refused_at_its_line() {
     );
 }
 
-/// Publishes on a confirm-mode channel and returns the channel error it gets.
-async fn publish_to_refused(ch: &lapin::Channel, exchange: &str, key: &str) -> (u16, String) {
-    let published = ch
-        .basic_publish(
-            exchange.into(),
-            key.into(),
-            BasicPublishOptions::default(),
-            b"x",
-            BasicProperties::default(),
-        )
-        .await;
-    let err = match published {
-        Err(e) => e,
-        Ok(confirm) => match confirm.await {
-            Err(e) => e,
-            other => panic!("expected a channel error, got {other:?}"),
-        },
-    };
-    match err.kind() {
-        lapin::ErrorKind::ProtocolError(p) => (p.get_id(), p.get_message().as_str().to_string()),
-        other => panic!("expected an AMQP error, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn topic_permissions_restrict_routing_keys_on_topic_exchanges() {
     let dir = common::temp_data_dir();
@@ -274,7 +250,13 @@ read = "^alerts\\."
     )
     .await;
     ok("confirms", ch.wait_for_confirms()).await;
-    let (code, text) = publish_to_refused(&ch, "amq.topic", "readings.other.temp").await;
+    let (code, text) = support::publish_to_refused(
+        &ch,
+        "amq.topic",
+        "readings.other.temp",
+        BasicProperties::default(),
+    )
+    .await;
     assert_eq!(code, 403);
     assert_eq!(
         text,

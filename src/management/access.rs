@@ -20,12 +20,7 @@ use crate::session::context::BrokerState;
 type St = State<Arc<BrokerState>>;
 type Peer = ConnectInfo<SocketAddr>;
 
-fn body(raw: &[u8]) -> Result<Value, ApiError> {
-    if raw.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Value::Object(Default::default()));
-    }
-    serde_json::from_slice(raw).map_err(|e| ApiError::bad_request(format!("not JSON: {e}")))
-}
+use super::write::json_body as body;
 
 fn text(v: &Value, key: &str) -> Option<String> {
     v.get(key).and_then(Value::as_str).map(str::to_string)
@@ -70,6 +65,30 @@ fn may_set_policies(c: &super::Caller) -> Result<(), ApiError> {
     } else {
         Err(ApiError::not_authorised("Not policymaker user"))
     }
+}
+
+/// Replaces the entry `same` finds, or adds `entry`; true when added.
+fn upsert<T>(list: &mut Vec<T>, same: impl Fn(&T) -> bool, entry: T) -> bool {
+    match list.iter_mut().find(|e| same(e)) {
+        Some(e) => {
+            *e = entry;
+            false
+        }
+        None => {
+            list.push(entry);
+            true
+        }
+    }
+}
+
+/// Removes what `same` finds; 404 when nothing was there.
+fn remove<T>(list: &mut Vec<T>, same: impl Fn(&T) -> bool) -> Result<(), ApiError> {
+    let before = list.len();
+    list.retain(|e| !same(e));
+    if list.len() == before {
+        return Err(ApiError::not_found());
+    }
+    Ok(())
 }
 
 fn created_or_updated(created: bool) -> Response {
@@ -143,16 +162,7 @@ pub async fn put_user(
         if file.users.iter().any(|u| u.name == name) {
             return Err(file_owned(format!("user '{name}'")));
         }
-        match live.users.iter_mut().find(|u| u.name == name) {
-            Some(u) => {
-                *u = user;
-                Ok(false)
-            }
-            None => {
-                live.users.push(user);
-                Ok(true)
-            }
-        }
+        Ok(upsert(&mut live.users, |u| u.name == name, user))
     })
     .await?;
     Ok(created_or_updated(created))
@@ -170,11 +180,7 @@ pub async fn delete_user(
         if file.users.iter().any(|u| u.name == name) {
             return Err(file_owned(format!("user '{name}'")));
         }
-        let before = live.users.len();
-        live.users.retain(|u| u.name != name);
-        if live.users.len() == before {
-            return Err(ApiError::not_found());
-        }
+        remove(&mut live.users, |u| u.name == name)?;
         live.permissions.retain(|p| p.user != name);
         live.topic_permissions.retain(|p| p.user != name);
         Ok(false)
@@ -216,20 +222,11 @@ pub async fn put_permissions(
                 "the permissions of user '{user}' in vhost '{vhost}'"
             )));
         }
-        match live
-            .permissions
-            .iter_mut()
-            .find(|p| p.user == user && p.vhost == vhost)
-        {
-            Some(p) => {
-                *p = entry;
-                Ok(false)
-            }
-            None => {
-                live.permissions.push(entry);
-                Ok(true)
-            }
-        }
+        Ok(upsert(
+            &mut live.permissions,
+            |p| p.user == user && p.vhost == vhost,
+            entry,
+        ))
     })
     .await?;
     Ok(created_or_updated(created))
@@ -253,12 +250,9 @@ pub async fn delete_permissions(
                 "the permissions of user '{user}' in vhost '{vhost}'"
             )));
         }
-        let before = live.permissions.len();
-        live.permissions
-            .retain(|p| !(p.user == user && p.vhost == vhost));
-        if live.permissions.len() == before {
-            return Err(ApiError::not_found());
-        }
+        remove(&mut live.permissions, |p| {
+            p.user == user && p.vhost == vhost
+        })?;
         Ok(false)
     })
     .await?;
@@ -292,16 +286,7 @@ pub async fn put_topic_permissions(
         if file.topic_permissions.iter().any(&same) {
             return Err(file_owned("these topic permissions".into()));
         }
-        match live.topic_permissions.iter_mut().find(|p| same(p)) {
-            Some(p) => {
-                *p = entry;
-                Ok(false)
-            }
-            None => {
-                live.topic_permissions.push(entry);
-                Ok(true)
-            }
-        }
+        Ok(upsert(&mut live.topic_permissions, &same, entry))
     })
     .await?;
     Ok(created_or_updated(created))
@@ -316,12 +301,9 @@ pub async fn delete_topic_permissions(
     let c = authenticate(&s, &h, p).await?;
     c.require(Role::Administrator)?;
     change(&s, |live, _| {
-        let before = live.topic_permissions.len();
-        live.topic_permissions
-            .retain(|p| !(p.user == user && p.vhost == vhost));
-        if live.topic_permissions.len() == before {
-            return Err(ApiError::not_found());
-        }
+        remove(&mut live.topic_permissions, |p| {
+            p.user == user && p.vhost == vhost
+        })?;
         Ok(false)
     })
     .await?;
@@ -370,20 +352,11 @@ pub async fn put_policy(
         {
             return Err(file_owned(format!("policy '{name}' in vhost '{vhost}'")));
         }
-        match live
-            .policies
-            .iter_mut()
-            .find(|p| p.name == name && p.vhost == vhost)
-        {
-            Some(p) => {
-                *p = entry;
-                Ok(false)
-            }
-            None => {
-                live.policies.push(entry);
-                Ok(true)
-            }
-        }
+        Ok(upsert(
+            &mut live.policies,
+            |p| p.name == name && p.vhost == vhost,
+            entry,
+        ))
     })
     .await?;
     Ok(created_or_updated(created))
@@ -408,12 +381,7 @@ pub async fn delete_policy(
         {
             return Err(file_owned(format!("policy '{name}' in vhost '{vhost}'")));
         }
-        let before = live.policies.len();
-        live.policies
-            .retain(|p| !(p.name == name && p.vhost == vhost));
-        if live.policies.len() == before {
-            return Err(ApiError::not_found());
-        }
+        remove(&mut live.policies, |p| p.name == name && p.vhost == vhost)?;
         Ok(false)
     })
     .await?;
@@ -470,11 +438,7 @@ pub async fn delete_vhost(
         if file.vhosts.iter().any(|v| v.name == name) {
             return Err(file_owned(format!("vhost '{name}'")));
         }
-        let before = live.vhosts.len();
-        live.vhosts.retain(|v| v.name != name);
-        if live.vhosts.len() == before {
-            return Err(ApiError::not_found());
-        }
+        remove(&mut live.vhosts, |v| v.name == name)?;
         live.permissions.retain(|p| p.vhost != name);
         live.topic_permissions.retain(|p| p.vhost != name);
         live.policies.retain(|p| p.vhost != name);

@@ -88,7 +88,7 @@ fn arguments(v: Option<&Value>) -> Result<FieldTable, ApiError> {
 
 /// A request body as JSON; an empty body is an empty object. RabbitMQ's API takes
 /// booleans and numbers also as strings (rabbitmqadmin sends some that way).
-fn json_body(raw: &[u8]) -> Result<Value, ApiError> {
+pub(super) fn json_body(raw: &[u8]) -> Result<Value, ApiError> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Ok(json!({}));
     }

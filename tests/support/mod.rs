@@ -82,10 +82,20 @@ where
 /// the channel; returns (reply code, reply text). The refusal may surface from the
 /// publish itself or from its confirm, depending on timing.
 pub async fn publish_refused(ch: &Channel, queue: &str, props: BasicProperties) -> (u16, String) {
+    publish_to_refused(ch, "", queue, props).await
+}
+
+/// The same for a publish to `exchange` with `routing_key`.
+pub async fn publish_to_refused(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    props: BasicProperties,
+) -> (u16, String) {
     let published = ch
         .basic_publish(
-            "".into(),
-            queue.into(),
+            exchange.into(),
+            routing_key.into(),
             BasicPublishOptions::default(),
             b"x",
             props,
