@@ -96,6 +96,10 @@ refused "a policy with an unknown key is refused" "unknown key" declare policy n
 check "delete policy" "policy deleted" delete policy name="$U-ttl"
 check "delete permission" "permission deleted" delete permission vhost=/ user="$U"
 check "delete user" "user deleted" delete user name="$U"
+check "export definitions" "Exported definitions" export "$CACHE/exported.json"
+check "import a RabbitMQ 3.10 export" "Uploaded definitions" import "$INTEROP_DIR/../config/examples/rabbitmq-3.10-definitions.json"
+check "its vhost is there" "staging" list vhosts name
+check "its queues are there" "orders.new" list queues name
 check "list connections" "" list connections
 check "list channels" "" list channels
 check "list consumers" "" list consumers

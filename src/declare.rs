@@ -46,6 +46,23 @@ pub fn apply_live(
     (applied, refused)
 }
 
+/// Declares `config`'s exchanges, queues and bindings for an import (the
+/// management API's POST /api/definitions): every entry is tried; the refusals
+/// come back as text. Nothing is recorded as the configuration file's.
+pub fn apply_collecting(config: &Config, vhosts: &HashMap<String, Arc<Vhost>>) -> Vec<String> {
+    let mut refused = Vec::new();
+    let _ = apply_with(
+        config,
+        vhosts,
+        &mut |e| {
+            refused.push(e.to_string());
+            Ok(())
+        },
+        &mut Created::default(),
+    );
+    refused
+}
+
 /// What the configuration file created, as opposed to found: `prune = true` removes
 /// only these once the file no longer lists them. Kept in the store, so that it
 /// survives restarts (a file edited while the broker was down is pruned at start).

@@ -807,3 +807,54 @@ async fn vhosts_made_through_the_api_serve_clients_survive_a_restart_and_delete_
     assert_eq!(queues, serde_json::json!([]));
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rabbitmq_export_posted_to_the_api_is_imported_into_the_running_broker() {
+    let b = broker().await;
+    let api = b.management_addrs()[0];
+    // A real `rabbitmqctl export_definitions` of RabbitMQ 3.10.8 (its passwords are
+    // listed in tests/definitions.rs).
+    let export = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/examples/rabbitmq-3.10-definitions.json"
+    ))
+    .unwrap();
+    let (status, body) = send(api, "POST", "/api/definitions", &export, "").await;
+    assert_eq!(status, 204, "{body}");
+
+    // Its users log in with their RabbitMQ passwords, in its new vhost too.
+    for vhost in ["%2f", "staging"] {
+        let url = format!("amqp://ops:ops-s3cret@{}/{vhost}", b.local_addr());
+        support::connect_url(&url)
+            .await
+            .close(200, "bye".into())
+            .await
+            .unwrap();
+    }
+    // Its topology and policy are in place.
+    let q = get(api, "/api/queues/%2F/orders.new").await;
+    assert_eq!(q["policy"], "orders-limits");
+    let q = get(api, "/api/queues/staging/staging.q").await;
+    assert_eq!(q["arguments"]["x-message-ttl"], 60000);
+    let x = get(api, "/api/exchanges/%2F/orders").await;
+    assert_eq!(x["arguments"]["alternate-exchange"], "unrouted");
+    // The configuration file's guest is left as the file has it.
+    let users = get(api, "/api/users").await;
+    let guest = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "guest")
+        .unwrap();
+    assert_eq!(guest["tags"], serde_json::json!(["administrator"]));
+    assert!(
+        http(api, "GET", "/api/overview", Some(("guest", "guest")))
+            .await
+            .0
+            == 200
+    );
+
+    let (status, _) = send(api, "POST", "/api/definitions", "{not json", "").await;
+    assert_eq!(status, 400);
+    b.shutdown().await;
+}

@@ -452,3 +452,102 @@ pub async fn delete_vhost(
         .map_err(|e| ApiError::internal(format!("store failure: {e}")))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
+
+/// POST /api/definitions: a RabbitMQ definitions export joins what the API has
+/// made (vhosts, users, permissions, topic permissions, policies), and its
+/// exchanges, queues and bindings are declared. What the configuration file
+/// defines is left as the file has it, and named in a warning; what the broker
+/// has no equivalent for is named in a warning too. Refused declarations are
+/// reported (400) after the rest has been applied, as RabbitMQ's import reports.
+pub async fn post_definitions(
+    State(s): St,
+    ConnectInfo(p): Peer,
+    h: HeaderMap,
+    raw: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let c = authenticate(&s, &h, p).await?;
+    c.require(Role::Administrator)?;
+    let text = std::str::from_utf8(&raw)
+        .map_err(|_| ApiError::bad_request("definitions: not UTF-8".into()))?;
+    let d = crate::definitions::parse(text, "definitions")
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Some(w) = d.warning("POST /api/definitions") {
+        tracing::warn!("{w}");
+    }
+    let mut kept = Vec::new();
+    change(&s, |live, file| {
+        for v in &d.vhosts {
+            if file.vhosts.iter().any(|f| f.name == v.name) {
+                kept.push(format!("vhost '{}'", v.name));
+            } else {
+                upsert(&mut live.vhosts, |x| x.name == v.name, v.clone());
+            }
+        }
+        for u in &d.users {
+            if file.users.iter().any(|f| f.name == u.name) {
+                kept.push(format!("user '{}'", u.name));
+            } else {
+                upsert(&mut live.users, |x| x.name == u.name, u.clone());
+            }
+        }
+        for p in &d.permissions {
+            let same = |x: &PermissionConfig| x.user == p.user && x.vhost == p.vhost;
+            if file.permissions.iter().any(same) {
+                kept.push(format!("permissions of '{}' in '{}'", p.user, p.vhost));
+            } else {
+                upsert(&mut live.permissions, same, p.clone());
+            }
+        }
+        for p in &d.topic_permissions {
+            let same = |x: &TopicPermissionConfig| {
+                x.user == p.user && x.vhost == p.vhost && x.exchange == p.exchange
+            };
+            if file.topic_permissions.iter().any(same) {
+                kept.push(format!(
+                    "topic permissions of '{}' in '{}'",
+                    p.user, p.vhost
+                ));
+            } else {
+                upsert(&mut live.topic_permissions, same, p.clone());
+            }
+        }
+        for p in &d.policies {
+            let same = |x: &PolicyConfig| x.name == p.name && x.vhost == p.vhost;
+            if file.policies.iter().any(same) {
+                kept.push(format!("policy '{}' in '{}'", p.name, p.vhost));
+            } else {
+                upsert(&mut live.policies, same, p.clone());
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    if !kept.is_empty() {
+        tracing::warn!(
+            "POST /api/definitions: the configuration file's own left as they are: {}",
+            kept.join(", ")
+        );
+    }
+    for v in &d.vhosts {
+        if s.vhost(&v.name).is_none() {
+            s.add_vhost(&v.name).await.map_err(|e| {
+                ApiError::internal(format!("vhost '{}' could not be started: {e}", v.name))
+            })?;
+        }
+    }
+    s.refresh(&s.current.load());
+    let mut topology = (**s.current.load()).clone();
+    topology.origin = None;
+    topology.exchanges = d.exchanges;
+    topology.queues = d.queues;
+    topology.bindings = d.bindings;
+    let refused = crate::declare::apply_collecting(&topology, &s.vhost_map());
+    s.store
+        .synced()
+        .await
+        .map_err(|e| ApiError::internal(format!("store failure: {e}")))?;
+    if !refused.is_empty() {
+        return Err(ApiError::bad_request(refused.join("; ")));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -65,7 +65,10 @@ pub fn router(state: Arc<BrokerState>) -> Router {
         .route("/api/policies", get(policies))
         .route("/api/policies/{vhost}", get(policies_in))
         .route("/api/parameters", get(nothing))
-        .route("/api/definitions", get(definitions))
+        .route(
+            "/api/definitions",
+            get(definitions).post(access::post_definitions),
+        )
         .route("/api/exchanges", get(exchanges))
         .route("/api/exchanges/{vhost}", get(exchanges_in))
         .route(
