@@ -51,7 +51,13 @@ password = "p"
 "#;
 
 async fn broker() -> warrenmq::BrokerHandle {
-    let text = CONFIG.replace("DATA", &common::temp_data_dir().display().to_string());
+    broker_on(&common::temp_data_dir()).await
+}
+
+/// A broker on CONFIG with this data directory (started again on it, it is the
+/// same broker after a restart).
+async fn broker_on(data: &std::path::Path) -> warrenmq::BrokerHandle {
+    let text = CONFIG.replace("DATA", &data.display().to_string());
     let config = warrenmq::Config::parse(&text, "management.toml").expect("valid");
     warrenmq::start(config).await.expect("starts")
 }
@@ -611,11 +617,7 @@ async fn a_disk_alarm_fails_the_alarm_checks_and_shows_in_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_permissions_and_policies_made_through_the_api_apply_now_and_after_a_restart() {
     let data = common::temp_data_dir();
-    let text = CONFIG.replace("DATA", &data.display().to_string());
-    let start = || async {
-        let config = warrenmq::Config::parse(&text, "management.toml").expect("valid");
-        warrenmq::start(config).await.expect("starts")
-    };
+    let start = || broker_on(&data);
     let b = start().await;
     let api = b.management_addrs()[0];
     let ops_url = |b: &warrenmq::BrokerHandle| format!("amqp://ops:s3cret@{}/%2f", b.local_addr());
@@ -721,11 +723,7 @@ async fn users_permissions_and_policies_made_through_the_api_apply_now_and_after
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vhosts_made_through_the_api_serve_clients_survive_a_restart_and_delete_cleanly() {
     let data = common::temp_data_dir();
-    let text = CONFIG.replace("DATA", &data.display().to_string());
-    let start = || async {
-        let config = warrenmq::Config::parse(&text, "management.toml").expect("valid");
-        warrenmq::start(config).await.expect("starts")
-    };
+    let start = || broker_on(&data);
     let b = start().await;
     let api = b.management_addrs()[0];
     let url = |b: &warrenmq::BrokerHandle| format!("amqp://guest:guest@{}/staging", b.local_addr());

@@ -193,10 +193,10 @@ fn wall_of(mono_ms: u64) -> u64 {
 }
 
 /// Unacknowledged deliveries per queue (by address), counted from every channel.
-struct Unacked(HashMap<usize, (u64, u64)>);
+pub(super) struct Unacked(HashMap<usize, (u64, u64)>);
 
 impl Unacked {
-    fn gather(state: &BrokerState) -> Unacked {
+    pub(super) fn gather(state: &BrokerState) -> Unacked {
         let mut m: HashMap<usize, (u64, u64)> = HashMap::new();
         for c in state.connections() {
             for ch in c.channels() {
@@ -210,7 +210,7 @@ impl Unacked {
         Unacked(m)
     }
 
-    fn of(&self, q: &Arc<Queue>) -> (u64, u64) {
+    pub(super) fn of(&self, q: &Arc<Queue>) -> (u64, u64) {
         self.0
             .get(&(Arc::as_ptr(q) as usize))
             .copied()

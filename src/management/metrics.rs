@@ -4,7 +4,6 @@
 //! labels queue figures with vhost and queue. Unauthenticated, as RabbitMQ's.
 
 use std::fmt::Write;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -24,28 +23,11 @@ pub async fn serve(
     state: Arc<BrokerState>,
     stop: watch::Receiver<bool>,
 ) {
-    let mut servers = tokio::task::JoinSet::new();
-    for listener in listeners {
-        let app = Router::new()
-            .route("/metrics", get(aggregated))
-            .route("/metrics/per-object", get(per_object))
-            .with_state(state.clone());
-        let mut stop = stop.clone();
-        servers.spawn(async move {
-            let served = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = stop.changed().await;
-            })
-            .await;
-            if let Err(e) = served {
-                tracing::error!("metrics endpoint stopped: {e}");
-            }
-        });
-    }
-    while servers.join_next().await.is_some() {}
+    let app = Router::new()
+        .route("/metrics", get(aggregated))
+        .route("/metrics/per-object", get(per_object))
+        .with_state(state);
+    super::serve_router(listeners, app, stop, "metrics endpoint").await
 }
 
 async fn aggregated(State(s): State<Arc<BrokerState>>) -> impl IntoResponse {
@@ -213,16 +195,7 @@ fn render(s: &BrokerState, per_object: bool) -> String {
     }
 
     // Queues: unacknowledged deliveries are counted from the channels holding them.
-    let mut unacked: std::collections::HashMap<usize, (u64, u64)> = Default::default();
-    for c in &conns {
-        for ch in c.channels() {
-            for (q, n, bytes) in ch.unacked_summary().per_queue {
-                let e = unacked.entry(Arc::as_ptr(&q) as usize).or_default();
-                e.0 += n;
-                e.1 += bytes;
-            }
-        }
-    }
+    let unacked = super::api::Unacked::gather(s);
     struct Row {
         vhost: String,
         queue: String,
@@ -242,10 +215,7 @@ fn render(s: &BrokerState, per_object: bool) -> String {
         qs.sort_by(|a, b| a.name.cmp(&b.name));
         for q in qs {
             let st = q.stats();
-            let (un, un_bytes) = unacked
-                .get(&(Arc::as_ptr(q) as usize))
-                .copied()
-                .unwrap_or_default();
+            let (un, un_bytes) = unacked.of(q);
             rows.push(Row {
                 vhost: vname.clone(),
                 queue: q.name.to_string(),

@@ -28,9 +28,20 @@ pub async fn serve(
     state: Arc<BrokerState>,
     stop: watch::Receiver<bool>,
 ) {
+    serve_router(listeners, api::router(state), stop, "management API").await
+}
+
+/// Serves `app` on every listener until `stop` changes (the management API and
+/// the metrics endpoint alike).
+pub(crate) async fn serve_router(
+    listeners: Vec<TcpListener>,
+    app: axum::Router,
+    stop: watch::Receiver<bool>,
+    what: &'static str,
+) {
     let mut servers = tokio::task::JoinSet::new();
     for listener in listeners {
-        let app = api::router(state.clone());
+        let app = app.clone();
         let mut stop = stop.clone();
         servers.spawn(async move {
             let served = axum::serve(
@@ -42,7 +53,7 @@ pub async fn serve(
             })
             .await;
             if let Err(e) = served {
-                tracing::error!("management API stopped: {e}");
+                tracing::error!("{what} stopped: {e}");
             }
         });
     }
@@ -160,7 +171,7 @@ impl Caller {
     /// Whether the caller may see objects of `vhost`: monitoring and administrators
     /// see every vhost; others the vhosts they have permissions in.
     pub fn sees_vhost(&self, state: &BrokerState, vhost: &str) -> bool {
-        self.role >= Role::Monitoring || may_use_vhost(state, &self.user, vhost)
+        self.role >= Role::Monitoring || state.permissions_for(&self.user, vhost).is_some()
     }
 
     pub fn require(&self, role: Role) -> Result<(), ApiError> {
@@ -170,14 +181,6 @@ impl Caller {
             Err(ApiError::not_authorised("Not administrator user"))
         }
     }
-}
-
-fn may_use_vhost(state: &BrokerState, user: &User, vhost: &str) -> bool {
-    state
-        .permissions
-        .load()
-        .contains_key(&(user.name.clone(), vhost.to_string()))
-        || user.vhosts.iter().any(|v| v == vhost)
 }
 
 /// HTTP basic authentication against the broker's users (loopback-only users only

@@ -51,19 +51,11 @@ fn permitted(
     access: &[(Access, &str, &str)],
 ) -> Result<Arc<Vhost>, ApiError> {
     let v = s.vhost(vhost).ok_or_else(ApiError::not_found)?;
-    let key = (c.user.name.clone(), vhost.to_string());
-    let table = s.permissions.load();
-    let perms = match table.get(&key) {
-        Some(p) => p.clone(),
-        None if c.user.vhosts.iter().any(|x| x == vhost) => {
-            Arc::new(crate::auth::Permissions::all())
-        }
-        None => {
-            return Err(ApiError::not_authorised(&format!(
-                "access to vhost '{vhost}' refused for user '{}'",
-                c.user.name
-            )))
-        }
+    let Some(perms) = s.permissions_for(&c.user, vhost) else {
+        return Err(ApiError::not_authorised(&format!(
+            "access to vhost '{vhost}' refused for user '{}'",
+            c.user.name
+        )));
     };
     for (a, kind, name) in access {
         if !perms.allows(*a, name) {

@@ -204,6 +204,24 @@ impl BrokerState {
         self.vhost_connections.remove(vhost)
     }
 
+    /// What `user` may do in `vhost`: its permissions entry there governs; without
+    /// one, a vhost in its `vhosts` list allows everything; otherwise None (the
+    /// vhost is refused).
+    pub fn permissions_for(
+        &self,
+        user: &crate::config::User,
+        vhost: &str,
+    ) -> Option<Arc<crate::auth::Permissions>> {
+        let key = (user.name.clone(), vhost.to_string());
+        match self.permissions.load().get(&key) {
+            Some(p) => Some(p.clone()),
+            None if user.vhosts.iter().any(|v| v == vhost) => {
+                Some(Arc::new(crate::auth::Permissions::all()))
+            }
+            None => None,
+        }
+    }
+
     pub fn vhost(&self, name: &str) -> Option<Arc<Vhost>> {
         self.vhosts.load().get(name).cloned()
     }

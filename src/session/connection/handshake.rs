@@ -178,23 +178,15 @@ impl Connection {
                     .into(),
             );
         };
-        // A [[permissions]] entry governs the vhost; without one, a user the
-        // `vhosts` list grants it may do everything there.
-        let key = (user.name.clone(), vhost_name.to_string());
-        let permissions = match self.broker.permissions.load().get(&key) {
-            Some(p) => p.clone(),
-            None if user.vhosts.iter().any(|v| v == vhost_name) => {
-                std::sync::Arc::new(crate::auth::Permissions::all())
-            }
-            None => {
-                return Err(AmqpError::not_allowed(format!(
-                    "access to vhost '{vhost_name}' refused for user '{}'",
-                    user.name
-                ))
-                .with_method(10, 40)
-                .into())
-            }
+        let Some(permissions) = self.broker.permissions_for(&user, vhost_name) else {
+            return Err(AmqpError::not_allowed(format!(
+                "access to vhost '{vhost_name}' refused for user '{}'",
+                user.name
+            ))
+            .with_method(10, 40)
+            .into());
         };
+        let key = (user.name.clone(), vhost_name.to_string());
         self.shared.set_permissions(permissions);
         if let Some(t) = self.broker.topic_permissions.load().get(&key) {
             self.shared.set_topic_permissions(t.clone());
