@@ -169,8 +169,21 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         warn!("{w}");
     }
     // Recover before listening, so that no client sees a half-loaded broker.
-    let gauge = Arc::new(MemoryGauge::new(
-        config.limits.memory_high_watermark as usize,
+    let l = &config.limits;
+    let watermark = crate::memory::effective_watermark(
+        l.memory_high_watermark,
+        l.memory_high_watermark_relative,
+        crate::memory::available_bytes(),
+    );
+    if watermark < l.memory_high_watermark {
+        info!(
+            "memory high watermark: {watermark} bytes ({} of the memory available)",
+            l.memory_high_watermark_relative
+        );
+    }
+    let gauge = Arc::new(MemoryGauge::with_strategy(
+        watermark as usize,
+        l.memory_calculation_strategy == crate::config::MemoryStrategy::Rss,
     ));
     let started = Instant::now();
     // Opening the store and reading it back is disk work: off the async workers.
@@ -278,40 +291,60 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         .await?;
     }
     let mut management = Vec::new();
-    let mut management_addrs = Vec::new();
+    let (mut management_addrs, mut management_tls_addrs) = (Vec::new(), Vec::new());
     if let Some(m) = &config.management {
-        let mut bound = Vec::new();
         bind_all(
             &m.listen,
             false,
             "the management HTTP API",
-            &mut bound,
+            &mut management,
             &mut management_addrs,
         )
         .await?;
-        management = bound.into_iter().map(|(l, _)| l).collect();
+        bind_all(
+            &m.tls_listen,
+            true,
+            "the management HTTP API over TLS",
+            &mut management,
+            &mut management_tls_addrs,
+        )
+        .await?;
     }
     let mut prometheus = Vec::new();
-    let mut prometheus_addrs = Vec::new();
+    let (mut prometheus_addrs, mut prometheus_tls_addrs) = (Vec::new(), Vec::new());
     if let Some(m) = &config.prometheus {
-        let mut bound = Vec::new();
         bind_all(
             &m.listen,
             false,
             "Prometheus metrics",
-            &mut bound,
+            &mut prometheus,
             &mut prometheus_addrs,
         )
         .await?;
-        prometheus = bound.into_iter().map(|(l, _)| l).collect();
+        bind_all(
+            &m.tls_listen,
+            true,
+            "Prometheus metrics over TLS",
+            &mut prometheus,
+            &mut prometheus_tls_addrs,
+        )
+        .await?;
     }
     let listening: Vec<(&'static str, SocketAddr)> = addrs
         .iter()
         .enumerate()
         .map(|(i, a)| (if i < plain { "amqp" } else { "amqp/ssl" }, *a))
         .chain(management_addrs.iter().map(|a| ("http", *a)))
+        .chain(management_tls_addrs.iter().map(|a| ("https", *a)))
         .chain(prometheus_addrs.iter().map(|a| ("http/prometheus", *a)))
+        .chain(
+            prometheus_tls_addrs
+                .iter()
+                .map(|a| ("https/prometheus", *a)),
+        )
         .collect();
+    management_addrs.extend(management_tls_addrs);
+    prometheus_addrs.extend(prometheus_tls_addrs);
     let tls = arc_swap::ArcSwapOption::new(config.tls_server.clone());
     let vhost_configs = arc_swap::ArcSwap::from_pointee(config.vhosts.clone());
     let current = arc_swap::ArcSwap::from_pointee(config.clone());
@@ -342,6 +375,7 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         config_created: std::sync::Mutex::new(created),
         connections: Default::default(),
         closed: Default::default(),
+        rates: Default::default(),
         churn: Default::default(),
         listening,
         started_at: crate::store::wall_ms(),
@@ -494,7 +528,7 @@ fn ipv6_available() -> bool {
 
 async fn accept_all(
     listeners: Vec<Listener>,
-    (management, prometheus): (Vec<TcpListener>, Vec<TcpListener>),
+    (management, prometheus): (Vec<Listener>, Vec<Listener>),
     state: Arc<BrokerState>,
     stop: watch::Receiver<bool>,
 ) {
@@ -507,6 +541,7 @@ async fn accept_all(
             stop.clone(),
         ));
     }
+    acceptors.spawn(crate::memory::watch(state.gauge.clone(), stop.clone()));
     let limit = state.config.limits.disk_free_limit;
     if limit > 0 {
         acceptors.spawn(crate::disk::watch(

@@ -86,6 +86,28 @@ pub struct ManagementConfig {
     /// Addresses for the HTTP API (RabbitMQ's management.tcp.port is 15672).
     #[serde(default = "default_management_listen")]
     pub listen: Vec<SocketAddr>,
+    /// Addresses for the API over HTTPS (RabbitMQ's management.ssl.port, 15671),
+    /// with the `[tls]` table's certificate.
+    #[serde(default)]
+    pub tls_listen: Vec<SocketAddr>,
+    /// Milliseconds between two samples of the message rates (RabbitMQ's
+    /// collect_statistics_interval): a rate is the change over the last one.
+    #[serde(default = "default_statistics_interval")]
+    pub collect_statistics_interval: u64,
+}
+
+fn default_statistics_interval() -> u64 {
+    5000
+}
+
+impl Default for ManagementConfig {
+    fn default() -> Self {
+        ManagementConfig {
+            listen: default_management_listen(),
+            tls_listen: Vec::new(),
+            collect_statistics_interval: default_statistics_interval(),
+        }
+    }
 }
 
 fn default_management_listen() -> Vec<SocketAddr> {
@@ -99,6 +121,10 @@ pub struct PrometheusConfig {
     /// Addresses for /metrics (RabbitMQ's prometheus.tcp.port is 15692).
     #[serde(default = "default_prometheus_listen")]
     pub listen: Vec<SocketAddr>,
+    /// Addresses for /metrics over HTTPS (RabbitMQ's prometheus.ssl.port, 15691),
+    /// with the `[tls]` table's certificate.
+    #[serde(default)]
+    pub tls_listen: Vec<SocketAddr>,
 }
 
 fn default_prometheus_listen() -> Vec<SocketAddr> {
@@ -322,6 +348,14 @@ pub struct Limits {
     pub handshake_timeout: u64,
     pub max_message_size: u64,
     pub memory_high_watermark: u64,
+    /// The watermark never exceeds this share of the memory the process may use
+    /// (its cgroup's limit, else the machine's RAM): RabbitMQ's relative
+    /// vm_memory_high_watermark, 0.4 by default.
+    pub memory_high_watermark_relative: f64,
+    /// What counts against the watermark: "rss" (the process's resident memory,
+    /// and the bodies held) or "bodies" (the bodies held only), as RabbitMQ's
+    /// vm_memory_calculation_strategy.
+    pub memory_calculation_strategy: MemoryStrategy,
     /// Free bytes the data directory's file system must keep; below, publishers
     /// are blocked (RabbitMQ's disk_free_limit, 50 MB by default); 0 = no check.
     pub disk_free_limit: u64,
@@ -355,6 +389,8 @@ impl Default for Limits {
             handshake_timeout: 10,
             max_message_size: 128 * MIB,
             memory_high_watermark: 1024 * MIB,
+            memory_high_watermark_relative: 0.4,
+            memory_calculation_strategy: MemoryStrategy::Rss,
             disk_free_limit: 50_000_000,
             queue_memory_budget: 64 * MIB,
             max_connections: 65536,
@@ -368,6 +404,14 @@ impl Default for Limits {
             frame_timeout: 60,
         }
     }
+}
+
+/// What the memory alarm counts (`limits.memory_calculation_strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryStrategy {
+    Rss,
+    Bodies,
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -857,6 +901,36 @@ impl Config {
             at: vec![vec![Key("limits"), Key(key)]],
             reason: format!("limits.{key}: {reason}"),
         };
+        for (table, tls_listen) in [
+            (
+                "management",
+                self.management.as_ref().map(|m| &m.tls_listen),
+            ),
+            (
+                "prometheus",
+                self.prometheus.as_ref().map(|m| &m.tls_listen),
+            ),
+        ] {
+            if tls_listen.is_some_and(|l| !l.is_empty()) && self.tls.is_none() {
+                return Err(Problem {
+                    at: vec![vec![Key(table), Key("tls_listen")]],
+                    reason: format!(
+                        "{table}.tls_listen: HTTPS needs a certificate, and there is no [tls] table"
+                    ),
+                });
+            }
+        }
+        if let Some(m) = &self.management {
+            if !(100..=3_600_000).contains(&m.collect_statistics_interval) {
+                return Err(Problem {
+                    at: vec![vec![Key("management"), Key("collect_statistics_interval")]],
+                    reason: format!(
+                        "management.collect_statistics_interval: {} is outside 100..=3600000 (milliseconds)",
+                        m.collect_statistics_interval
+                    ),
+                });
+            }
+        }
         if self.listen.is_empty() {
             return Err(Problem {
                 at: vec![vec![Key("listen")]],
@@ -901,6 +975,15 @@ impl Config {
                 format!(
                     "{} is below the minimum of {MIB} bytes",
                     l.memory_high_watermark
+                ),
+            ));
+        }
+        if !(l.memory_high_watermark_relative > 0.0 && l.memory_high_watermark_relative <= 1.0) {
+            return Err(limit(
+                "memory_high_watermark_relative",
+                format!(
+                    "{} is outside (0, 1] (a share of the memory the process may use)",
+                    l.memory_high_watermark_relative
                 ),
             ));
         }

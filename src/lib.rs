@@ -9,6 +9,7 @@ pub mod disk;
 pub mod error;
 pub mod live;
 pub mod management;
+pub mod memory;
 pub mod model;
 pub mod protocol;
 pub mod session;

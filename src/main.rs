@@ -230,14 +230,20 @@ impl Cli {
             config.listen = self.listen.clone();
         }
         if !self.prometheus.is_empty() {
+            let tls_listen = config
+                .prometheus
+                .take()
+                .map(|p| p.tls_listen)
+                .unwrap_or_default();
             config.prometheus = Some(warrenmq::config::PrometheusConfig {
                 listen: self.prometheus.clone(),
+                tls_listen,
             });
         }
         if !self.management.is_empty() {
-            config.management = Some(warrenmq::config::ManagementConfig {
-                listen: self.management.clone(),
-            });
+            let mut m = config.management.take().unwrap_or_default();
+            m.listen = self.management.clone();
+            config.management = Some(m);
         }
         if let Some(dir) = &self.data_dir {
             config.data_dir = dir.clone();

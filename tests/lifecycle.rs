@@ -187,6 +187,8 @@ async fn handshake_timeout_closes_idle_socket() {
 async fn publisher_is_blocked_above_memory_watermark_and_unblocked_below() {
     let mut c = config();
     c.limits.memory_high_watermark = 1 << 20;
+    // The bodies alone: the test process itself is resident far above 1 MiB.
+    c.limits.memory_calculation_strategy = warrenmq::config::MemoryStrategy::Bodies;
     let broker = warrenmq::start(c).await.unwrap();
     let mut publisher = Raw::open(broker.local_addr(), 0).await;
     publisher

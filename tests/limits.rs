@@ -271,6 +271,8 @@ async fn handshake_deadline_holds_against_a_heartbeat_trickle() {
 async fn blocked_publisher_that_hangs_up_is_torn_down() {
     let (b, _h) = broker(|l| {
         l.memory_high_watermark = 1 << 20;
+        // The bodies alone: the test process itself is resident far above 1 MiB.
+        l.memory_calculation_strategy = warrenmq::config::MemoryStrategy::Bodies;
         l.queue_memory_budget = 1 << 20;
     })
     .await;
@@ -367,6 +369,8 @@ async fn blocked_within(raw: &mut Raw, wait: Duration) -> bool {
 async fn uncommitted_transaction_counts_against_the_watermark() {
     let (b, _h) = broker(|l| {
         l.memory_high_watermark = 1 << 20;
+        // The bodies alone: the test process itself is resident far above 1 MiB.
+        l.memory_calculation_strategy = warrenmq::config::MemoryStrategy::Bodies;
         l.queue_memory_budget = 1 << 20;
     })
     .await;
@@ -392,6 +396,8 @@ async fn uncommitted_transaction_counts_against_the_watermark() {
 async fn decoded_headers_count_against_the_watermark() {
     let (b, _h) = broker(|l| {
         l.memory_high_watermark = 1 << 20;
+        // The bodies alone: the test process itself is resident far above 1 MiB.
+        l.memory_calculation_strategy = warrenmq::config::MemoryStrategy::Bodies;
         l.queue_memory_budget = 1 << 20;
     })
     .await;

@@ -856,3 +856,83 @@ async fn a_rabbitmq_export_posted_to_the_api_is_imported_into_the_running_broker
     assert_eq!(status, 400);
     b.shutdown().await;
 }
+
+/// Message counts and rates (message_stats) follow what clients do: every message
+/// published, delivered, fetched and acked is counted on the queue, the channel
+/// and the overview under RabbitMQ's names, and while messages flow the rates
+/// (per second over the last statistics interval) are above zero, and fall back
+/// to zero once they stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_rates_follow_the_traffic() {
+    let text = CONFIG
+        .replace("DATA", &common::temp_data_dir().display().to_string())
+        .replace(
+            "[management]\nlisten = [\"127.0.0.1:0\"]",
+            "[management]\nlisten = [\"127.0.0.1:0\"]\ncollect_statistics_interval = 200",
+        );
+    let config = warrenmq::Config::parse(&text, "management.toml").expect("valid");
+    let b = warrenmq::start(config).await.expect("starts");
+    let api = b.management_addrs()[0];
+    let conn = support::connect_url(&format!("amqp://guest:guest@{}/%2f", b.local_addr())).await;
+    let ch = support::channel(&conn).await;
+    let q = support::temp_queue(&ch, "rates").await;
+    let path = format!("/api/queues/%2F/{q}");
+
+    // Publishing for a second: the publish rate shows while it lasts.
+    let mut peak = 0.0f64;
+    let start = std::time::Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < std::time::Duration::from_millis(1200) {
+        for _ in 0..20 {
+            support::publish(&ch, "", &q, b"tick").await;
+            sent += 1;
+        }
+        let stats = &get(api, &path).await["message_stats"];
+        peak = peak.max(stats["publish_details"]["rate"].as_f64().unwrap_or(0.0));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(peak > 0.0, "no publish rate seen while publishing {sent}");
+
+    // Ten fetched with basic.get (five acked), the rest consumed without acks.
+    for i in 0..10 {
+        let m = support::get(&ch, &q).await.expect("a message");
+        if i < 5 {
+            support::ok("basic.ack", m.ack(Default::default())).await;
+        }
+    }
+    let mut sub = support::consume(&ch, &q, true).await;
+    sub.take(sent as usize - 10).await;
+    // Let the rates settle to zero: two intervals without traffic.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+
+    let stats = get(api, &path).await["message_stats"].clone();
+    assert_eq!(stats["publish"], sent, "{stats}");
+    assert_eq!(stats["get"], 10, "{stats}");
+    assert_eq!(stats["ack"], 5, "{stats}");
+    assert_eq!(stats["deliver_no_ack"], sent - 10, "{stats}");
+    assert_eq!(stats["deliver_get"], sent, "{stats}");
+    assert_eq!(stats["publish_details"]["rate"], 0.0, "{stats}");
+    let names = |v: &Value| -> BTreeSet<String> { keys(v) };
+    assert_eq!(
+        names(&stats),
+        names(&recorded("queues__2F_shape.q")["message_stats"]),
+        "a queue's message_stats names are RabbitMQ's"
+    );
+
+    let overview = get(api, "/api/overview").await;
+    let all = &overview["message_stats"];
+    assert_eq!(all["publish"], sent, "{all}");
+    assert_eq!(all["deliver_get"], sent, "{all}");
+    assert_eq!(all["ack"], 5, "{all}");
+    let theirs = names(&recorded("overview")["message_stats"]);
+    assert!(
+        names(all).is_subset(&theirs),
+        "overview message_stats names RabbitMQ does not have: {:?}",
+        names(all).difference(&theirs).collect::<Vec<_>>()
+    );
+
+    let channels = get(api, "/api/channels").await;
+    assert_eq!(channels[0]["message_stats"]["publish"], sent);
+    assert_eq!(channels[0]["message_stats"]["get"], 10);
+    b.shutdown().await;
+}

@@ -137,6 +137,30 @@ async fn metrics_count_what_clients_did_under_rabbitmqs_names() {
     // The unacked delivery went back to the queue.
     assert_eq!(m["rabbitmq_queue_messages_ready"], 3.0);
 
+    // The sizes of the bodies published: five of 5 bytes, one of 4, one of 5,000.
+    let conn = support::connect_url(&format!("amqp://guest:guest@{}/%2f", b.local_addr())).await;
+    let ch = support::channel(&conn).await;
+    support::confirm_mode(&ch).await;
+    support::publish(&ch, "", "jobs", &[b'x'; 5000]).await;
+    support::ok("confirms", ch.wait_for_confirms()).await;
+    let scraped = scrape(metrics, "/metrics").await;
+    let sizes = scraped
+        .samples
+        .iter()
+        .find(|s| s.metric == "rabbitmq_message_size_bytes")
+        .expect("the message size histogram");
+    let prometheus_parse::Value::Histogram(buckets) = &sizes.value else {
+        panic!("not a histogram: {:?}", sizes.value);
+    };
+    let at = |le: f64| buckets.iter().find(|b| b.less_than == le).map(|b| b.count);
+    assert_eq!(at(100.0), Some(6.0), "{buckets:?}");
+    assert_eq!(at(1000.0), Some(6.0), "{buckets:?}");
+    assert_eq!(at(10000.0), Some(7.0), "{buckets:?}");
+    assert_eq!(at(f64::INFINITY), Some(7.0), "{buckets:?}");
+    let m = values(&scraped);
+    assert_eq!(m["rabbitmq_message_size_bytes_sum"], 5029.0);
+    assert_eq!(m["rabbitmq_message_size_bytes_count"], 7.0);
+
     // Every name is one RabbitMQ exposes.
     let recorded = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -150,8 +174,11 @@ async fn metrics_count_what_clients_did_under_rabbitmqs_names() {
         .collect();
     let ours = scrape(metrics, "/metrics").await;
     for s in &ours.samples {
-        // Per-queue figures appear in RabbitMQ's /metrics only once queues exist.
-        if s.metric.starts_with("rabbitmq_queue_") {
+        // Per-queue figures appear in RabbitMQ's /metrics only once queues exist;
+        // the message size histogram came with RabbitMQ 4.0.
+        if s.metric.starts_with("rabbitmq_queue_")
+            || s.metric.starts_with("rabbitmq_message_size_bytes")
+        {
             continue;
         }
         assert!(

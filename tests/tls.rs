@@ -8,6 +8,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use rcgen::{
@@ -306,4 +307,93 @@ async fn a_reload_serves_new_certificates_to_new_connections() {
     let q2 = support::temp_queue(&support::channel(&new).await, "renewed").await;
     assert!(!q2.is_empty());
     broker.shutdown().await;
+}
+
+/// The management API over HTTPS (management.tls_listen) with the `[tls]`
+/// certificate: a client trusting the CA gets the same answers as over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_management_api_answers_over_https() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+    let dir = dir();
+    let pki = make_pki(&dir);
+    let file = dir.join("warrenmq.toml");
+    let text = config_text(&dir, "")
+        .replace(
+            "[tls]",
+            "[management]\nlisten = []\ntls_listen = [\"127.0.0.1:0\"]\n\n[tls]",
+        )
+        .replace(
+            "password = \"guest\"",
+            "password = \"guest\"\ntags = [\"administrator\"]\nvhosts = [\"/\"]",
+        );
+    std::fs::write(&file, text).unwrap();
+    let config = warrenmq::Config::load(&file).expect("configuration loads");
+    let broker = warrenmq::start(config).await.expect("broker starts");
+    let api = broker.management_addrs()[0];
+
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pki.ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let client = ClientConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(api).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake with the API");
+    tls.write_all(
+        b"GET /api/overview HTTP/1.1\r\nHost: localhost\r\n\
+          Authorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw).await;
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(raw.contains("\"rabbitmq_version\""), "{raw}");
+    let body: serde_json::Value =
+        serde_json::from_str(raw.split_once("\r\n\r\n").map_or("", |(_, b)| b)).unwrap();
+    assert!(
+        body["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["protocol"] == "https" && l["port"] == api.port()),
+        "the HTTPS listener is listed: {body}"
+    );
+
+    // Plain HTTP on the HTTPS port gets no answer it can use.
+    let mut plain = tokio::net::TcpStream::connect(api).await.unwrap();
+    plain
+        .write_all(b"GET /api/overview HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        plain.read_to_end(&mut got),
+    )
+    .await;
+    assert!(!String::from_utf8_lossy(&got).contains("rabbitmq_version"));
+    broker.shutdown().await;
+}
+
+#[test]
+fn https_without_a_certificate_is_refused_at_its_key() {
+    let text = "listen = [\"127.0.0.1:0\"]\ndata_dir = \"d\"\n[management]\ntls_listen = [\"127.0.0.1:0\"]\n";
+    let err = warrenmq::Config::parse(text, "https.toml")
+        .expect_err("no [tls] table")
+        .to_string();
+    assert!(err.starts_with("https.toml:4:"), "{err}");
+    assert!(err.contains("management.tls_listen"), "{err}");
 }

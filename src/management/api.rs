@@ -14,6 +14,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
+use super::rates::{self, Of};
 use super::{access, write};
 use super::{authenticate, ApiError, Caller, Role};
 use crate::model::exchange::Destination;
@@ -273,6 +274,7 @@ fn queue_json(vhost: &str, q: &Arc<Queue>, stats: &QueueStats, unacked: (u64, u6
         "message_bytes_ram": stats.ready_resident_bytes + unacked.1,
         "message_bytes_paged_out": ready_bytes - stats.ready_resident_bytes.min(ready_bytes),
         "idle_since": stats.idle_since.map(|t| timestamp(wall_of(t))),
+        "message_stats": rates::message_stats(Of::Queue, &q.counts, &q.rates),
     })
 }
 
@@ -580,6 +582,7 @@ async fn channels(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
                 "confirm": l.confirm.load(std::sync::atomic::Ordering::Relaxed),
                 "transactional": l.transactional.load(std::sync::atomic::Ordering::Relaxed),
                 "messages_unacknowledged": unacked,
+                "message_stats": rates::message_stats(Of::Channel, &ch.counts, &ch.rates),
             }));
         }
     }
@@ -700,7 +703,7 @@ async fn overview(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
         "product_version": env!("CARGO_PKG_VERSION"),
         "cluster_name": NODE,
         "node": NODE,
-        "rates_mode": "none",
+        "rates_mode": "basic",
         "exchange_types": types,
         "listeners": listeners,
         "object_totals": {
@@ -715,7 +718,7 @@ async fn overview(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
             "messages_ready": ready,
             "messages_unacknowledged": unacked,
         },
-        "message_stats": {},
+        "message_stats": rates::message_stats(Of::Broker, &rates::broker_counts(&s), &s.rates),
         "statistics_db_event_queue": 0,
     })))
 }
@@ -734,8 +737,10 @@ async fn nodes(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
         "type": "disc",
         "running": true,
         "uptime": uptime,
-        "mem_used": s.gauge.used(),
-        "mem_limit": s.config.limits.memory_high_watermark,
+        // RabbitMQ's mem_used is the node's total: the process's resident memory.
+        "mem_used": crate::memory::resident_bytes().unwrap_or(s.gauge.used() as u64),
+        "mem_limit": s.gauge.high(),
+        "mem_calculation_strategy": if s.gauge.counts_resident() { "rss" } else { "bodies" },
         "mem_alarm": s.gauge.memory_over(),
         "disk_free_alarm": s.gauge.disk_alarm(),
         "disk_free": s.disk_free.load(std::sync::atomic::Ordering::Relaxed),

@@ -15,19 +15,19 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::model::stats::SIZE_BUCKETS;
 use crate::session::context::BrokerState;
-use crate::session::shared::MessageCounts;
 
 pub async fn serve(
-    listeners: Vec<TcpListener>,
+    listeners: Vec<(TcpListener, bool)>,
     state: Arc<BrokerState>,
     stop: watch::Receiver<bool>,
 ) {
     let app = Router::new()
         .route("/metrics", get(aggregated))
         .route("/metrics/per-object", get(per_object))
-        .with_state(state);
-    super::serve_router(listeners, app, stop, "metrics endpoint").await
+        .with_state(state.clone());
+    super::serve_router(listeners, app, &state, stop, "metrics endpoint").await
 }
 
 async fn aggregated(State(s): State<Arc<BrokerState>>) -> impl IntoResponse {
@@ -77,10 +77,7 @@ impl Out {
 
 /// Resident memory, open and allowed file descriptors, from /proc (Linux).
 fn process() -> (Option<u64>, Option<u64>, Option<u64>) {
-    let rss = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map(|pages| pages * 4096);
+    let rss = crate::memory::resident_bytes();
     let open = std::fs::read_dir("/proc/self/fd")
         .ok()
         .map(|d| d.count() as u64);
@@ -175,11 +172,7 @@ fn render(s: &BrokerState, per_object: bool) -> String {
     );
 
     // Message counters: closed connections' totals plus the live ones'.
-    let counts = MessageCounts::default();
-    s.closed.add_to(&counts);
-    for c in &conns {
-        c.counts_into(&counts);
-    }
+    let counts = super::rates::broker_counts(s);
     for (name, value) in counts.named() {
         let name = format!("rabbitmq_global_messages_{name}");
         o.family(
@@ -193,6 +186,36 @@ fn render(s: &BrokerState, per_object: bool) -> String {
             value.load(Ordering::Relaxed) as f64,
         );
     }
+
+    // Published body sizes (RabbitMQ 4's histogram: cumulative buckets).
+    let name = "rabbitmq_message_size_bytes";
+    o.family(
+        name,
+        "histogram",
+        "Size of messages received from publishers",
+    );
+    let mut cumulative = 0u64;
+    for (i, n) in counts.sizes.iter().enumerate() {
+        cumulative += n.load(Ordering::Relaxed);
+        let le = SIZE_BUCKETS
+            .get(i)
+            .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
+        o.sample(
+            &format!("{name}_bucket"),
+            &[("protocol", "amqp091"), ("le", &le)],
+            cumulative as f64,
+        );
+    }
+    o.sample(
+        &format!("{name}_sum"),
+        &[("protocol", "amqp091")],
+        counts.size_sum.load(Ordering::Relaxed) as f64,
+    );
+    o.sample(
+        &format!("{name}_count"),
+        &[("protocol", "amqp091")],
+        cumulative as f64,
+    );
 
     // Queues: unacknowledged deliveries are counted from the channels holding them.
     let unacked = super::api::Unacked::gather(s);
@@ -305,7 +328,7 @@ fn render(s: &BrokerState, per_object: bool) -> String {
         "rabbitmq_resident_memory_limit_bytes",
         "gauge",
         "Memory high watermark in bytes",
-        s.config.limits.memory_high_watermark as f64,
+        s.gauge.high() as f64,
     );
     o.one(
         "rabbitmq_alarms_memory_used_watermark",

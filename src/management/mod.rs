@@ -6,7 +6,9 @@
 
 mod access;
 mod api;
+mod https;
 pub mod metrics;
+mod rates;
 mod write;
 
 use std::net::SocketAddr;
@@ -14,6 +16,7 @@ use std::sync::Arc;
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt;
 use axum::Json;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -22,40 +25,65 @@ use tokio::sync::watch;
 use crate::config::User;
 use crate::session::context::BrokerState;
 
-/// Serves the API on `listeners` until `stop` changes.
+/// Serves the API on `listeners` (plain, or TLS when flagged) until `stop` changes.
 pub async fn serve(
-    listeners: Vec<TcpListener>,
+    listeners: Vec<(TcpListener, bool)>,
     state: Arc<BrokerState>,
     stop: watch::Receiver<bool>,
 ) {
-    serve_router(listeners, api::router(state), stop, "management API").await
+    let every = std::time::Duration::from_millis(
+        state
+            .config
+            .management
+            .as_ref()
+            .map_or(5000, |m| m.collect_statistics_interval),
+    );
+    let sampler = tokio::spawn(rates::sample(state.clone(), every, stop.clone()));
+    let app = api::router(state.clone());
+    serve_router(listeners, app, &state, stop, "management API").await;
+    sampler.abort();
 }
 
 /// Serves `app` on every listener until `stop` changes (the management API and
-/// the metrics endpoint alike).
+/// the metrics endpoint alike). TLS listeners use the `[tls]` certificate in
+/// force when a client connects (SIGHUP renews it, as for AMQP).
 pub(crate) async fn serve_router(
-    listeners: Vec<TcpListener>,
+    listeners: Vec<(TcpListener, bool)>,
     app: axum::Router,
+    state: &Arc<BrokerState>,
     stop: watch::Receiver<bool>,
     what: &'static str,
 ) {
     let mut servers = tokio::task::JoinSet::new();
-    for listener in listeners {
-        let app = app.clone();
-        let mut stop = stop.clone();
-        servers.spawn(async move {
-            let served = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = stop.changed().await;
-            })
-            .await;
-            if let Err(e) = served {
-                tracing::error!("{what} stopped: {e}");
-            }
-        });
+    for (listener, tls) in listeners {
+        let service = app
+            .clone()
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let mut stop_serving = stop.clone();
+        let shutdown = async move {
+            let _ = stop_serving.changed().await;
+        };
+        if tls {
+            let listener = https::TlsListener::new(listener, state.clone(), stop.clone());
+            servers.spawn(async move {
+                // tap_io: axum gives the peer's address (ConnectInfo) to tapped listeners.
+                let served = axum::serve(listener.tap_io(|_| {}), service)
+                    .with_graceful_shutdown(shutdown)
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!("{what} (TLS) stopped: {e}");
+                }
+            });
+        } else {
+            servers.spawn(async move {
+                let served = axum::serve(listener, service)
+                    .with_graceful_shutdown(shutdown)
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!("{what} stopped: {e}");
+                }
+            });
+        }
     }
     while servers.join_next().await.is_some() {}
 }

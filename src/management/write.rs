@@ -22,6 +22,7 @@ use crate::error::AmqpError;
 use crate::model::change::{Actor, BindingSpec, Change, ExchangeSpec, Outcome, QueueSpec};
 use crate::model::exchange::Destination;
 use crate::model::queue::Got;
+use crate::model::stats::MessageCounts;
 use crate::model::topology::Routed;
 use crate::model::vhost::Vhost;
 use crate::session::context::BrokerState;
@@ -448,6 +449,12 @@ pub async fn publish(
         body,
         s.gauge.clone(),
     ));
+    MessageCounts::bump(&s.closed.received, 1);
+    if queues.is_empty() {
+        MessageCounts::bump(&s.closed.unroutable_dropped, 1);
+    } else {
+        MessageCounts::bump(&s.closed.routed, 1);
+    }
     let mut persisted = false;
     for q in &queues {
         persisted |= q.publish(msg.clone()) == crate::model::queue::Enqueued::Persisted;
@@ -518,6 +525,11 @@ pub async fn get_messages(
                 continue;
             }
         };
+        // As RabbitMQ's, through a channel of its own: counted as that channel's
+        // would be once closed.
+        for c in [&q.counts, &s.closed] {
+            c.fetched(false, m.redelivered);
+        }
         out.push(message_json(
             &m,
             left,
@@ -533,6 +545,9 @@ pub async fn get_messages(
             if reject {
                 q.rejected(m);
             } else {
+                for c in [&q.counts, &s.closed] {
+                    MessageCounts::bump(&c.acknowledged, 1);
+                }
                 q.forget(&m);
             }
         }

@@ -254,6 +254,10 @@ impl Drop for Reservation {
 pub struct MemoryGauge {
     used: AtomicUsize,
     high: usize,
+    /// The process's resident bytes, last read (memory.rs); with the `rss`
+    /// strategy they count against the watermark as well as the bodies held.
+    resident: AtomicUsize,
+    counts_resident: bool,
     /// Free disk space is below `limits.disk_free_limit`: publishers are blocked
     /// as for memory (RabbitMQ's disk alarm).
     disk_alarm: std::sync::atomic::AtomicBool,
@@ -261,10 +265,18 @@ pub struct MemoryGauge {
 }
 
 impl MemoryGauge {
+    /// A gauge counting the bodies held only (the `bodies` strategy).
     pub fn new(high: usize) -> MemoryGauge {
+        MemoryGauge::with_strategy(high, false)
+    }
+
+    /// With `counts_resident`, the process's resident memory counts too.
+    pub fn with_strategy(high: usize, counts_resident: bool) -> MemoryGauge {
         MemoryGauge {
             used: AtomicUsize::new(0),
             high,
+            resident: AtomicUsize::new(0),
+            counts_resident,
             disk_alarm: std::sync::atomic::AtomicBool::new(false),
             below: Notify::new(),
         }
@@ -291,7 +303,36 @@ impl MemoryGauge {
     }
 
     pub fn memory_over(&self) -> bool {
-        self.used() > self.high
+        self.used() > self.high || self.resident_over()
+    }
+
+    fn resident_over(&self) -> bool {
+        self.counts_resident && self.resident.load(Ordering::Relaxed) > self.high
+    }
+
+    pub fn counts_resident(&self) -> bool {
+        self.counts_resident
+    }
+
+    pub fn high(&self) -> usize {
+        self.high
+    }
+
+    /// The process's resident bytes, as last read (0 before the first reading).
+    pub fn resident(&self) -> usize {
+        self.resident.load(Ordering::Relaxed)
+    }
+
+    /// Records a reading of resident memory; returns whether the memory alarm
+    /// went on or off with it.
+    pub fn set_resident(&self, bytes: usize) -> bool {
+        let before = self.memory_over();
+        self.resident.store(bytes, Ordering::Relaxed);
+        let after = self.memory_over();
+        if before && !after {
+            self.below.notify_waiters();
+        }
+        before != after
     }
 
     pub fn disk_alarm(&self) -> bool {

@@ -15,6 +15,7 @@ pub mod pmap;
 pub mod policy;
 pub mod queue;
 mod recovery;
+pub mod stats;
 pub mod topology;
 pub mod values;
 pub mod vhost;

@@ -296,6 +296,10 @@ pub struct Queue {
     backlogged: std::sync::atomic::AtomicBool,
     gauge: Arc<MemoryGauge>,
     state: Mutex<QueueState>,
+    /// Messages in, delivered, fetched, acked: the management API's message_stats
+    /// (the counts a channel keeps, under the names that apply to a queue).
+    pub counts: super::stats::MessageCounts,
+    pub rates: super::stats::Rates<11>,
 }
 
 /// A message read back from the store at start-up.
@@ -549,6 +553,8 @@ impl Queue {
                 paging: false,
                 page_waiters: Vec::new(),
             }),
+            counts: Default::default(),
+            rates: Default::default(),
         });
         if let Some(ms) = q.args().expires {
             let mut st = q.lock();
@@ -702,6 +708,7 @@ impl Queue {
             return Enqueued::Rejected;
         }
         let mut m = self.queued(&mut st, msg);
+        super::stats::MessageCounts::bump(&self.counts.received, 1);
         if let Some((store, id)) = &self.store {
             if m.msg.persistent() {
                 // A request to the store's thread: no disk work under this lock.

@@ -55,9 +55,11 @@ pub struct BrokerState {
     pub(crate) user_channels: Tally,
     /// Every connection being served, for listings and closing by the management API.
     pub(crate) connections: Mutex<HashMap<u64, Arc<crate::session::shared::ConnShared>>>,
-    /// Counts of closed connections (their channels' included), and how many
-    /// connections and channels were opened and closed, for metrics.
+    /// Counts of closed connections (their channels' included), and of what the
+    /// management API published and fetched (as through a channel of its own).
     pub closed: crate::session::shared::MessageCounts,
+    /// The broker-wide message rates (/api/overview), sampled with the others.
+    pub rates: crate::model::stats::Rates<11>,
     pub churn: Churn,
     /// What listens, as bound: ("amqp" | "amqp/ssl" | "http", address).
     pub listening: Vec<(&'static str, std::net::SocketAddr)>,

@@ -44,8 +44,9 @@ pub struct ChannelShared {
     state: Mutex<DeliveryState>,
     /// What listings show of the channel's settings.
     pub listing: ChannelListing,
-    /// Its message counts, for metrics.
+    /// Its message counts, for metrics, and their last rates.
     pub counts: crate::session::shared::MessageCounts,
+    pub rates: crate::model::stats::Rates<11>,
 }
 
 /// A channel's settings as the management API lists them.
@@ -99,6 +100,7 @@ impl ChannelShared {
             state: Mutex::new(DeliveryState::default()),
             listing: ChannelListing::default(),
             counts: Default::default(),
+            rates: Default::default(),
         }
     }
 
@@ -157,17 +159,18 @@ impl Deliver for ChannelShared {
             &m.msg.body,
             self.conn.frame_max(),
         );
-        let c = &self.counts;
-        MessageCounts::bump(
-            if consumer.no_ack {
-                &c.delivered_consume_auto_ack
-            } else {
-                &c.delivered_consume_manual_ack
-            },
-            1,
-        );
-        if m.redelivered {
-            MessageCounts::bump(&c.redelivered, 1);
+        for c in [&self.counts, &queue.counts] {
+            MessageCounts::bump(
+                if consumer.no_ack {
+                    &c.delivered_consume_auto_ack
+                } else {
+                    &c.delivered_consume_manual_ack
+                },
+                1,
+            );
+            if m.redelivered {
+                MessageCounts::bump(&c.redelivered, 1);
+            }
         }
         if !consumer.no_ack {
             consumer.unacked.fetch_add(1, Ordering::AcqRel);
@@ -235,17 +238,8 @@ impl ChannelShared {
             );
             out.content(self.id, &m.msg.header, &m.msg.body, self.conn.frame_max());
         }
-        let c = &self.counts;
-        MessageCounts::bump(
-            if no_ack {
-                &c.delivered_get_auto_ack
-            } else {
-                &c.delivered_get_manual_ack
-            },
-            1,
-        );
-        if m.redelivered {
-            MessageCounts::bump(&c.redelivered, 1);
+        for c in [&self.counts, &queue.counts] {
+            c.fetched(no_ack, m.redelivered);
         }
         if !no_ack {
             st.unacked.insert(
@@ -310,6 +304,7 @@ fn unknown_tag(tag: u64) -> AmqpError {
 /// Gives credit back for settled deliveries, forgets them, and kicks each queue once.
 pub(super) fn settle(done: Vec<Unacked>) {
     for u in &done {
+        MessageCounts::bump(&u.queue.counts.acknowledged, 1);
         u.queue.forget(&u.msg);
     }
     release(done);

@@ -42,66 +42,7 @@ pub enum Synced {
     Nack(u64),
 }
 
-/// Message counts as RabbitMQ's global metrics name them, kept per channel (so a
-/// count is one uncontended atomic add) and summed when metrics are read.
-#[derive(Default, Debug)]
-pub struct MessageCounts {
-    pub received: AtomicU64,
-    pub received_confirm: AtomicU64,
-    pub routed: AtomicU64,
-    pub unroutable_dropped: AtomicU64,
-    pub unroutable_returned: AtomicU64,
-    pub confirmed: AtomicU64,
-    pub delivered_consume_auto_ack: AtomicU64,
-    pub delivered_consume_manual_ack: AtomicU64,
-    pub delivered_get_auto_ack: AtomicU64,
-    pub delivered_get_manual_ack: AtomicU64,
-    pub get_empty: AtomicU64,
-    pub redelivered: AtomicU64,
-    pub acknowledged: AtomicU64,
-}
-
-impl MessageCounts {
-    pub fn bump(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Every counter with its RabbitMQ name (after `rabbitmq_global_messages_`).
-    pub fn named(&self) -> [(&'static str, &AtomicU64); 13] {
-        [
-            ("received_total", &self.received),
-            ("received_confirm_total", &self.received_confirm),
-            ("routed_total", &self.routed),
-            ("unroutable_dropped_total", &self.unroutable_dropped),
-            ("unroutable_returned_total", &self.unroutable_returned),
-            ("confirmed_total", &self.confirmed),
-            (
-                "delivered_consume_auto_ack_total",
-                &self.delivered_consume_auto_ack,
-            ),
-            (
-                "delivered_consume_manual_ack_total",
-                &self.delivered_consume_manual_ack,
-            ),
-            ("delivered_get_auto_ack_total", &self.delivered_get_auto_ack),
-            (
-                "delivered_get_manual_ack_total",
-                &self.delivered_get_manual_ack,
-            ),
-            ("get_empty_total", &self.get_empty),
-            ("redelivered_total", &self.redelivered),
-            ("acknowledged_total", &self.acknowledged),
-        ]
-    }
-
-    /// Adds these counts to `into` (a closing channel's to its connection's, a
-    /// closing connection's to the broker's).
-    pub fn add_to(&self, into: &MessageCounts) {
-        for ((_, from), (_, to)) in self.named().iter().zip(into.named().iter()) {
-            to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
-    }
-}
+pub use crate::model::stats::MessageCounts;
 
 /// What listings show of a connection, fixed when it was accepted.
 #[derive(Debug, Clone)]

@@ -64,10 +64,9 @@ impl Channel {
                 match q.get() {
                     Got::Message(m, remaining) => self.shared.get_ok(&q, m, remaining, g.no_ack),
                     Got::Empty => {
-                        crate::session::shared::MessageCounts::bump(
-                            &self.shared.counts.get_empty,
-                            1,
-                        );
+                        for c in [&self.shared.counts, &q.counts] {
+                            crate::session::shared::MessageCounts::bump(&c.get_empty, 1);
+                        }
                         self.reply(AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {})))
                     }
                     // The head is on disk: ask again once it is read back, and

@@ -420,6 +420,7 @@ impl Channel {
         };
         let counts = &self.shared.counts;
         MessageCounts::bump(&counts.received, 1);
+        counts.sized(p.body.len());
         if self.confirm {
             MessageCounts::bump(&counts.received_confirm, 1);
         }
