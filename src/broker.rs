@@ -380,6 +380,33 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         listening,
         started_at: crate::store::wall_ms(),
     });
+    // One line an operator can read the broker's state from: what it serves,
+    // where, and within which limits.
+    let queues_now: usize = state
+        .vhost_map()
+        .values()
+        .map(|v| v.topology().queues().count())
+        .sum();
+    let listening = state
+        .listening
+        .iter()
+        .map(|(p, a)| format!("{p} {a}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    info!(
+        "WarrenMQ {} ready in {:.3}s: {} vhosts, {queues_now} queues, {nm} messages recovered; \
+         listening: {listening}; memory high watermark {} bytes ({}), disk_free_limit {} bytes",
+        env!("CARGO_PKG_VERSION"),
+        started.elapsed().as_secs_f64(),
+        state.vhost_map().len(),
+        state.gauge.high(),
+        if state.gauge.counts_resident() {
+            "resident memory"
+        } else {
+            "message bodies"
+        },
+        state.config.limits.disk_free_limit,
+    );
     let (stop, stop_rx) = watch::channel(false);
     let weak_store = Arc::downgrade(&store);
     drop(store);
@@ -444,6 +471,7 @@ fn recover(config: &Config, gauge: &Arc<MemoryGauge>) -> Result<Recovery, StoreE
     let joined = live.join(config);
     let mut vhosts = HashMap::new();
     let (mut nq, mut nm, mut skipped) = (0, 0, 0);
+    let mut progress = crate::model::recovery::Progress::new(queues.len());
     for v in &joined.vhosts {
         let vhost = Arc::new(Vhost::new(
             &v.name,
@@ -452,7 +480,7 @@ fn recover(config: &Config, gauge: &Arc<MemoryGauge>) -> Result<Recovery, StoreE
             config.limits.queue_memory_budget as usize,
         ));
         vhost.set_limits(vhost_limits(config, v));
-        let r = vhost.recover(&exchanges, &queues, &bindings, gauge)?;
+        let r = vhost.recover(&exchanges, &queues, &bindings, gauge, &mut progress)?;
         nq += r.queues;
         nm += r.messages;
         skipped += r.skipped;

@@ -54,6 +54,12 @@ async fn json_logs_are_one_object_per_line_with_the_connection_span() {
         serde_json::from_str(&wait_for("listening for AMQP")).expect("JSON");
     let message = listening["fields"]["message"].as_str().unwrap();
     let addr = message.rsplit(' ').next().unwrap();
+    // Once everything is recovered and bound, one line says what is served where.
+    let ready: serde_json::Value = serde_json::from_str(&wait_for("ready in")).expect("JSON");
+    let summary = ready["fields"]["message"].as_str().unwrap();
+    assert!(summary.contains(&format!("amqp {addr}")), "{summary}");
+    assert!(summary.contains("1 vhosts, 0 queues"), "{summary}");
+    assert!(summary.contains("memory high watermark"), "{summary}");
 
     let conn = support::connect_url(&format!("amqp://guest:guest@{addr}/%2f")).await;
     let opened: serde_json::Value =

@@ -14,7 +14,7 @@ mod persist;
 pub mod pmap;
 pub mod policy;
 pub mod queue;
-mod recovery;
+pub mod recovery;
 pub mod stats;
 pub mod topology;
 pub mod values;

@@ -2,6 +2,7 @@
 //! from the store into its topology, before any client connects.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::exchange::{self, Destination, Exchange, ExchangeDef};
 use super::message::{ttl_of, MemoryGauge, Message};
@@ -10,6 +11,57 @@ use super::vhost::Vhost;
 use crate::store::{
     wall_ms, StoreError, StoredBinding, StoredDestination, StoredExchange, StoredQueue,
 };
+
+/// How far start-up has read, over every vhost: logged every few seconds, so an
+/// operator waiting on a large backlog sees it move (listeners open only after).
+pub struct Progress {
+    last: Instant,
+    queues_total: usize,
+    queues: usize,
+    messages: usize,
+    started: Instant,
+}
+
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+impl Progress {
+    pub fn new(queues_total: usize) -> Progress {
+        let now = Instant::now();
+        Progress {
+            last: now,
+            queues_total,
+            queues: 0,
+            messages: 0,
+            started: now,
+        }
+    }
+
+    fn message(&mut self) {
+        self.messages += 1;
+        // The clock only every few thousand messages: reading it costs more than a count.
+        if self.messages % 4096 == 0 {
+            self.maybe_log();
+        }
+    }
+
+    fn queue_done(&mut self) {
+        self.queues += 1;
+        self.maybe_log();
+    }
+
+    fn maybe_log(&mut self) {
+        if self.last.elapsed() >= PROGRESS_EVERY {
+            self.last = Instant::now();
+            tracing::info!(
+                "recovering: {} of {} durable queues, {} messages read in {:.1}s",
+                self.queues,
+                self.queues_total,
+                self.messages,
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
 
 /// What [`Vhost::recover`] brought back.
 #[derive(Default)]
@@ -28,6 +80,7 @@ impl Vhost {
         queues: &[StoredQueue],
         bindings: &[StoredBinding],
         gauge: &Arc<MemoryGauge>,
+        progress: &mut Progress,
     ) -> Result<Recovered, StoreError> {
         let Some(store) = self.store.clone() else {
             return Ok(Recovered::default());
@@ -91,6 +144,7 @@ impl Vhost {
                         continue;
                     }
                 };
+                progress.message();
                 let (size, seq, stored_at) = (m.body.len(), m.seq, m.stored_at);
                 // Only the head of a long backlog is loaded; the rest stays on disk.
                 // For that rest, the property flags say whether priority or expiration
@@ -144,6 +198,7 @@ impl Vhost {
             }
             nm += msgs.len();
             nq += 1;
+            progress.queue_done();
             q.restore(msgs);
             t.queues.insert(q.name.clone(), q);
         }

@@ -241,7 +241,8 @@ impl BrokerState {
         let (store, gauge, v) = (self.store.clone(), self.gauge.clone(), vhost.clone());
         tokio::task::spawn_blocking(move || {
             let (x, q, b) = (store.exchanges()?, store.queues()?, store.bindings()?);
-            v.recover(&x, &q, &b, &gauge).map(|_| ())
+            let mut progress = crate::model::recovery::Progress::new(q.len());
+            v.recover(&x, &q, &b, &gauge, &mut progress).map(|_| ())
         })
         .await
         .map_err(|e| e.to_string())?
