@@ -39,7 +39,7 @@ impl Progress {
     fn message(&mut self) {
         self.messages += 1;
         // The clock only every few thousand messages: reading it costs more than a count.
-        if self.messages % 4096 == 0 {
+        if self.messages.is_multiple_of(4096) {
             self.maybe_log();
         }
     }
