@@ -12,7 +12,7 @@ use crate::store::{
     wall_ms, StoreError, StoredBinding, StoredDestination, StoredExchange, StoredQueue,
 };
 
-/// How far start-up has read, over every vhost: logged every few seconds, so an
+/// How far start-up has read, over every vhost: logged every two seconds, so an
 /// operator waiting on a large backlog sees it move (listeners open only after).
 pub struct Progress {
     last: Instant,
@@ -22,7 +22,7 @@ pub struct Progress {
     started: Instant,
 }
 
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
 impl Progress {
     pub fn new(queues_total: usize) -> Progress {
