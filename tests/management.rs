@@ -231,6 +231,12 @@ async fn queues_show_what_clients_did() {
 
     let list = get(api, "/api/queues").await;
     assert_eq!(list.as_array().map(|a| a.len()), Some(1));
+    // One trailing slash is ignored, as by RabbitMQ (Celery Flower asks for
+    // /api/queues/); two are not.
+    assert_eq!(get(api, "/api/queues/").await[0]["name"], "work");
+    assert_eq!(get(api, "/api/queues/%2F/").await[0]["name"], "work");
+    let (status, _) = http(api, "GET", "/api/queues//", Some(("guest", "guest"))).await;
+    assert_eq!(status, 404);
     same_names(&list[0], &recorded("queues")[0], "GET /api/queues");
 
     let conns = get(api, "/api/connections").await;

@@ -4,21 +4,19 @@
 //! queues at once. Entries the configuration file defines are the file's, and the
 //! API refuses to change them, naming the file.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
-use super::{authenticate, ApiError, Role};
+use super::{ApiError, Caller, Role};
 use crate::config::{Config, PermissionConfig, PolicyConfig, TopicPermissionConfig, User};
 use crate::live::Live;
 use crate::session::context::BrokerState;
 
 type St = State<Arc<BrokerState>>;
-type Peer = ConnectInfo<SocketAddr>;
 
 use super::write::json_body as body;
 
@@ -119,12 +117,10 @@ fn tags(v: Option<&Value>) -> Vec<String> {
 
 pub async fn put_user(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path(name): Path<String>,
     raw: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     c.require(Role::Administrator)?;
     let b = body(&raw)?;
     let (hash, algorithm) = match (text(&b, "password"), text(&b, "password_hash")) {
@@ -170,11 +166,9 @@ pub async fn put_user(
 
 pub async fn delete_user(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     c.require(Role::Administrator)?;
     change(&s, |live, file| {
         if file.users.iter().any(|u| u.name == name) {
@@ -197,12 +191,10 @@ pub async fn delete_user(
 
 pub async fn put_permissions(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, user)): Path<(String, String)>,
     raw: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     c.require(Role::Administrator)?;
     let b = body(&raw)?;
     let entry = PermissionConfig {
@@ -234,11 +226,9 @@ pub async fn put_permissions(
 
 pub async fn delete_permissions(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, user)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     c.require(Role::Administrator)?;
     change(&s, |live, file| {
         if file
@@ -261,12 +251,10 @@ pub async fn delete_permissions(
 
 pub async fn put_topic_permissions(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, user)): Path<(String, String)>,
     raw: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     c.require(Role::Administrator)?;
     let b = body(&raw)?;
     let Some(exchange) = text(&b, "exchange") else {
@@ -294,11 +282,9 @@ pub async fn put_topic_permissions(
 
 pub async fn delete_topic_permissions(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, user)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     c.require(Role::Administrator)?;
     change(&s, |live, _| {
         remove(&mut live.topic_permissions, |p| {
@@ -312,12 +298,10 @@ pub async fn delete_topic_permissions(
 
 pub async fn put_policy(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, name)): Path<(String, String)>,
     raw: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     may_set_policies(&c)?;
     if !c.sees_vhost(&s, &vhost) {
         return Err(ApiError::not_authorised("Access refused."));
@@ -364,11 +348,9 @@ pub async fn put_policy(
 
 pub async fn delete_policy(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     may_set_policies(&c)?;
     if !c.sees_vhost(&s, &vhost) {
         return Err(ApiError::not_authorised("Access refused."));
@@ -390,11 +372,9 @@ pub async fn delete_policy(
 
 pub async fn put_vhost(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     c.require(Role::Administrator)?;
     if name.is_empty() {
         return Err(ApiError::bad_request("a vhost needs a name".into()));
@@ -428,11 +408,9 @@ pub async fn put_vhost(
 
 pub async fn delete_vhost(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     c.require(Role::Administrator)?;
     change(&s, |live, file| {
         if file.vhosts.iter().any(|v| v.name == name) {
@@ -461,11 +439,9 @@ pub async fn delete_vhost(
 /// reported (400) after the rest has been applied, as RabbitMQ's import reports.
 pub async fn post_definitions(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     raw: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     c.require(Role::Administrator)?;
     let text = std::str::from_utf8(&raw)
         .map_err(|_| ApiError::bad_request("definitions: not UTF-8".into()))?;

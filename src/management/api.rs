@@ -4,19 +4,17 @@
 //! counted from the channels that hold them.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use amq_protocol::types::{AMQPValue, FieldTable};
-use axum::extract::{ConnectInfo, Path, State};
-use axum::http::HeaderMap;
+use axum::extract::{Path, State};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
 use super::rates::{self, Of};
 use super::{access, write};
-use super::{authenticate, ApiError, Caller, Role};
+use super::{ApiError, Caller, Role};
 use crate::model::exchange::Destination;
 use crate::model::queue::{now_ms, Queue, QueueStats};
 use crate::model::vhost::Vhost;
@@ -24,7 +22,6 @@ use crate::session::context::BrokerState;
 use crate::session::shared::ConnShared;
 
 type St = State<Arc<BrokerState>>;
-type Peer = ConnectInfo<SocketAddr>;
 type Reply = Result<Json<Value>, ApiError>;
 
 /// The version of RabbitMQ whose management API this one follows.
@@ -121,14 +118,6 @@ pub fn router(state: Arc<BrokerState>) -> Router {
         .route("/api/aliveness-test/{vhost}", get(aliveness))
         .fallback(|| async { ApiError::not_found() })
         .with_state(state)
-}
-
-async fn caller(
-    state: &BrokerState,
-    headers: &HeaderMap,
-    peer: SocketAddr,
-) -> Result<Caller, ApiError> {
-    authenticate(state, headers, peer).await
 }
 
 /// A field table as RabbitMQ's JSON shows it. Depth is bounded: tables from
@@ -312,21 +301,14 @@ fn queues_of(vhosts: &[(String, Arc<Vhost>)], unacked: &Unacked) -> Vec<Value> {
     out
 }
 
-async fn queues(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn queues(State(s): St, c: Caller) -> Reply {
     Ok(Json(Value::Array(queues_of(
         &visible(&s, &c),
         &Unacked::gather(&s),
     ))))
 }
 
-async fn queues_in(
-    State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
-    Path(vhost): Path<String>,
-) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn queues_in(State(s): St, c: Caller, Path(vhost): Path<String>) -> Reply {
     let v = one(&s, &c, &vhost)?;
     Ok(Json(Value::Array(queues_of(
         &[(vhost.clone(), v.clone())],
@@ -334,13 +316,7 @@ async fn queues_in(
     ))))
 }
 
-async fn queue(
-    State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
-    Path((vhost, name)): Path<(String, String)>,
-) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn queue(State(s): St, c: Caller, Path((vhost, name)): Path<(String, String)>) -> Reply {
     let v = one(&s, &c, &vhost)?;
     let t = v.topology();
     let q = t.queue(&name).ok_or_else(ApiError::not_found)?;
@@ -388,18 +364,11 @@ fn exchanges_of(vhosts: &[(String, Arc<Vhost>)]) -> Vec<Value> {
     out
 }
 
-async fn exchanges(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn exchanges(State(s): St, c: Caller) -> Reply {
     Ok(Json(Value::Array(exchanges_of(&visible(&s, &c)))))
 }
 
-async fn exchanges_in(
-    State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
-    Path(vhost): Path<String>,
-) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn exchanges_in(State(s): St, c: Caller, Path(vhost): Path<String>) -> Reply {
     let v = one(&s, &c, &vhost)?;
     Ok(Json(Value::Array(exchanges_of(&[(
         vhost.clone(),
@@ -407,13 +376,7 @@ async fn exchanges_in(
     )]))))
 }
 
-async fn exchange(
-    State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
-    Path((vhost, name)): Path<(String, String)>,
-) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn exchange(State(s): St, c: Caller, Path((vhost, name)): Path<(String, String)>) -> Reply {
     let v = one(&s, &c, &vhost)?;
     if name.is_empty() || name == "amq.default" {
         return Ok(Json(
@@ -480,18 +443,11 @@ fn bindings_of(vhosts: &[(String, Arc<Vhost>)]) -> Vec<Value> {
     out
 }
 
-async fn bindings(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn bindings(State(s): St, c: Caller) -> Reply {
     Ok(Json(Value::Array(bindings_of(&visible(&s, &c)))))
 }
 
-async fn bindings_in(
-    State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
-    Path(vhost): Path<String>,
-) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn bindings_in(State(s): St, c: Caller, Path(vhost): Path<String>) -> Reply {
     let v = one(&s, &c, &vhost)?;
     Ok(Json(Value::Array(bindings_of(&[(
         vhost.clone(),
@@ -537,8 +493,7 @@ fn connection_json(c: &ConnShared) -> Value {
     })
 }
 
-async fn connections(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn connections(State(s): St, c: Caller) -> Reply {
     let list: Vec<Value> = visible_connections(&s, &c)
         .iter()
         .map(|conn| connection_json(conn))
@@ -546,8 +501,7 @@ async fn connections(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply 
     Ok(Json(Value::Array(list)))
 }
 
-async fn channels(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn channels(State(s): St, c: Caller) -> Reply {
     // Consumers per (connection, channel), from the queues of the visible vhosts.
     let mut consumers: HashMap<(u64, u16), usize> = HashMap::new();
     for (_, v) in visible(&s, &c) {
@@ -645,18 +599,11 @@ fn consumers_of(s: &BrokerState, vhosts: &[(String, Arc<Vhost>)]) -> Vec<Value> 
     out
 }
 
-async fn consumers(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn consumers(State(s): St, c: Caller) -> Reply {
     Ok(Json(Value::Array(consumers_of(&s, &visible(&s, &c)))))
 }
 
-async fn consumers_in(
-    State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
-    Path(vhost): Path<String>,
-) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn consumers_in(State(s): St, c: Caller, Path(vhost): Path<String>) -> Reply {
     let v = one(&s, &c, &vhost)?;
     Ok(Json(Value::Array(consumers_of(
         &s,
@@ -681,8 +628,7 @@ fn totals(vhosts: &[(String, Arc<Vhost>)], unacked: &Unacked) -> (u64, u64, usiz
     (ready, un, queues, consumers, exchanges)
 }
 
-async fn overview(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn overview(State(s): St, c: Caller) -> Reply {
     let vs = visible(&s, &c);
     let (ready, unacked, queues, consumers, exchanges) = totals(&vs, &Unacked::gather(&s));
     let conns = visible_connections(&s, &c);
@@ -723,13 +669,11 @@ async fn overview(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
     })))
 }
 
-async fn whoami(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn whoami(c: Caller) -> Reply {
     Ok(Json(json!({ "name": c.user.name, "tags": c.user.tags })))
 }
 
-async fn nodes(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn nodes(State(s): St, c: Caller) -> Reply {
     c.require(Role::Monitoring)?;
     let uptime = crate::store::wall_ms().saturating_sub(s.started_at);
     Ok(Json(json!([{
@@ -765,8 +709,7 @@ fn vhost_json(name: &str, v: &Arc<Vhost>, unacked: &Unacked) -> Value {
     })
 }
 
-async fn vhosts(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn vhosts(State(s): St, c: Caller) -> Reply {
     let unacked = Unacked::gather(&s);
     Ok(Json(Value::Array(
         visible(&s, &c)
@@ -776,13 +719,7 @@ async fn vhosts(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
     )))
 }
 
-async fn vhost(
-    State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
-    Path(name): Path<String>,
-) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn vhost(State(s): St, c: Caller, Path(name): Path<String>) -> Reply {
     let v = one(&s, &c, &name)?;
     Ok(Json(vhost_json(&name, &v, &Unacked::gather(&s))))
 }
@@ -816,16 +753,14 @@ fn user_json(u: &crate::config::User) -> Value {
     })
 }
 
-async fn users(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn users(State(s): St, c: Caller) -> Reply {
     c.require(Role::Administrator)?;
     let mut list: Vec<_> = s.users.load().iter().map(user_json).collect();
     list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     Ok(Json(Value::Array(list)))
 }
 
-async fn user(State(s): St, ConnectInfo(p): Peer, h: HeaderMap, Path(name): Path<String>) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn user(State(s): St, c: Caller, Path(name): Path<String>) -> Reply {
     c.require(Role::Administrator)?;
     let users = s.users.load();
     let u = users
@@ -835,8 +770,7 @@ async fn user(State(s): St, ConnectInfo(p): Peer, h: HeaderMap, Path(name): Path
     Ok(Json(user_json(u)))
 }
 
-async fn permissions(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn permissions(State(s): St, c: Caller) -> Reply {
     c.require(Role::Administrator)?;
     let config = s.current.load();
     let mut list: Vec<Value> = config
@@ -860,8 +794,7 @@ async fn permissions(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply 
     Ok(Json(Value::Array(list)))
 }
 
-async fn topic_permissions(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn topic_permissions(State(s): St, c: Caller) -> Reply {
     c.require(Role::Administrator)?;
     Ok(Json(Value::Array(
         s.current
@@ -888,18 +821,11 @@ fn policies_json(s: &BrokerState, c: &Caller, vhost: Option<&str>) -> Vec<Value>
         .collect()
 }
 
-async fn policies(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn policies(State(s): St, c: Caller) -> Reply {
     Ok(Json(Value::Array(policies_json(&s, &c, None))))
 }
 
-async fn policies_in(
-    State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
-    Path(vhost): Path<String>,
-) -> Reply {
-    let c = caller(&s, &h, p).await?;
+async fn policies_in(State(s): St, c: Caller, Path(vhost): Path<String>) -> Reply {
     one(&s, &c, &vhost)?;
     Ok(Json(Value::Array(policies_json(&s, &c, Some(&vhost)))))
 }
@@ -907,9 +833,8 @@ async fn policies_in(
 /// RabbitMQ's definitions of the running broker: the configuration's users,
 /// vhosts, permissions and policies, and the durable exchanges, queues and
 /// bindings as they are now (whoever declared them). Administrators only.
-async fn definitions(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
+async fn definitions(State(s): St, c: Caller) -> Reply {
     use crate::store::{StoredBinding, StoredDestination, StoredExchange, StoredQueue};
-    let c = caller(&s, &h, p).await?;
     c.require(Role::Administrator)?;
     let mut live = crate::definitions::Stored {
         exchanges: Vec::new(),
@@ -970,8 +895,7 @@ async fn definitions(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply 
     Ok(Json(export.json))
 }
 
-async fn nothing(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    caller(&s, &h, p).await?;
+async fn nothing(_: Caller) -> Reply {
     Ok(Json(json!([])))
 }
 
@@ -979,8 +903,7 @@ fn ok() -> Reply {
     Ok(Json(json!({"status": "ok"})))
 }
 
-async fn alarms(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    caller(&s, &h, p).await?;
+async fn alarms(State(s): St, _: Caller) -> Reply {
     let mut alarms = Vec::new();
     if s.gauge.memory_over() {
         alarms.push("memory");
@@ -997,23 +920,15 @@ async fn alarms(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
     ok()
 }
 
-async fn virtual_hosts_ok(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    caller(&s, &h, p).await?;
+async fn virtual_hosts_ok(_: Caller) -> Reply {
     ok()
 }
 
-async fn ok_check(State(s): St, ConnectInfo(p): Peer, h: HeaderMap) -> Reply {
-    caller(&s, &h, p).await?;
+async fn ok_check(_: Caller) -> Reply {
     ok()
 }
 
-async fn port_listener(
-    State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
-    Path(port): Path<String>,
-) -> Reply {
-    caller(&s, &h, p).await?;
+async fn port_listener(State(s): St, _: Caller, Path(port): Path<String>) -> Reply {
     let Ok(port) = port.parse::<u16>() else {
         return Err(ApiError::unavailable(format!(
             "{port} is not a port number"
@@ -1027,13 +942,7 @@ async fn port_listener(
     )))
 }
 
-async fn protocol_listener(
-    State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
-    Path(protocol): Path<String>,
-) -> Reply {
-    caller(&s, &h, p).await?;
+async fn protocol_listener(State(s): St, _: Caller, Path(protocol): Path<String>) -> Reply {
     let wanted = match protocol.as_str() {
         "amqp" | "amqp091" | "amqp0-9-1" => "amqp",
         "amqp/ssl" | "amqps" => "amqp/ssl",
@@ -1051,14 +960,8 @@ async fn protocol_listener(
 
 /// RabbitMQ's aliveness test: declares the vhost's `aliveness-test` queue,
 /// publishes a message to it and gets it back.
-async fn aliveness(
-    State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
-    Path(vhost): Path<String>,
-) -> Reply {
+async fn aliveness(State(s): St, c: Caller, Path(vhost): Path<String>) -> Reply {
     use crate::model::change::{Actor, Change, Outcome, QueueSpec};
-    let c = caller(&s, &h, p).await?;
     let v = one(&s, &c, &vhost)?.clone();
     let declared = v.apply(
         Change::DeclareQueue(QueueSpec {

@@ -55,10 +55,14 @@ pub(crate) async fn serve_router(
     what: &'static str,
 ) {
     let mut servers = tokio::task::JoinSet::new();
+    // Routing sees the path without its trailing slash, so that the whole service
+    // must be wrapped: a layer on the router would run after routing.
+    let app = tower::ServiceExt::<axum::extract::Request>::map_request(app, trim_trailing_slash);
     for (listener, tls) in listeners {
-        let service = app
-            .clone()
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let service =
+            axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<
+                SocketAddr,
+            >(app.clone());
         let mut stop_serving = stop.clone();
         let shutdown = async move {
             let _ = stop_serving.changed().await;
@@ -86,6 +90,28 @@ pub(crate) async fn serve_router(
         }
     }
     while servers.join_next().await.is_some() {}
+}
+
+/// RabbitMQ's management API ignores one trailing slash (`/api/queues/` is
+/// `/api/queues`; Celery Flower asks for the former), so this one does too.
+fn trim_trailing_slash(mut req: axum::extract::Request) -> axum::extract::Request {
+    let uri = req.uri();
+    let path = uri.path();
+    if path.len() > 1 && path.ends_with('/') {
+        let mut trimmed = path[..path.len() - 1].to_string();
+        if let Some(q) = uri.query() {
+            trimmed.push('?');
+            trimmed.push_str(q);
+        }
+        let mut parts = uri.clone().into_parts();
+        if let Ok(pq) = trimmed.parse() {
+            parts.path_and_query = Some(pq);
+            if let Ok(new) = axum::http::Uri::from_parts(parts) {
+                *req.uri_mut() = new;
+            }
+        }
+    }
+    req
 }
 
 /// An error as RabbitMQ's management plugin gives it: a status and
@@ -211,9 +237,28 @@ impl Caller {
     }
 }
 
+/// Every API handler takes its caller as an argument: authentication runs before
+/// the path, query or body are looked at, so a request without valid credentials
+/// gets 401 whatever else is wrong with it, as from RabbitMQ.
+impl axum::extract::FromRequestParts<Arc<BrokerState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<BrokerState>,
+    ) -> Result<Caller, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+            .ok_or_else(|| ApiError::internal("no peer address".into()))?;
+        authenticate(state, &parts.headers, peer).await
+    }
+}
+
 /// HTTP basic authentication against the broker's users (loopback-only users only
 /// from loopback, failures paced as AMQP logins are), then the tags.
-pub async fn authenticate(
+async fn authenticate(
     state: &BrokerState,
     headers: &HeaderMap,
     peer: SocketAddr,

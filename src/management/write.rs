@@ -4,19 +4,18 @@
 //! declarations take, and is checked against the caller's permissions in the
 //! vhost as RabbitMQ checks them (tags give access to the API, not to vhosts).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{FieldTable, ShortString};
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authenticate, ApiError, Caller};
+use super::{ApiError, Caller};
 use crate::auth::Access;
 use crate::error::AmqpError;
 use crate::model::change::{Actor, BindingSpec, Change, ExchangeSpec, Outcome, QueueSpec};
@@ -28,7 +27,6 @@ use crate::model::vhost::Vhost;
 use crate::session::context::BrokerState;
 
 type St = State<Arc<BrokerState>>;
-type Peer = ConnectInfo<SocketAddr>;
 
 /// A refused change, as RabbitMQ's management plugin reports it: 400 with the
 /// AMQP reason (404 for what does not exist).
@@ -110,13 +108,11 @@ fn no_content() -> Response {
 
 pub async fn put_exchange(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, name)): Path<(String, String)>,
     raw: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let body = json_body(&raw)?;
-    let c = authenticate(&s, &h, p).await?;
     let v = permitted(&s, &c, &vhost, &[(Access::Configure, "exchange", &name)])?;
     let existed = v.topology().exchange(&name).is_some();
     let spec = ExchangeSpec {
@@ -154,12 +150,10 @@ fn yes(v: &Option<String>) -> bool {
 
 pub async fn delete_exchange(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, name)): Path<(String, String)>,
     Query(q): Query<DeleteFlags>,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     let v = permitted(&s, &c, &vhost, &[(Access::Configure, "exchange", &name)])?;
     apply(
         &s,
@@ -175,13 +169,11 @@ pub async fn delete_exchange(
 
 pub async fn put_queue(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, name)): Path<(String, String)>,
     raw: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let body = json_body(&raw)?;
-    let c = authenticate(&s, &h, p).await?;
     let v = permitted(&s, &c, &vhost, &[(Access::Configure, "queue", &name)])?;
     let existed = v.topology().queue(&name).is_some();
     let spec = QueueSpec {
@@ -202,12 +194,10 @@ pub async fn put_queue(
 
 pub async fn delete_queue(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, name)): Path<(String, String)>,
     Query(q): Query<DeleteFlags>,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     let v = permitted(&s, &c, &vhost, &[(Access::Configure, "queue", &name)])?;
     apply(
         &s,
@@ -224,11 +214,9 @@ pub async fn delete_queue(
 
 pub async fn purge(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     let v = permitted(&s, &c, &vhost, &[(Access::Read, "queue", &name)])?;
     apply(&s, &v, Change::Purge { queue: name }).await?;
     Ok(no_content())
@@ -260,13 +248,11 @@ fn destination(kind: &str, name: &str) -> Result<Destination, ApiError> {
 
 pub async fn post_binding(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, source, kind, dest)): Path<(String, String, String, String)>,
     raw: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let body = json_body(&raw)?;
-    let c = authenticate(&s, &h, p).await?;
     let destination = destination(&kind, &dest)?;
     let dest_kind = if kind == "q" { "queue" } else { "exchange" };
     let v = permitted(
@@ -305,11 +291,9 @@ pub async fn post_binding(
 
 pub async fn delete_binding(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, source, kind, dest, props)): Path<(String, String, String, String, String)>,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     let destination = destination(&kind, &dest)?;
     let dest_kind = if kind == "q" { "queue" } else { "exchange" };
     let v = permitted(
@@ -385,13 +369,11 @@ fn properties(v: Option<&Value>) -> Result<BasicProperties, ApiError> {
 
 pub async fn publish(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, exchange)): Path<(String, String)>,
     raw: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let body = json_body(&raw)?;
-    let c = authenticate(&s, &h, p).await?;
     // "amq.default" is how the API names the default exchange.
     let exchange = if exchange == "amq.default" {
         String::new()
@@ -481,8 +463,7 @@ const GET_MAX: u32 = 10_000;
 
 pub async fn get_messages(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, name)): Path<(String, String)>,
     raw: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -500,7 +481,6 @@ pub async fn get_messages(
             .map(str::to_string),
         truncate: number(&body, "truncate").map(|n| n as usize),
     };
-    let c = authenticate(&s, &h, p).await?;
     let v = permitted(&s, &c, &vhost, &[(Access::Read, "queue", &name)])?;
     let q = v
         .topology()
@@ -618,11 +598,10 @@ fn properties_json(p: &BasicProperties) -> Value {
 
 pub async fn delete_connection(
     State(s): St,
-    ConnectInfo(p): Peer,
+    c: Caller,
     h: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     let conn = s
         .connections()
         .into_iter()
@@ -643,11 +622,9 @@ pub async fn delete_connection(
 /// Bindings between two named ends (GET /api/bindings/{vhost}/e/{source}/q/{dest}).
 pub async fn bindings_between(
     State(s): St,
-    ConnectInfo(p): Peer,
-    h: HeaderMap,
+    c: Caller,
     Path((vhost, source, kind, dest)): Path<(String, String, String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let c = authenticate(&s, &h, p).await?;
     if !c.sees_vhost(&s, &vhost) {
         return Err(ApiError::not_authorised("Access refused."));
     }
