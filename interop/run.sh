@@ -7,7 +7,7 @@
 set -uo pipefail
 exec 2>&1
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-SUITES=(py-amqp kombu lapin rabbitmqadmin flower)
+SUITES=(py-amqp kombu lapin rabbitmqadmin console flower)
 
 if [ $# -gt 2 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
     echo "usage: interop/run.sh [HOST [PORT]]   (default 127.0.0.1 5672)"

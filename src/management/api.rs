@@ -116,6 +116,7 @@ pub fn router(state: Arc<BrokerState>) -> Router {
         .route("/api/health/checks/ready-to-serve-clients", get(ok_check))
         .route("/api/health/checks/node-is-quorum-critical", get(ok_check))
         .route("/api/aliveness-test/{vhost}", get(aliveness))
+        .merge(super::console::router())
         .fallback(|| async { ApiError::not_found() })
         .with_state(state)
 }

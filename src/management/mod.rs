@@ -3,9 +3,11 @@
 //! RabbitMQ's management plugin work against this broker unchanged. It reads the
 //! state the AMQP side keeps (the vhosts' topology, each queue, the registry of
 //! connections) and never holds a lock a publisher needs for longer than a copy.
+//! The same listener serves a small web console at `/` (console.rs) built on it.
 
 mod access;
 mod api;
+mod console;
 mod https;
 pub mod metrics;
 mod rates;
