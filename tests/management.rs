@@ -277,6 +277,23 @@ async fn queues_show_what_clients_did() {
     assert_eq!(overview["queue_totals"]["messages"], 5);
     same_names(&overview, &recorded("overview"), "GET /api/overview");
 
+    // One queue's and one exchange's bindings, as RabbitMQ lists them.
+    let of_queue = get(api, "/api/queues/%2F/work/bindings").await;
+    assert_eq!(of_queue.as_array().map(|a| a.len()), Some(1), "{of_queue}");
+    assert_eq!(of_queue[0]["source"], "");
+    let from_default = get(api, "/api/exchanges/%2F/amq.default/bindings/source").await;
+    assert_eq!(from_default[0]["destination"], "work");
+    let into_topic = get(api, "/api/exchanges/%2F/amq.topic/bindings/destination").await;
+    assert_eq!(into_topic, serde_json::json!([]));
+    for missing in [
+        "/api/queues/%2F/nowhere/bindings",
+        "/api/exchanges/%2F/nowhere/bindings/source",
+        "/api/exchanges/%2F/amq.topic/bindings/sideways",
+    ] {
+        let (status, _) = http(api, "GET", missing, Some(("guest", "guest"))).await;
+        assert_eq!(status, 404, "{missing}");
+    }
+
     let bindings = get(api, "/api/bindings/%2F").await;
     assert_eq!(bindings[0]["source"], "");
     assert_eq!(bindings[0]["destination"], "work");

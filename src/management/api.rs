@@ -87,6 +87,11 @@ pub fn router(state: Arc<BrokerState>) -> Router {
         )
         .route("/api/queues/{vhost}/{name}/contents", delete(write::purge))
         .route("/api/queues/{vhost}/{name}/get", post(write::get_messages))
+        .route(
+            "/api/exchanges/{vhost}/{name}/bindings/{end}",
+            get(exchange_bindings),
+        )
+        .route("/api/queues/{vhost}/{name}/bindings", get(queue_bindings))
         .route("/api/bindings", get(bindings))
         .route("/api/bindings/{vhost}", get(bindings_in))
         .route(
@@ -442,6 +447,52 @@ fn bindings_of(vhosts: &[(String, Arc<Vhost>)]) -> Vec<Value> {
         }
     }
     out
+}
+
+/// The bindings of one exchange or queue: `end` is "source" or "destination"
+/// for an exchange, "queue" for a queue (RabbitMQ's .../bindings/source,
+/// .../bindings/destination and /api/queues/{vhost}/{name}/bindings).
+fn bindings_at(s: &BrokerState, c: &Caller, vhost: &str, name: &str, end: &str) -> Reply {
+    let v = one(s, c, vhost)?;
+    let t = v.topology();
+    let name = if end != "queue" && name == "amq.default" {
+        ""
+    } else {
+        name
+    };
+    let exists = match end {
+        "queue" => t.queue(name).is_some(),
+        _ => name.is_empty() || t.exchange(name).is_some(),
+    };
+    if !exists {
+        return Err(ApiError::not_found());
+    }
+    let all = bindings_of(&[(vhost.to_string(), v.clone())]);
+    let keep = |b: &Value| match end {
+        "source" => b["source"] == name,
+        "destination" => b["destination_type"] == "exchange" && b["destination"] == name,
+        _ => b["destination_type"] == "queue" && b["destination"] == name,
+    };
+    Ok(Json(Value::Array(all.into_iter().filter(keep).collect())))
+}
+
+async fn exchange_bindings(
+    State(s): St,
+    c: Caller,
+    Path((vhost, name, end)): Path<(String, String, String)>,
+) -> Reply {
+    if end != "source" && end != "destination" {
+        return Err(ApiError::not_found());
+    }
+    bindings_at(&s, &c, &vhost, &name, &end)
+}
+
+async fn queue_bindings(
+    State(s): St,
+    c: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> Reply {
+    bindings_at(&s, &c, &vhost, &name, "queue")
 }
 
 async fn bindings(State(s): St, c: Caller) -> Reply {
