@@ -269,7 +269,7 @@ fn queue_json(vhost: &str, q: &Arc<Queue>, stats: &QueueStats, unacked: (u64, u6
         "message_bytes_ram": stats.ready_resident_bytes + unacked.1,
         "message_bytes_paged_out": ready_bytes - stats.ready_resident_bytes.min(ready_bytes),
         "idle_since": stats.idle_since.map(|t| timestamp(wall_of(t))),
-        "message_stats": rates::message_stats(Of::Queue, &q.counts, &q.rates),
+        "message_stats": rates::message_stats(Of::Queue, q.stats_counts(), &q.rates),
     })
 }
 
@@ -588,7 +588,7 @@ async fn channels(State(s): St, c: Caller) -> Reply {
                 "confirm": l.confirm.load(std::sync::atomic::Ordering::Relaxed),
                 "transactional": l.transactional.load(std::sync::atomic::Ordering::Relaxed),
                 "messages_unacknowledged": unacked,
-                "message_stats": rates::message_stats(Of::Channel, &ch.counts, &ch.rates),
+                "message_stats": rates::message_stats(Of::Channel, ch.counts.stats(), &ch.rates),
             }));
         }
     }
@@ -716,7 +716,7 @@ async fn overview(State(s): St, c: Caller) -> Reply {
             "messages_ready": ready,
             "messages_unacknowledged": unacked,
         },
-        "message_stats": rates::message_stats(Of::Broker, &rates::broker_counts(&s), &s.rates),
+        "message_stats": rates::message_stats(Of::Broker, rates::broker_counts(&s).stats(), &s.rates),
         "statistics_db_event_queue": 0,
     })))
 }
@@ -1049,7 +1049,7 @@ async fn aliveness(State(s): St, c: Caller, Path(vhost): Path<String>) -> Reply 
         s.gauge.clone(),
     );
     q.publish(Arc::new(msg));
-    match q.get() {
+    match q.get(false) {
         crate::model::queue::Got::Message(m, _) => {
             q.forget(&m);
             ok()

@@ -36,7 +36,7 @@ fn sample_once(s: &BrokerState, now: Instant) {
     s.rates.sample(now, total.stats());
     for v in s.vhost_map().values() {
         for q in v.topology().queues() {
-            q.rates.sample(now, q.counts.stats());
+            q.rates.sample(now, q.stats_counts());
         }
     }
 }
@@ -51,8 +51,8 @@ pub enum Of {
 
 /// RabbitMQ's `message_stats`: each count with `<name>_details: {"rate": r}`, and
 /// `deliver_get` (all four ways out) beside them.
-pub fn message_stats(of: Of, counts: &MessageCounts, rates: &Rates<11>) -> Value {
-    let (n, r) = (counts.stats(), rates.get());
+pub fn message_stats(of: Of, n: [u64; 11], rates: &Rates<11>) -> Value {
+    let r = rates.get();
     let mut m = Map::new();
     let mut put = |name: &str, count: u64, rate: f64| {
         m.insert(name.into(), count.into());

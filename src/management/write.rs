@@ -497,7 +497,7 @@ pub async fn get_messages(
     let mut taken = Vec::new();
     let mut out = Vec::new();
     while taken.len() < req.count.min(GET_MAX) as usize {
-        let (m, left) = match q.get() {
+        let (m, left) = match q.get(false) {
             Got::Message(m, left) => (m, left),
             Got::Empty => break,
             Got::PagingIn(rx) => {
@@ -507,9 +507,7 @@ pub async fn get_messages(
         };
         // As RabbitMQ's, through a channel of its own: counted as that channel's
         // would be once closed.
-        for c in [&q.counts, &s.closed] {
-            c.fetched(false, m.redelivered);
-        }
+        s.closed.fetched(false, m.redelivered);
         out.push(message_json(
             &m,
             left,
@@ -518,6 +516,7 @@ pub async fn get_messages(
         ));
         taken.push(m);
     }
+    let mut acked = 0;
     if requeue {
         q.requeue(taken);
     } else {
@@ -525,12 +524,12 @@ pub async fn get_messages(
             if reject {
                 q.rejected(m);
             } else {
-                for c in [&q.counts, &s.closed] {
-                    MessageCounts::bump(&c.acknowledged, 1);
-                }
+                MessageCounts::bump(&s.closed.acknowledged, 1);
                 q.forget(&m);
+                acked += 1;
             }
         }
+        q.kick_acked(acked);
     }
     Ok(Json(Value::Array(out)))
 }

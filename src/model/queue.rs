@@ -296,9 +296,7 @@ pub struct Queue {
     backlogged: std::sync::atomic::AtomicBool,
     gauge: Arc<MemoryGauge>,
     state: Mutex<QueueState>,
-    /// Messages in, delivered, fetched, acked: the management API's message_stats
-    /// (the counts a channel keeps, under the names that apply to a queue).
-    pub counts: super::stats::MessageCounts,
+    /// The last rates of `stats()`'s counts (the management API's sampler sets them).
     pub rates: super::stats::Rates<11>,
 }
 
@@ -446,6 +444,9 @@ impl Ready {
 }
 
 struct QueueState {
+    /// Kept under the lock that every publish, delivery and ack takes anyway, so
+    /// counting costs no shared cache line of its own.
+    counts: QueueCounts,
     ready: Ready,
     next_seq: u64,
     consumers: Vec<Arc<Consumer>>,
@@ -461,6 +462,19 @@ struct QueueState {
     paging: bool,
     /// basic.get callers waiting for that page-in.
     page_waiters: Vec<oneshot::Sender<()>>,
+}
+
+/// What went in and out of a queue, under the management API's names.
+#[derive(Default, Clone, Copy)]
+struct QueueCounts {
+    publish: u64,
+    deliver: u64,
+    deliver_no_ack: u64,
+    get: u64,
+    get_no_ack: u64,
+    get_empty: u64,
+    redeliver: u64,
+    ack: u64,
 }
 
 /// A queue as listings show it.
@@ -541,6 +555,7 @@ impl Queue {
             backlogged: std::sync::atomic::AtomicBool::new(false),
             gauge: memory.1,
             state: Mutex::new(QueueState {
+                counts: QueueCounts::default(),
                 ready: Ready::new(levels),
                 next_seq: 0,
                 consumers: Vec::new(),
@@ -553,7 +568,6 @@ impl Queue {
                 paging: false,
                 page_waiters: Vec::new(),
             }),
-            counts: Default::default(),
             rates: Default::default(),
         });
         if let Some(ms) = q.args().expires {
@@ -708,7 +722,7 @@ impl Queue {
             return Enqueued::Rejected;
         }
         let mut m = self.queued(&mut st, msg);
-        super::stats::MessageCounts::bump(&self.counts.received, 1);
+        st.counts.publish += 1;
         if let Some((store, id)) = &self.store {
             if m.msg.persistent() {
                 // A request to the store's thread: no disk work under this lock.
@@ -949,7 +963,14 @@ impl Queue {
 
     /// Tries to deliver again (after an ack, a qos change, a flow change or a drained socket).
     pub fn kick(self: &Arc<Self>) {
+        self.kick_acked(0);
+    }
+
+    /// As `kick`, after `acked` of this queue's deliveries were acked (counted
+    /// under the lock the kick takes anyway).
+    pub fn kick_acked(self: &Arc<Self>, acked: u64) {
         let mut st = self.lock();
+        st.counts.ack += acked;
         if st.ready.len > 0 && !st.consumers.is_empty() {
             self.drain(&mut st);
         }
@@ -1001,8 +1022,18 @@ impl Queue {
             let Some(m) = self.resolve(e) else {
                 continue;
             };
+            let redelivered = m.redelivered;
             match consumer.channel.deliver(self, &consumer, m) {
-                Ok(()) => st.next_consumer = (idx + 1) % n,
+                Ok(()) => {
+                    st.next_consumer = (idx + 1) % n;
+                    let c = &mut st.counts;
+                    if consumer.no_ack {
+                        c.deliver_no_ack += 1;
+                    } else {
+                        c.deliver += 1;
+                    }
+                    c.redeliver += redelivered as u64;
+                }
                 Err(m) => {
                     st.ready.push_front(Entry::resident(m));
                     refused.push(idx);
@@ -1012,7 +1043,7 @@ impl Queue {
     }
 
     /// basic.get: the next ready message, if any, with the count left behind it.
-    pub fn get(self: &Arc<Self>) -> Got {
+    pub fn get(self: &Arc<Self>, no_ack: bool) -> Got {
         let mut st = self.lock();
         st.last_used = now_ms();
         self.expire_head(&mut st, now_ms());
@@ -1023,8 +1054,20 @@ impl Queue {
             return Got::PagingIn(rx);
         }
         match st.ready.pop_front().and_then(|e| self.resolve(e)) {
-            Some(m) => Got::Message(m, st.ready.len as u32),
-            None => Got::Empty,
+            Some(m) => {
+                let c = &mut st.counts;
+                if no_ack {
+                    c.get_no_ack += 1;
+                } else {
+                    c.get += 1;
+                }
+                c.redeliver += m.redelivered as u64;
+                Got::Message(m, st.ready.len as u32)
+            }
+            None => {
+                st.counts.get_empty += 1;
+                Got::Empty
+            }
         }
     }
 
@@ -1098,6 +1141,25 @@ impl Queue {
                 .collect(),
             idle_since: st.consumers.is_empty().then_some(st.last_used),
         }
+    }
+
+    /// The message counts under [`super::stats::STAT_NAMES`] (confirms and
+    /// unroutable messages are no queue's: 0).
+    pub fn stats_counts(&self) -> [u64; 11] {
+        let c = self.lock().counts;
+        [
+            c.publish,
+            0,
+            0,
+            0,
+            c.deliver,
+            c.deliver_no_ack,
+            c.get,
+            c.get_no_ack,
+            c.get_empty,
+            c.redeliver,
+            c.ack,
+        ]
     }
 
     /// Ready and consumer counts, as declare-ok reports them.

@@ -159,18 +159,17 @@ impl Deliver for ChannelShared {
             &m.msg.body,
             self.conn.frame_max(),
         );
-        for c in [&self.counts, &queue.counts] {
-            MessageCounts::bump(
-                if consumer.no_ack {
-                    &c.delivered_consume_auto_ack
-                } else {
-                    &c.delivered_consume_manual_ack
-                },
-                1,
-            );
-            if m.redelivered {
-                MessageCounts::bump(&c.redelivered, 1);
-            }
+        let c = &self.counts;
+        MessageCounts::bump(
+            if consumer.no_ack {
+                &c.delivered_consume_auto_ack
+            } else {
+                &c.delivered_consume_manual_ack
+            },
+            1,
+        );
+        if m.redelivered {
+            MessageCounts::bump(&c.redelivered, 1);
         }
         if !consumer.no_ack {
             consumer.unacked.fetch_add(1, Ordering::AcqRel);
@@ -238,9 +237,7 @@ impl ChannelShared {
             );
             out.content(self.id, &m.msg.header, &m.msg.body, self.conn.frame_max());
         }
-        for c in [&self.counts, &queue.counts] {
-            c.fetched(no_ack, m.redelivered);
-        }
+        self.counts.fetched(no_ack, m.redelivered);
         if !no_ack {
             st.unacked.insert(
                 tag,
@@ -304,26 +301,31 @@ fn unknown_tag(tag: u64) -> AmqpError {
 /// Gives credit back for settled deliveries, forgets them, and kicks each queue once.
 pub(super) fn settle(done: Vec<Unacked>) {
     for u in &done {
-        MessageCounts::bump(&u.queue.counts.acknowledged, 1);
         u.queue.forget(&u.msg);
     }
-    release(done);
+    release_counted(done, true);
 }
 
 /// Gives credit back for deliveries that were dealt with, and kicks each queue once.
 pub(super) fn release(done: Vec<Unacked>) {
-    let mut queues: Vec<Arc<Queue>> = Vec::new();
+    release_counted(done, false);
+}
+
+/// As `release`; with `acked`, each queue also counts its deliveries acked.
+fn release_counted(done: Vec<Unacked>, acked: bool) {
+    let mut queues: Vec<(Arc<Queue>, u64)> = Vec::new();
     for u in &done {
         if let Some(c) = &u.consumer {
             c.release_credit();
         }
-        if !queues.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
-            queues.push(u.queue.clone());
+        match queues.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+            Some((_, n)) => *n += 1,
+            None => queues.push((u.queue.clone(), 1)),
         }
     }
     drop(done);
-    for q in queues {
-        q.kick();
+    for (q, n) in queues {
+        q.kick_acked(if acked { n } else { 0 });
     }
 }
 

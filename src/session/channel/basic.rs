@@ -61,12 +61,13 @@ impl Channel {
                 let name = self.resolve_queue(g.queue.as_str())?;
                 self.permit(Access::Read, "queue", &name)?;
                 let q = self.vhost.queue(&name, self.actor())?;
-                match q.get() {
+                match q.get(g.no_ack) {
                     Got::Message(m, remaining) => self.shared.get_ok(&q, m, remaining, g.no_ack),
                     Got::Empty => {
-                        for c in [&self.shared.counts, &q.counts] {
-                            crate::session::shared::MessageCounts::bump(&c.get_empty, 1);
-                        }
+                        crate::session::shared::MessageCounts::bump(
+                            &self.shared.counts.get_empty,
+                            1,
+                        );
                         self.reply(AMQPClass::Basic(M::GetEmpty(basic::GetEmpty {})))
                     }
                     // The head is on disk: ask again once it is read back, and
