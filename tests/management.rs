@@ -957,5 +957,21 @@ async fn message_rates_follow_the_traffic() {
     let channels = get(api, "/api/channels").await;
     assert_eq!(channels[0]["message_stats"]["publish"], sent);
     assert_eq!(channels[0]["message_stats"]["get"], 10);
+
+    // A vhost counts its connections' traffic, also once they have closed.
+    conn.close(200, "bye".into()).await.expect("close");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let root = get(api, "/api/vhosts/%2F").await;
+    assert_eq!(root["message_stats"]["publish"], sent, "{root}");
+    assert_eq!(root["message_stats"]["ack"], 5, "{root}");
+    assert_eq!(
+        names(&root["message_stats"]),
+        names(&recorded("vhosts")[0]["message_stats"]),
+        "a vhost's message_stats names are RabbitMQ's"
+    );
+    assert_eq!(
+        get(api, "/api/vhosts/other").await["message_stats"]["publish"],
+        0
+    );
     b.shutdown().await;
 }

@@ -745,8 +745,9 @@ async fn nodes(State(s): St, c: Caller) -> Reply {
     }])))
 }
 
-fn vhost_json(name: &str, v: &Arc<Vhost>, unacked: &Unacked) -> Value {
+fn vhost_json(s: &BrokerState, name: &str, v: &Arc<Vhost>, unacked: &Unacked) -> Value {
     let (ready, un, ..) = totals(&[(name.to_string(), v.clone())], unacked);
+    let counts = rates::vhost_counts(s, name, v).stats();
     json!({
         "name": name,
         "description": "",
@@ -758,6 +759,7 @@ fn vhost_json(name: &str, v: &Arc<Vhost>, unacked: &Unacked) -> Value {
         "messages": ready + un,
         "messages_ready": ready,
         "messages_unacknowledged": un,
+        "message_stats": rates::message_stats(Of::Broker, counts, &v.rates),
     })
 }
 
@@ -766,14 +768,14 @@ async fn vhosts(State(s): St, c: Caller) -> Reply {
     Ok(Json(Value::Array(
         visible(&s, &c)
             .into_iter()
-            .map(|(n, v)| vhost_json(&n, &v, &unacked))
+            .map(|(n, v)| vhost_json(&s, &n, &v, &unacked))
             .collect(),
     )))
 }
 
 async fn vhost(State(s): St, c: Caller, Path(name): Path<String>) -> Reply {
     let v = one(&s, &c, &name)?;
-    Ok(Json(vhost_json(&name, &v, &Unacked::gather(&s))))
+    Ok(Json(vhost_json(&s, &name, &v, &Unacked::gather(&s))))
 }
 
 fn user_json(u: &crate::config::User) -> Value {

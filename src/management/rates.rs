@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use tokio::sync::watch;
 
 use crate::model::stats::{MessageCounts, Rates, STAT_NAMES};
+use crate::model::vhost::Vhost;
 use crate::session::context::BrokerState;
 
 /// Samples every `every` until `stop` changes.
@@ -34,7 +35,8 @@ fn sample_once(s: &BrokerState, now: Instant) {
         }
     }
     s.rates.sample(now, total.stats());
-    for v in s.vhost_map().values() {
+    for (name, v) in s.vhost_map().iter() {
+        v.rates.sample(now, vhost_counts(s, name, v).stats());
         for q in v.topology().queues() {
             q.rates.sample(now, q.stats_counts());
         }
@@ -80,6 +82,18 @@ pub fn broker_counts(s: &BrokerState) -> MessageCounts {
     s.closed.add_to(&total);
     for conn in s.connections() {
         conn.counts_into(&total);
+    }
+    total
+}
+
+/// One vhost's counts now: its closed connections' plus its open ones'.
+pub fn vhost_counts(s: &BrokerState, name: &str, v: &Vhost) -> MessageCounts {
+    let total = MessageCounts::default();
+    v.closed_counts.add_to(&total);
+    for conn in s.connections() {
+        if conn.opened().is_some_and(|o| o.vhost == name) {
+            conn.counts_into(&total);
+        }
     }
     total
 }

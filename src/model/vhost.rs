@@ -68,6 +68,10 @@ pub struct Vhost {
     /// name, read lock-free by replies. Only such names look here.
     reply_to: ArcSwap<PMap<Arc<str>, Weak<Queue>>>,
     limits: Mutex<VhostLimits>,
+    /// Message counts of the connections to this vhost that have closed (the
+    /// open ones keep their own), and the last rates of the vhost's total.
+    pub closed_counts: super::stats::MessageCounts,
+    pub rates: super::stats::Rates<11>,
 }
 
 /// What only the changing side needs, under the writer mutex.
@@ -148,6 +152,8 @@ impl Vhost {
             queue_memory_budget,
             reply_to: ArcSwap::from_pointee(PMap::new()),
             limits: Mutex::new(VhostLimits::default()),
+            closed_counts: Default::default(),
+            rates: Default::default(),
         }
     }
 

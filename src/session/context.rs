@@ -127,6 +127,9 @@ impl Drop for Registered {
         // Its counts stay in the broker's totals.
         if let Some(c) = gone {
             c.counts_into(&self.broker.closed);
+            if let Some(v) = c.opened().and_then(|o| self.broker.vhost(&o.vhost)) {
+                c.counts_into(&v.closed_counts);
+            }
             let churn = &self.broker.churn;
             let add = |a: &std::sync::atomic::AtomicU64, n: u64| {
                 a.fetch_add(n, Ordering::Relaxed);
