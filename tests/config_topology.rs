@@ -204,7 +204,7 @@ async fn bad_entries_are_refused_at_their_line() {
     let err = start(&dir, missing).await.err().expect("refused");
     assert!(err.starts_with("topology.toml:11:1: "), "{err}");
     assert!(
-        err.contains("NOT_FOUND - no queue 'q' in vhost '/'"),
+        err.contains("NOT_FOUND - no exchange 'nope' in vhost '/'"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);

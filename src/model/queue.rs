@@ -19,7 +19,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::dead_letter::DeadLetter;
 use super::message::{MemoryGauge, Message};
-use super::values::{int_value, string_value, type_name};
+use super::values::{integer_arg, string_value, type_name};
 use crate::error::{queue_name, AmqpError, AmqpResult};
 use crate::store::Store;
 use crate::store::{ReadBack, StoredMessage};
@@ -151,13 +151,24 @@ impl QueueArgs {
                 queue_name(queue, vhost)
             ))
         };
+        // rabbit_channel checks the dead-letter exchange's type before the queue's
+        // own argument checks, with a text of its own.
+        if let Some(v) = get("x-dead-letter-exchange") {
+            if string_value(v).is_none() {
+                return Err(AmqpError::precondition_failed(format!(
+                    "invalid type '{}' for arg 'x-dead-letter-exchange' in {}",
+                    type_name(v),
+                    queue_name(queue, vhost)
+                )));
+            }
+        }
         let non_negative = |k: &str| -> AmqpResult<Option<u64>> {
             match get(k) {
                 None => Ok(None),
-                Some(v) => match int_value(v) {
-                    Some(n) if n >= 0 => Ok(Some(n.min(u64::MAX as i128) as u64)),
-                    Some(n) => Err(bad(k, format!("{{value_negative,{n}}}"))),
-                    None => Err(bad(k, format!("{{unacceptable_type,{}}}", type_name(v)))),
+                Some(v) => match integer_arg(v) {
+                    Ok(n) if n >= 0 => Ok(Some(n.min(u64::MAX as i128) as u64)),
+                    Ok(n) => Err(bad(k, format!("{{value_negative,{n}}}"))),
+                    Err(why) => Err(bad(k, why)),
                 },
             }
         };
@@ -185,23 +196,13 @@ impl QueueArgs {
         let max_priority = match non_negative("x-max-priority")? {
             None => None,
             Some(n) if n <= 255 => Some(n as u8),
-            Some(n) => {
-                return Err(bad(
-                    "x-max-priority",
-                    format!("{{value_too_large,{n},255}}"),
-                ))
-            }
+            Some(n) => return Err(bad("x-max-priority", format!("{{max_value_exceeded,{n}}}"))),
         };
         let overflow = match text("x-overflow")?.as_deref() {
             None | Some("drop-head") => Overflow::DropHead,
             Some("reject-publish") => Overflow::RejectPublish,
             Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
-            Some(other) => {
-                return Err(bad(
-                    "x-overflow",
-                    format!("{{unknown_value,<<\"{other}\">>}}"),
-                ))
-            }
+            Some(_) => return Err(bad("x-overflow", "invalid_overflow".into())),
         };
         let dead_letter_exchange = text("x-dead-letter-exchange")?;
         let dead_letter_routing_key = text("x-dead-letter-routing-key")?;
@@ -226,7 +227,7 @@ impl QueueArgs {
             Some(other) => {
                 return Err(bad(
                     "x-queue-type",
-                    format!("unsupported queue type '{other}'"),
+                    format!("\"unsupported queue type '{other}'\""),
                 ))
             }
         }
@@ -235,7 +236,7 @@ impl QueueArgs {
             Some(other) => {
                 return Err(bad(
                     "x-queue-mode",
-                    format!("unsupported queue mode '{other}'"),
+                    format!("\"unsupported queue mode '{other}'\""),
                 ))
             }
         }
@@ -744,8 +745,10 @@ impl Queue {
             e.msg = None;
         }
         st.ready.push_back(e);
-        self.enforce_length(&mut st);
+        // A waiting consumer gets the message before the length limit is applied,
+        // as RabbitMQ attempts delivery first (x-max-length 0 still feeds consumers).
         self.drain(&mut st);
+        self.enforce_length(&mut st);
         if expires_now {
             // TTL 0: delivered right away to a waiting consumer, or gone.
             let level = &mut st.ready.levels[level as usize];
@@ -952,6 +955,11 @@ impl Queue {
             m.redelivered = true;
             st.ready.insert_by_seq(Entry::resident(m));
         }
+        // With drop-head, messages put back count against the limit as RabbitMQ
+        // counts them: the oldest (often those just requeued) go first.
+        if self.args().overflow == Overflow::DropHead {
+            self.enforce_length(&mut st);
+        }
         self.drain(&mut st);
     }
 
@@ -1062,6 +1070,9 @@ impl Queue {
                     c.get += 1;
                 }
                 c.redeliver += m.redelivered as u64;
+                // As RabbitMQ: expired messages now at the head are dropped before
+                // the count that get-ok reports.
+                self.expire_head(&mut st, now_ms());
                 Got::Message(m, st.ready.len as u32)
             }
             None => {

@@ -27,6 +27,17 @@ pub fn int_value(v: &AMQPValue) -> Option<i128> {
     })
 }
 
+/// An integer argument as RabbitMQ's check_int_arg takes it: any integer type
+/// but a timestamp; otherwise its error term, as RabbitMQ prints it with ~p
+/// (`"expected integer, got longstr"`, quotes included).
+pub fn integer_arg(v: &AMQPValue) -> Result<i128, String> {
+    match v {
+        AMQPValue::Timestamp(_) => None,
+        other => int_value(other),
+    }
+    .ok_or_else(|| format!("\"expected integer, got {}\"", type_name(v)))
+}
+
 /// RabbitMQ's names for field table value types.
 pub fn type_name(v: &AMQPValue) -> &'static str {
     match v {
@@ -69,5 +80,11 @@ pub fn display_value(v: &AMQPValue) -> String {
     if let Some(s) = string_value(v) {
         return s;
     }
-    format!("{v:?}")
+    match v {
+        // As Erlang prints them: true, false, 1.5.
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::Float(f) => f.to_string(),
+        AMQPValue::Double(d) => d.to_string(),
+        _ => format!("{v:?}"),
+    }
 }

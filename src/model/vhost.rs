@@ -517,6 +517,16 @@ impl Draft<'_> {
                 d.name
             )));
         }
+        // rabbit_channel checks the alternate exchange's type for a new exchange.
+        if let Some(v) = d.arguments.inner().get("alternate-exchange") {
+            if super::values::string_value(v).is_none() {
+                return Err(AmqpError::precondition_failed(format!(
+                    "invalid type '{}' for arg 'alternate-exchange' in {}",
+                    super::values::type_name(v),
+                    exchange_name(&d.name, &vhost.name)
+                )));
+            }
+        }
         if let Some(max) = reached(vhost.limits().exchanges, self.t.exchanges.len()) {
             return Err(AmqpError::precondition_failed(format!(
                 "cannot declare exchange '{}': exchange limit in vhost '{}' ({max}) is reached",
@@ -809,6 +819,15 @@ impl Draft<'_> {
         actor: Actor,
     ) -> AmqpResult<()> {
         let vhost = self.vhost;
+        // RabbitMQ's order: the default exchange at either end, then the source,
+        // then the destination (so with both missing the source is named), and
+        // only then who owns the queue.
+        if matches!(destination, Destination::Exchange(x) if x.is_empty()) || source.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        if !self.t.exchanges.contains_key(source) {
+            return Err(vhost.not_found_exchange(source));
+        }
         match destination {
             Destination::Queue(q) => {
                 let queue = self
@@ -819,19 +838,10 @@ impl Draft<'_> {
                 vhost.check_owner(queue, actor)?;
             }
             Destination::Exchange(x) => {
-                if x.is_empty() {
-                    return Err(default_exchange_refused());
-                }
                 if !self.t.exchanges.contains_key(x) {
                     return Err(vhost.not_found_exchange(x));
                 }
             }
-        }
-        if source.is_empty() {
-            return Err(default_exchange_refused());
-        }
-        if !self.t.exchanges.contains_key(source) {
-            return Err(vhost.not_found_exchange(source));
         }
         Ok(())
     }

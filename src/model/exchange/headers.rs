@@ -25,12 +25,18 @@ fn check_x_match(arguments: &FieldTable) -> AmqpResult<()> {
     let Some(v) = arguments.inner().get("x-match") else {
         return Ok(());
     };
-    let text = string_value(v);
-    match text.as_deref() {
-        Some("all" | "any" | "all-with-x" | "any-with-x") => Ok(()),
+    let Some(text) = string_value(v) else {
+        // RabbitMQ's text for a value that is no string at all.
+        return Err(AmqpError::precondition_failed(format!(
+            "Invalid x-match field type {} (value {}); expected longstr",
+            crate::model::values::type_name(v),
+            crate::model::values::display_value(v)
+        )));
+    };
+    match text.as_str() {
+        "all" | "any" | "all-with-x" | "any-with-x" => Ok(()),
         _ => Err(AmqpError::precondition_failed(format!(
-            "Invalid x-match field value <<\"{}\">>; expected all, any, all-with-x, or any-with-x",
-            text.unwrap_or_default()
+            "Invalid x-match field value <<\"{text}\">>; expected all, any, all-with-x, or any-with-x"
         ))),
     }
 }

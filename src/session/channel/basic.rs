@@ -174,6 +174,7 @@ impl Channel {
                 "attempt to reuse consumer tag '{tag}'"
             )));
         }
+        check_consume_arguments(&c.arguments, &name, &self.vhost.name)?;
         let consumer = Arc::new(Consumer {
             tag: tag.clone(),
             channel: self.shared.clone() as Arc<dyn Deliver>,
@@ -212,5 +213,34 @@ impl Channel {
             ))),
             Err(ConsumeRefused::Deleted) => Err(self.vhost.not_found_queue(&name)),
         }
+    }
+}
+
+/// RabbitMQ's consume argument checks (rabbit_amqqueue's consume_args): x-priority
+/// an integer, x-cancel-on-ha-failover a boolean, with its texts.
+fn check_consume_arguments(
+    args: &amq_protocol::types::FieldTable,
+    queue: &str,
+    vhost: &str,
+) -> AmqpResult<()> {
+    use amq_protocol::types::AMQPValue;
+    let bad = |key: &str, why: String| {
+        AmqpError::precondition_failed(format!(
+            "invalid arg '{key}' for {}: {why}",
+            queue_name(queue, vhost)
+        ))
+    };
+    if let Some(v) = args.inner().get("x-priority") {
+        crate::model::values::integer_arg(v).map_err(|why| bad("x-priority", why))?;
+    }
+    match args.inner().get("x-cancel-on-ha-failover") {
+        None | Some(AMQPValue::Boolean(_)) => Ok(()),
+        Some(v) => Err(bad(
+            "x-cancel-on-ha-failover",
+            format!(
+                "{{unacceptable_type,{}}}",
+                crate::model::values::type_name(v)
+            ),
+        )),
     }
 }

@@ -111,10 +111,10 @@ impl Connection {
                 warn!("login refused using mechanism {mechanism}");
                 // Bounded (LoginThrottle::MAX_DELAY): slows password guessing down.
                 tokio::time::sleep(self.broker.login_throttle.failed(self.peer.ip())).await;
+                // RabbitMQ names no method (0, 0) in this close.
                 return Err(AmqpError::access_refused(format!(
                     "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
                 ))
-                .with_method(10, 11)
                 .into());
             }
             Err(AuthFailure::NotFromLoopback) => {
@@ -247,8 +247,10 @@ fn server_properties() -> FieldTable {
         "basic.nack",
         "consumer_cancel_notify",
         "connection.blocked",
+        "consumer_priorities",
         "authentication_failure_close",
         "per_consumer_qos",
+        "direct_reply_to",
     ] {
         caps.insert(short(cap), AMQPValue::Boolean(true));
     }

@@ -1,0 +1,328 @@
+//! Corners where clients see RabbitMQ 3.10.8's exact behaviour: the same scenario
+//! was run against RabbitMQ (raw frames, and pika) and its replies are what these
+//! tests expect, texts included. Each test names the rule behind its case.
+
+mod common;
+mod support;
+
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions, ExchangeBindOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, ExchangeKind};
+
+use support::{amqp_err, table};
+
+fn s(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v))
+}
+
+async fn declare_with(ch: &lapin::Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
+    ch.queue_declare(name.into(), QueueDeclareOptions::default(), args)
+        .await
+        .map(|_| ())
+}
+
+/// A binding names its source first: with both ends missing, RabbitMQ's 404 is
+/// about the exchange bound from (rabbit_binding looks the source up first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_with_both_ends_missing_names_the_source() {
+    let b = common::start().await;
+    let conn = support::connect(&b).await;
+    let ch = support::channel(&conn).await;
+    let err = amqp_err(
+        "exchange.bind",
+        ch.exchange_bind(
+            "p-nodest".into(),
+            "p-nosrc".into(),
+            "".into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        err,
+        (404, "NOT_FOUND - no exchange 'p-nosrc' in vhost '/'".into())
+    );
+    let ch = support::channel(&conn).await;
+    let err = amqp_err(
+        "queue.bind",
+        ch.queue_bind(
+            "p-noq".into(),
+            "p-nox".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        err,
+        (404, "NOT_FOUND - no exchange 'p-nox' in vhost '/'".into())
+    );
+}
+
+/// Integer arguments are checked by type as RabbitMQ's check_int_arg does (a
+/// timestamp is no integer), and its error terms are printed as Erlang prints
+/// them: a string in double quotes, a tuple or an atom bare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_arguments_are_refused_with_rabbitmqs_terms() {
+    let b = common::start().await;
+    let conn = support::connect(&b).await;
+    let cases: Vec<(&str, AMQPValue, String)> = vec![
+        (
+            "x-max-length",
+            s("ten"),
+            "\"expected integer, got longstr\"".into(),
+        ),
+        (
+            "x-message-ttl",
+            AMQPValue::Double(1.5),
+            "\"expected integer, got double\"".into(),
+        ),
+        (
+            "x-max-length",
+            AMQPValue::Timestamp(5),
+            "\"expected integer, got timestamp\"".into(),
+        ),
+        (
+            "x-max-priority",
+            AMQPValue::LongInt(300),
+            "{max_value_exceeded,300}".into(),
+        ),
+        ("x-overflow", s("bogus"), "invalid_overflow".into()),
+        (
+            "x-queue-mode",
+            s("bogus"),
+            "\"unsupported queue mode 'bogus'\"".into(),
+        ),
+    ];
+    for (key, value, term) in cases {
+        let ch = support::channel(&conn).await;
+        let err = amqp_err(key, declare_with(&ch, "p-args", table(&[(key, value)]))).await;
+        assert_eq!(
+            err,
+            (
+                406,
+                format!("PRECONDITION_FAILED - invalid arg '{key}' for queue 'p-args' in vhost '/': {term}")
+            )
+        );
+    }
+    // The dead-letter exchange's type is rabbit_channel's check, with its own text.
+    let ch = support::channel(&conn).await;
+    let err = amqp_err(
+        "x-dead-letter-exchange",
+        declare_with(
+            &ch,
+            "p-args",
+            table(&[("x-dead-letter-exchange", AMQPValue::LongInt(1))]),
+        ),
+    )
+    .await;
+    assert_eq!(
+        err,
+        (
+            406,
+            "PRECONDITION_FAILED - invalid type 'signedint' for arg 'x-dead-letter-exchange' in queue 'p-args' in vhost '/'".into()
+        )
+    );
+}
+
+/// Inequivalent booleans read as Erlang writes them: 'true', not a Rust value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inequivalent_single_active_consumer_is_named_as_rabbitmq_names_it() {
+    let b = common::start().await;
+    let conn = support::connect(&b).await;
+    let ch = support::channel(&conn).await;
+    let sac = |on: bool| table(&[("x-single-active-consumer", AMQPValue::Boolean(on))]);
+    declare_with(&ch, "p-sac", sac(true))
+        .await
+        .expect("declare");
+    let err = amqp_err("redeclare", declare_with(&ch, "p-sac", sac(false))).await;
+    assert_eq!(
+        err,
+        (
+            406,
+            "PRECONDITION_FAILED - inequivalent arg 'x-single-active-consumer' for queue 'p-sac' in vhost '/': received 'false' but current is 'true'".into()
+        )
+    );
+    let ch = support::channel(&conn).await;
+    let err = amqp_err(
+        "redeclare",
+        declare_with(&ch, "p-sac", FieldTable::default()),
+    )
+    .await;
+    assert_eq!(
+        err,
+        (
+            406,
+            "PRECONDITION_FAILED - inequivalent arg 'x-single-active-consumer' for queue 'p-sac' in vhost '/': received none but current is the value 'true' of type 'bool'".into()
+        )
+    );
+}
+
+/// Consume arguments are checked (rabbit_amqqueue's consume_args), and an
+/// exchange's alternate-exchange must be a string (rabbit_channel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_and_exchange_arguments_of_the_wrong_type_are_refused() {
+    let b = common::start().await;
+    let conn = support::connect(&b).await;
+    let ch = support::channel(&conn).await;
+    let q = support::temp_queue(&ch, "p-prio").await;
+    let err = amqp_err(
+        "basic.consume",
+        ch.basic_consume(
+            q.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            table(&[("x-priority", s("high"))]),
+        ),
+    )
+    .await;
+    assert_eq!(
+        err,
+        (
+            406,
+            format!("PRECONDITION_FAILED - invalid arg 'x-priority' for queue '{q}' in vhost '/': \"expected integer, got longstr\"")
+        )
+    );
+    let ch = support::channel(&conn).await;
+    let err = amqp_err(
+        "exchange.declare",
+        ch.exchange_declare(
+            "p-ae".into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            table(&[("alternate-exchange", AMQPValue::LongInt(7))]),
+        ),
+    )
+    .await;
+    assert_eq!(
+        err,
+        (
+            406,
+            "PRECONDITION_FAILED - invalid type 'signedint' for arg 'alternate-exchange' in exchange 'p-ae' in vhost '/'".into()
+        )
+    );
+    // Refused means not created.
+    let ch = support::channel(&conn).await;
+    let err = amqp_err(
+        "passive declare",
+        ch.exchange_declare(
+            "p-ae".into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_eq!(err.0, 404);
+    let ch = support::channel(&conn).await;
+    let x = support::temp_exchange(&ch, ExchangeKind::Headers, "p-hx").await;
+    let err = amqp_err(
+        "queue.bind",
+        ch.queue_bind(
+            q.as_str().into(),
+            x.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            table(&[("x-match", AMQPValue::LongInt(1))]),
+        ),
+    )
+    .await;
+    assert_eq!(
+        err,
+        (
+            406,
+            "PRECONDITION_FAILED - Invalid x-match field type signedint (value 1); expected longstr".into()
+        )
+    );
+}
+
+/// RabbitMQ attempts delivery before applying x-max-length: with a limit of 0 a
+/// waiting consumer still gets each message; without one it is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_length_limit_still_feeds_a_waiting_consumer() {
+    let b = common::start().await;
+    let conn = support::connect(&b).await;
+    let ch = support::channel(&conn).await;
+    let q = common::unique("p-zero");
+    declare_with(&ch, &q, table(&[("x-max-length", AMQPValue::LongInt(0))]))
+        .await
+        .expect("declare");
+    support::publish(&ch, "", &q, b"nobody waits").await;
+    assert_eq!(
+        support::counts(&ch, &q).await.0,
+        0,
+        "dropped without a consumer"
+    );
+    let mut sub = support::consume(&ch, &q, true).await;
+    support::publish(&ch, "", &q, b"someone waits").await;
+    assert_eq!(support::text(&sub.next().await), "someone waits");
+}
+
+/// Messages put back under a drop-head length limit count against it at once:
+/// the oldest, those just requeued, are dropped, as in RabbitMQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeued_messages_count_against_a_drop_head_limit() {
+    let b = common::start().await;
+    let conn = support::connect(&b).await;
+    let ch = support::channel(&conn).await;
+    let q = common::unique("p-requeue");
+    declare_with(&ch, &q, table(&[("x-max-length", AMQPValue::LongInt(2))]))
+        .await
+        .expect("declare");
+    support::ok("basic.qos", ch.basic_qos(2, BasicQosOptions::default())).await;
+    let mut sub = support::consume(&ch, &q, false).await;
+    for m in ["m1", "m2"] {
+        support::publish(&ch, "", &q, m.as_bytes()).await;
+    }
+    let held = sub.take(2).await;
+    for m in ["m3", "m4"] {
+        support::publish(&ch, "", &q, m.as_bytes()).await;
+    }
+    support::ok(
+        "basic.nack",
+        held[1].nack(BasicNackOptions {
+            multiple: true,
+            requeue: true,
+        }),
+    )
+    .await;
+    let next = sub.take(2).await;
+    assert_eq!(support::texts(&next), ["m3", "m4"]);
+    assert!(next.iter().all(|d| !d.redelivered));
+}
+
+/// basic.get-ok's message_count leaves out expired messages now at the head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_ok_counts_what_is_left_after_expired_heads_are_dropped() {
+    let b = common::start().await;
+    let conn = support::connect(&b).await;
+    let ch = support::channel(&conn).await;
+    let q = support::temp_queue(&ch, "p-ttl").await;
+    support::publish(&ch, "", &q, b"lasting").await;
+    support::publish_props(
+        &ch,
+        "",
+        &q,
+        b"fleeting",
+        BasicProperties::default().with_expiration("10".into()),
+    )
+    .await;
+    support::publish(&ch, "", &q, b"last").await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let got = support::ok(
+        "basic.get",
+        ch.basic_get(q.as_str().into(), BasicGetOptions { no_ack: true }),
+    )
+    .await
+    .expect("a message");
+    assert_eq!(got.delivery.data, b"lasting");
+    assert_eq!(got.message_count, 1);
+}
