@@ -326,3 +326,78 @@ async fn get_ok_counts_what_is_left_after_expired_heads_are_dropped() {
     assert_eq!(got.delivery.data, b"lasting");
     assert_eq!(got.message_count, 1);
 }
+
+/// A headers binding matches as Erlang's `==` compares the decoded values:
+/// numbers by value across widths and kinds, a long string and a byte array by
+/// their bytes, a boolean never equal to a number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_match_numbers_and_strings_by_value_across_types() {
+    use lapin::types::ByteArray;
+    let b = common::start().await;
+    let conn = support::connect(&b).await;
+    let ch = support::channel(&conn).await;
+    let x = support::temp_exchange(&ch, ExchangeKind::Headers, "p-hdr").await;
+    let cases: Vec<(&str, AMQPValue, AMQPValue, bool)> = vec![
+        (
+            "int-double",
+            AMQPValue::LongInt(1),
+            AMQPValue::Double(1.0),
+            true,
+        ),
+        (
+            "double-int",
+            AMQPValue::Double(2.0),
+            AMQPValue::ShortShortInt(2),
+            true,
+        ),
+        (
+            "float-double",
+            AMQPValue::Float(1.5),
+            AMQPValue::Double(1.5),
+            true,
+        ),
+        (
+            "short-long",
+            AMQPValue::ShortInt(7),
+            AMQPValue::LongLongInt(7),
+            true,
+        ),
+        (
+            "string-bytes",
+            s("1"),
+            AMQPValue::ByteArray(ByteArray::from(b"1".to_vec())),
+            true,
+        ),
+        (
+            "bool-int",
+            AMQPValue::Boolean(true),
+            AMQPValue::LongInt(1),
+            false,
+        ),
+        (
+            "int-double-other",
+            AMQPValue::LongInt(1),
+            AMQPValue::Double(1.25),
+            false,
+        ),
+    ];
+    for (name, bound, sent, routed) in cases {
+        let q = support::temp_queue(&ch, name).await;
+        support::bind_args(&ch, &q, &x, "", table(&[("k", bound)])).await;
+        support::publish_props(
+            &ch,
+            &x,
+            "",
+            name.as_bytes(),
+            BasicProperties::default().with_headers(table(&[("k", sent)])),
+        )
+        .await;
+        let held = support::counts(&ch, &q).await.0;
+        assert_eq!(held == 1, routed, "{name}: {held} message(s) routed");
+        support::ok(
+            "queue.delete",
+            ch.queue_delete(q.as_str().into(), Default::default()),
+        )
+        .await;
+    }
+}

@@ -108,15 +108,32 @@ impl Rule {
     }
 }
 
-/// Equality as RabbitMQ compares header values: by value, not by wire type.
+/// Equality as RabbitMQ compares header values (Erlang's `==` on the decoded
+/// values): numbers by value whatever their width or kind (1 equals 1.0, a
+/// timestamp equals a long), strings and byte arrays by their bytes; booleans,
+/// decimals, arrays and tables only with their own kind.
 fn values_equal(a: &AMQPValue, b: &AMQPValue) -> bool {
     if let (Some(x), Some(y)) = (int_value(a), int_value(b)) {
         return x == y;
+    }
+    let float = |v: &AMQPValue| match v {
+        AMQPValue::Float(f) => Some(*f as f64),
+        AMQPValue::Double(d) => Some(*d),
+        other => int_value(other).map(|n| n as f64),
+    };
+    if matches!(a, AMQPValue::Float(_) | AMQPValue::Double(_))
+        || matches!(b, AMQPValue::Float(_) | AMQPValue::Double(_))
+    {
+        return match (float(a), float(b)) {
+            (Some(x), Some(y)) => x == y,
+            _ => false,
+        };
     }
     let bytes = |v: &AMQPValue| -> Option<Vec<u8>> {
         match v {
             AMQPValue::ShortString(s) => Some(s.as_str().as_bytes().to_vec()),
             AMQPValue::LongString(s) => Some(s.as_bytes().to_vec()),
+            AMQPValue::ByteArray(b) => Some(b.as_slice().to_vec()),
             _ => None,
         }
     };
