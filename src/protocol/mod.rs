@@ -97,7 +97,9 @@ pub fn read_frame_with(
     let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
     // RabbitMQ's texts: `type 1, all octets = <<>>: {frame_too_large,131073,131064}`.
     let limit = (frame_max as usize).saturating_sub(FRAME_OVERHEAD);
-    if size > limit {
+    // RabbitMQ lets a frame exceed the limit by the frame overhead ("quite a few
+    // clients get it wrong - off-by 1 or 8"), and names the limit without it.
+    if size > frame_max as usize {
         return Err(AmqpError::frame_error(format!(
             "type {kind}, all octets = <<>>: {{frame_too_large,{size},{limit}}}"
         )));
@@ -107,17 +109,20 @@ pub fn read_frame_with(
         buf.reserve(total - buf.len());
         return Ok(None);
     }
+    let payload_of = |buf: &BytesMut| buf[FRAME_HEADER_SIZE..total - 1].to_vec();
     if !matches!(
         kind,
         FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT
     ) {
         return Err(AmqpError::frame_error(format!(
-            "type {kind}: unknown_frame"
+            "type {kind}, {}: unknown_frame",
+            octets(&payload_of(buf))
         )));
     }
     if buf[total - 1] != FRAME_END {
         return Err(AmqpError::frame_error(format!(
-            "type {kind}: {{invalid_frame_end_marker,{}}}",
+            "type {kind}, {}: {{invalid_frame_end_marker,{}}}",
+            octets(&payload_of(buf)),
             buf[total - 1]
         )));
     }
@@ -167,6 +172,44 @@ pub fn read_frame_with(
             Ok(Some(Frame::Heartbeat(channel)))
         }
     }
+}
+
+/// RabbitMQ's view of a bad frame's payload: `all octets = <<...>>` (or `first 16
+/// octets`), the bytes as Erlang prints a binary: a string when every byte is
+/// printable, else the numbers.
+fn octets(payload: &[u8]) -> String {
+    let (what, shown) = if payload.len() <= 16 {
+        ("all", payload)
+    } else {
+        ("first 16", &payload[..16])
+    };
+    let printable = |b: u8| (32..=126).contains(&b) || b"\n\r\t\x0b\x08\x0c\x1b".contains(&b);
+    let body = if !shown.is_empty() && shown.iter().all(|&b| printable(b)) {
+        let mut s = String::from("\"");
+        for &b in shown {
+            match b {
+                b'"' => s.push_str("\\\""),
+                b'\\' => s.push_str("\\\\"),
+                b'\n' => s.push_str("\\n"),
+                b'\r' => s.push_str("\\r"),
+                b'\t' => s.push_str("\\t"),
+                0x0b => s.push_str("\\v"),
+                0x08 => s.push_str("\\b"),
+                0x0c => s.push_str("\\f"),
+                0x1b => s.push_str("\\e"),
+                _ => s.push(b as char),
+            }
+        }
+        s.push('"');
+        s
+    } else {
+        shown
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    format!("{what} octets = <<{body}>>")
 }
 
 /// basic.qos with a prefetch size: RabbitMQ does not implement it (540), and
