@@ -401,3 +401,83 @@ async fn headers_match_numbers_and_strings_by_value_across_types() {
         .await;
     }
 }
+
+/// Every declare of a direct reply-to name is passive, as in RabbitMQ: the
+/// pseudo-queue exists with one consumer whoever asks; a live reply queue's full
+/// name exists with its one consumer; any other name under the prefix is a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_reply_to_names_declare_as_rabbitmq_declares_them() {
+    let b = common::start().await;
+    let conn = support::connect(&b).await;
+    let ch = support::channel(&conn).await;
+    for passive in [true, false] {
+        let ok = support::ok(
+            "queue.declare",
+            ch.queue_declare(
+                "amq.rabbitmq.reply-to".into(),
+                QueueDeclareOptions {
+                    passive,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        assert_eq!((ok.message_count(), ok.consumer_count()), (0, 1));
+    }
+    // A requester consumes its replies; the server learns the full name.
+    let requester = support::channel(&conn).await;
+    let _replies = support::consume(&requester, "amq.rabbitmq.reply-to", true).await;
+    let work = support::temp_queue(&ch, "p-rpc").await;
+    support::publish_props(
+        &requester,
+        "",
+        &work,
+        b"ask",
+        BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()),
+    )
+    .await;
+    let asked = support::ok(
+        "basic.get",
+        ch.basic_get(work.as_str().into(), BasicGetOptions { no_ack: true }),
+    )
+    .await
+    .expect("the request");
+    let full = asked
+        .delivery
+        .properties
+        .reply_to()
+        .clone()
+        .expect("a reply-to name")
+        .to_string();
+    assert!(full.starts_with("amq.rabbitmq.reply-to."), "{full}");
+    let ok = support::ok(
+        "queue.declare",
+        ch.queue_declare(
+            full.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_eq!(ok.consumer_count(), 1);
+    let err = amqp_err(
+        "queue.declare",
+        ch.queue_declare(
+            "amq.rabbitmq.reply-to.bogus".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        err,
+        (
+            404,
+            "NOT_FOUND - no queue 'amq.rabbitmq.reply-to.bogus' in vhost '/'".into()
+        )
+    );
+}

@@ -21,15 +21,20 @@ impl Channel {
                 } else {
                     d.queue.to_string()
                 };
-                // Direct reply-to names exist for passive declares, as in RabbitMQ.
-                if d.passive
-                    && (name == REPLY_TO
-                        || (name.starts_with(REPLY_TO) && self.vhost.reply_queue(&name).is_some()))
-                {
+                // As in RabbitMQ, every declare of a direct reply-to name is passive:
+                // the pseudo-queue itself, or a live reply queue, exists with its one
+                // consumer; any other name under the prefix does not.
+                if name.starts_with(REPLY_TO) {
+                    let exists = name == REPLY_TO
+                        || (name.as_bytes().get(REPLY_TO.len()) == Some(&b'.')
+                            && self.vhost.reply_queue(&name).is_some());
+                    if !exists {
+                        return Err(self.vhost.not_found_queue(&name));
+                    }
                     let ok = AMQPClass::Queue(M::DeclareOk(queue::DeclareOk {
                         queue: short(name.as_str()),
                         message_count: 0,
-                        consumer_count: self.reply_queue.is_some() as u32,
+                        consumer_count: 1,
                     }));
                     return Ok(self.answer(false, d.nowait, ok, None));
                 }
