@@ -45,12 +45,21 @@ impl DeadLetter {
         if self.routing_key.is_none() {
             keys.extend(self.msg.extra_keys.iter().cloned());
         }
-        let properties = with_x_death(self);
-        let deaths = x_deaths(&properties);
-        let msg = Arc::new(
-            self.msg
-                .republish(self.exchange.clone(), routing_key, properties),
-        );
+        // On the header's bytes where they can be read (always, for what a client
+        // could send): the order of the entries RabbitMQ keeps stays as it was.
+        let msg = match raw_x_death(self) {
+            Some((header, properties)) => self.msg.republish_with_header(
+                self.exchange.clone(),
+                routing_key,
+                header,
+                properties,
+            ),
+            None => self
+                .msg
+                .republish(self.exchange.clone(), routing_key, with_x_death(self)),
+        };
+        let deaths = x_deaths(&msg.properties);
+        let msg = Arc::new(msg);
         Republished {
             msg,
             keys,
@@ -123,7 +132,136 @@ fn x_deaths(p: &BasicProperties) -> Vec<Option<(String, String)>> {
         .collect()
 }
 
-/// The message's properties with RabbitMQ's x-death bookkeeping updated.
+/// The dead letter's content header with RabbitMQ's x-death bookkeeping, done as
+/// rabbit_dead_letter does it on the header's entries (3.10): the first death
+/// adds x-first-death-* and an x-death entry in the order count, reason, queue,
+/// time, exchange, routing-keys[, original-expiration]; a later one groups the
+/// existing entries by queue and reason, bumps the matching entry's count (its
+/// time stays) or adds a new one, and puts that entry first, its keys sorted,
+/// the others after it. Every edit leaves the top level sorted; nested tables
+/// elsewhere keep their order. The expiration property goes. None if the header
+/// cannot be read.
+///
+/// One deliberate difference: RabbitMQ's grouping reverses the other entries
+/// when there are several. That lets a client's forged entry with reason
+/// "rejected" stay between a queue and its next death for ever, so that two
+/// queues dead-lettering into each other by TTL bounce a message endlessly (the
+/// cycle check stops at a rejection). Here the others keep their order, so the
+/// forged entry drifts behind and the cycle is found.
+fn raw_x_death(dl: &DeadLetter) -> Option<(bytes::Bytes, BasicProperties)> {
+    use crate::protocol::ordered::{
+        array, array_items, int_of, long, longstr, string_of, table, table_of, timestamp,
+        RawHeader, RawTable, FLAG_EXPIRATION,
+    };
+    let mut header = RawHeader::parse(&dl.msg.header)?;
+    let mut headers = header.headers()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut keys = vec![longstr(dl.msg.routing_key.as_bytes())];
+    if let Ok(cc) = header_routes(dl.msg.properties.headers().as_ref(), &["CC"]) {
+        keys.extend(cc.iter().map(|k| longstr(k.as_bytes())));
+    }
+    let mut info = RawTable::default();
+    info.set("reason", longstr(dl.reason.as_bytes()));
+    info.set("queue", longstr(dl.queue.as_bytes()));
+    info.set("time", timestamp(now));
+    info.set("exchange", longstr(dl.msg.exchange.as_bytes()));
+    info.set("routing-keys", array(&keys));
+    if let Some(e) = header.property(FLAG_EXPIRATION) {
+        info.set(
+            "original-expiration",
+            longstr(e.get(1..).unwrap_or_default()),
+        );
+    }
+    let with_count = |n: i64, info: &RawTable| {
+        let mut t = RawTable::default();
+        t.set("count", long(n));
+        t.entries.extend(info.entries.iter().cloned());
+        t
+    };
+    let key_of = |t: &RawTable| {
+        (
+            t.get("queue").and_then(string_of).map(<[u8]>::to_vec),
+            t.get("reason").and_then(string_of).map(<[u8]>::to_vec),
+        )
+    };
+    let this = (
+        Some(dl.queue.as_bytes().to_vec()),
+        Some(dl.reason.as_bytes().to_vec()),
+    );
+    match headers.get("x-death").map(<[u8]>::to_vec) {
+        None => {
+            for (key, value) in [
+                ("x-first-death-reason", dl.reason.as_bytes()),
+                ("x-first-death-queue", dl.queue.as_bytes()),
+                ("x-first-death-exchange", dl.msg.exchange.as_bytes()),
+            ] {
+                headers.set(key, longstr(value));
+            }
+            headers.set("x-death", array(&[table(&with_count(1, &info))]));
+        }
+        Some(value) => match array_items(&value) {
+            Some(items) => {
+                let tables: Vec<RawTable> = items.iter().filter_map(|i| table_of(i)).collect();
+                // rabbit_dead_letter:group_by_queue_and_reason.
+                let grouped: Vec<RawTable> = if tables.len() <= 1 {
+                    tables
+                } else {
+                    let mut seen = Vec::new();
+                    let mut acc: Vec<RawTable> = Vec::new();
+                    for t in &tables {
+                        let key = key_of(t);
+                        let matches: Vec<&RawTable> =
+                            tables.iter().filter(|x| key_of(x) == key).collect();
+                        let mut first = matches[0].clone();
+                        if first.get("count").is_none() {
+                            first = with_count(matches.len() as i64, &first);
+                        }
+                        if !seen.contains(&key) {
+                            acc.push(first);
+                        }
+                        seen.push(key);
+                    }
+                    acc
+                };
+                let (matching, others): (Vec<RawTable>, Vec<RawTable>) =
+                    grouped.into_iter().partition(|t| key_of(t) == this);
+                let mut entry = match matching.into_iter().next() {
+                    None => with_count(1, &info),
+                    Some(mut m) => match m.get("count").and_then(int_of) {
+                        // A client may have put any count there: it saturates.
+                        Some(n) => {
+                            let n = n.clamp(0, i64::MAX as i128) as i64;
+                            m.set("count", long(n.saturating_add(1)));
+                            m
+                        }
+                        None => with_count(1, &m),
+                    },
+                };
+                entry.sort();
+                let mut all = vec![table(&entry)];
+                all.extend(others.iter().map(table));
+                headers.set("x-death", array(&all));
+            }
+            // Not an array: RabbitMQ resets it.
+            None => headers.set("x-death", array(&[table(&with_count(1, &info))])),
+        },
+    }
+    headers.sort();
+    if dl.routing_key.is_some() {
+        headers.remove("CC");
+    }
+    header.set_headers(&headers);
+    header.remove(FLAG_EXPIRATION);
+    let bytes = header.encode();
+    let properties = crate::protocol::decode_stored_header(&bytes)?.properties;
+    Some((bytes, properties))
+}
+
+/// The message's properties with RabbitMQ's x-death bookkeeping updated, for a
+/// header that could not be taken apart (decoded and encoded whole).
 fn with_x_death(dl: &DeadLetter) -> BasicProperties {
     let old = &dl.msg.properties;
     let mut headers = old.headers().clone().unwrap_or_default();

@@ -75,6 +75,25 @@ impl Message {
         )
     }
 
+    /// As `republish`, with the content header already encoded (its properties
+    /// decoded from it), so that header bytes the broker did not change stay as sent.
+    pub fn republish_with_header(
+        &self,
+        exchange: Arc<str>,
+        routing_key: Arc<str>,
+        header: Bytes,
+        properties: BasicProperties,
+    ) -> Message {
+        Message::new(
+            exchange,
+            routing_key,
+            header,
+            properties,
+            self.body.clone(),
+            self.gauge.clone(),
+        )
+    }
+
     pub fn persistent(&self) -> bool {
         self.properties.delivery_mode() == &Some(2)
     }

@@ -15,6 +15,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::AmqpError;
 
+pub mod ordered;
 mod tables;
 
 use tables::be_u32;

@@ -341,8 +341,11 @@ impl Channel {
             .map(|h| without(h, "BCC"));
         let (header, properties) = match stripped {
             Some(h) => {
+                // On the wire bytes: the other headers stay in the publisher's order.
+                let raw = crate::protocol::ordered::without_header(&header, "BCC");
                 let properties = properties.with_headers(h);
-                (encode_header(inc.received, &properties), properties)
+                let header = raw.unwrap_or_else(|| encode_header(inc.received, &properties));
+                (header, properties)
             }
             None => (header, properties),
         };
