@@ -378,6 +378,10 @@ pub struct Limits {
     pub max_table_fields: u32,
     /// Seconds a partially received frame may take to complete.
     pub frame_timeout: u64,
+    /// Milliseconds a consumer may hold a delivery without acknowledging it;
+    /// past that its channel is closed (406) and the deliveries go back to their
+    /// queues. RabbitMQ's consumer_timeout, 30 minutes by default; 0 = none.
+    pub consumer_timeout: u64,
 }
 
 impl Default for Limits {
@@ -402,6 +406,7 @@ impl Default for Limits {
             max_header_depth: 32,
             max_table_fields: 4096,
             frame_timeout: 60,
+            consumer_timeout: 1_800_000,
         }
     }
 }

@@ -102,6 +102,7 @@ fn trim() {
 /// Reads resident memory every second into the gauge until `stop` changes.
 pub async fn watch(gauge: Arc<MemoryGauge>, mut stop: watch::Receiver<bool>) {
     loop {
+        crate::model::queue::refresh_coarse();
         if let Some(mut rss) = resident_bytes() {
             if gauge.counts_resident() && rss > gauge.high() as u64 {
                 trim();

@@ -481,3 +481,45 @@ async fn direct_reply_to_names_declare_as_rabbitmq_declares_them() {
         )
     );
 }
+
+/// RabbitMQ's consumer_timeout: a delivery left unacknowledged longer than the
+/// timeout closes its channel with 406 and RabbitMQ's text, and the delivery goes
+/// back to its queue for another consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overdue_acknowledgement_closes_the_channel_and_requeues() {
+    let mut config = warrenmq::Config {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        data_dir: common::temp_data_dir(),
+        ..warrenmq::Config::default()
+    };
+    config.limits.consumer_timeout = 1000;
+    let b = warrenmq::start(config).await.expect("starts");
+    let conn = support::connect_url(&format!("amqp://guest:guest@{}/%2f", b.local_addr())).await;
+    let ch = support::channel(&conn).await;
+    let q = common::unique("p-timeout");
+    declare_with(&ch, &q, FieldTable::default())
+        .await
+        .expect("declare");
+    let slow = support::channel(&conn).await;
+    let mut sub = support::consume(&slow, &q, false).await;
+    support::publish(&ch, "", &q, b"take your time").await;
+    let held = sub.next().await;
+    assert!(!held.redelivered);
+    // Held past the timeout: the channel closes (checked twice a timeout).
+    let err = sub.channel_closed().await;
+    assert_eq!(
+        err,
+        (
+            406,
+            format!(
+                "PRECONDITION_FAILED - delivery acknowledgement on channel {} timed out. Timeout value used: 1000 ms. This timeout value can be configured, see consumers doc guide to learn more",
+                slow.id()
+            )
+        )
+    );
+    let again = support::get(&ch, &q)
+        .await
+        .expect("the delivery went back to the queue");
+    assert!(again.delivery.redelivered);
+    b.shutdown().await;
+}

@@ -41,6 +41,26 @@ pub fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
 }
 
+/// `now_ms()` as last refreshed: a relaxed load, for stamps that need only be
+/// about right (when a delivery was made, for the consumer timeout) on paths
+/// where reading the clock for every message would cost more than the stamp is
+/// worth. Connections and the memory watcher refresh it at least every second.
+pub fn coarse_ms() -> u64 {
+    match COARSE_MS.load(Ordering::Relaxed) {
+        0 => refresh_coarse(),
+        ms => ms,
+    }
+}
+
+/// Reads the clock into `coarse_ms()`; returns the new value.
+pub fn refresh_coarse() -> u64 {
+    let now = now_ms().max(1);
+    COARSE_MS.store(now, Ordering::Relaxed);
+    now
+}
+
+static COARSE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The instant a `now_ms()` value stands for.
 pub fn at_instant(ms: u64) -> Instant {
     // Far-off times (a saturated deadline) become "in about a century", not a panic.

@@ -22,6 +22,8 @@ pub(super) struct Unacked {
     queue: Arc<Queue>,
     msg: QueuedMessage,
     consumer: Option<Arc<Consumer>>,
+    /// When it was delivered (`coarse_ms`), for the consumer timeout.
+    at: u64,
 }
 
 #[derive(Default)]
@@ -67,6 +69,12 @@ pub struct UnackedSummary {
 }
 
 impl ChannelShared {
+    /// When its oldest unacknowledged delivery was made (`coarse_ms`), if any:
+    /// delivery tags only grow, so it is the first in the map.
+    pub fn oldest_unacked_at(&self) -> Option<u64> {
+        self.lock().unacked.values().next().map(|u| u.at)
+    }
+
     /// Its unacknowledged deliveries by queue (a snapshot under the channel's lock).
     pub fn unacked_summary(&self) -> UnackedSummary {
         let st = self.lock();
@@ -180,6 +188,7 @@ impl Deliver for ChannelShared {
                     queue: queue.clone(),
                     msg: m,
                     consumer: Some(consumer.clone()),
+                    at: crate::model::queue::coarse_ms(),
                 },
             );
         } else {
@@ -246,6 +255,7 @@ impl ChannelShared {
                     queue: queue.clone(),
                     msg: m,
                     consumer: None,
+                    at: crate::model::queue::coarse_ms(),
                 },
             );
         } else {

@@ -291,6 +291,23 @@ impl Sub {
         }
     }
 
+    /// Waits for the server to close the consumer's channel; its (code, text).
+    pub async fn channel_closed(&mut self) -> (u16, String) {
+        match tokio::time::timeout(WAIT, self.rx.recv()).await {
+            Ok(Some(Err(e))) => match e.kind() {
+                lapin::ErrorKind::ProtocolError(err) => {
+                    (err.get_id(), err.get_message().as_str().to_string())
+                }
+                other => panic!("consumer {}: not a channel close: {other:?}", self.tag()),
+            },
+            Ok(other) => panic!(
+                "consumer {}: expected a channel close, got {other:?}",
+                self.tag()
+            ),
+            Err(_) => panic!("consumer {}: no channel close within {WAIT:?}", self.tag()),
+        }
+    }
+
     /// Waits for the consumer to be cancelled (by the server or by us).
     pub async fn cancelled(&mut self) {
         match tokio::time::timeout(WAIT, self.rx.recv()).await {

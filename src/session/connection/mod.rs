@@ -296,6 +296,10 @@ impl Connection {
         if self.heartbeat > 0 {
             period = period.min(hb / 2);
         }
+        let consumer_timeout = self.broker.config.limits.consumer_timeout;
+        if consumer_timeout > 0 {
+            period = period.min(Duration::from_millis(consumer_timeout / 2));
+        }
         let mut ticker = tokio::time::interval_at(
             Instant::now() + period,
             period.max(Duration::from_millis(100)),
@@ -361,6 +365,10 @@ impl Connection {
                     last_read = Instant::now();
                 }
                 _ = ticker.tick() => {
+                    let now = crate::model::queue::refresh_coarse();
+                    if consumer_timeout > 0 {
+                        self.close_overdue_channels(now, consumer_timeout);
+                    }
                     if partial_since.is_some_and(|t| t.elapsed() > frame_timeout) {
                         warn!("a frame did not arrive whole within {}s", frame_timeout.as_secs());
                         return End::Timeout;
@@ -618,22 +626,60 @@ impl Connection {
                 Ok(None)
             }
             Err(e) if e.is_channel_error() => {
-                debug!(channel = channel_id, "closing channel: {e}");
-                ch.flush_confirms();
-                ch.release();
-                ch.closing = true;
-                self.send(
-                    channel_id,
-                    &AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
-                        reply_code: e.code,
-                        reply_text: short(e.text),
-                        class_id: e.class_id,
-                        method_id: e.method_id,
-                    })),
-                );
+                self.close_channel(channel_id, e);
                 Ok(None)
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Closes a channel for `e` (a channel error): its unconfirmed publishes are
+    /// answered, its deliveries go back, and it waits for close-ok.
+    fn close_channel(&mut self, channel_id: u16, e: AmqpError) {
+        let Some(ch) = self.channels.get_mut(&channel_id) else {
+            return;
+        };
+        debug!(channel = channel_id, "closing channel: {e}");
+        ch.flush_confirms();
+        ch.release();
+        ch.closing = true;
+        self.send(
+            channel_id,
+            &AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: e.code,
+                reply_text: short(e.text),
+                class_id: e.class_id,
+                method_id: e.method_id,
+            })),
+        );
+    }
+
+    /// RabbitMQ's consumer timeout: a channel whose oldest unacknowledged
+    /// delivery is older than `timeout` ms is closed with its text.
+    fn close_overdue_channels(&mut self, now: u64, timeout: u64) {
+        let overdue: Vec<u16> = self
+            .channels
+            .iter()
+            .filter(|(_, ch)| !ch.closing)
+            .filter(|(_, ch)| {
+                ch.shared
+                    .oldest_unacked_at()
+                    .is_some_and(|at| now.saturating_sub(at) > timeout)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overdue {
+            warn!(
+                channel = id,
+                "a consumer on channel {id} has timed out waiting for delivery acknowledgement ({timeout} ms)"
+            );
+            self.close_channel(
+                id,
+                AmqpError::precondition_failed(format!(
+                    "delivery acknowledgement on channel {id} timed out. Timeout value used: {timeout} ms. \
+                     This timeout value can be configured, see consumers doc guide to learn more"
+                )),
+            );
         }
     }
 
