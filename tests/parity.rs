@@ -523,3 +523,86 @@ async fn an_overdue_acknowledgement_closes_the_channel_and_requeues() {
     assert!(again.delivery.redelivered);
     b.shutdown().await;
 }
+
+/// Quorum queues' delivery limit (rabbit_fifo): each time a delivery comes back
+/// its count grows and shows as x-delivery-count (basic.get shows it from 0);
+/// past x-delivery-limit the message is dead-lettered with reason
+/// delivery_limit. A classic queue refuses the argument as RabbitMQ does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queue_dead_letters_past_its_delivery_limit() {
+    let b = common::start().await;
+    let conn = support::connect(&b).await;
+    let ch = support::channel(&conn).await;
+    let dead = support::temp_queue(&ch, "p-dl-dead").await;
+    let q = common::unique("p-dl");
+    support::ok(
+        "queue.declare",
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            table(&[
+                ("x-queue-type", s("quorum")),
+                ("x-delivery-limit", AMQPValue::LongInt(2)),
+                ("x-dead-letter-exchange", s("")),
+                ("x-dead-letter-routing-key", s(&dead)),
+            ]),
+        ),
+    )
+    .await;
+    support::publish(&ch, "", &q, b"poison").await;
+    let count = |m: &lapin::message::BasicGetMessage| {
+        m.delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-delivery-count").cloned())
+    };
+    for expected in 0..=2i64 {
+        let m = support::get(&ch, &q).await.expect("the message");
+        assert_eq!(count(&m), Some(AMQPValue::LongLongInt(expected)));
+        support::ok(
+            "basic.nack",
+            m.nack(BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            }),
+        )
+        .await;
+    }
+    // The third return is past the limit of 2.
+    assert!(support::get(&ch, &q).await.is_none(), "left the queue");
+    let m = support::get(&ch, &dead).await.expect("dead-lettered");
+    let headers = m.delivery.properties.headers().clone().expect("headers");
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        panic!("no x-death: {headers:?}");
+    };
+    let AMQPValue::FieldTable(first) = &deaths.as_slice()[0] else {
+        panic!("{deaths:?}");
+    };
+    assert_eq!(first.inner().get("reason"), Some(&s("delivery_limit")));
+    support::ok(
+        "queue.delete",
+        ch.queue_delete(q.as_str().into(), Default::default()),
+    )
+    .await;
+
+    let err = amqp_err(
+        "classic queue.declare",
+        declare_with(
+            &ch,
+            "p-dl-classic",
+            table(&[("x-delivery-limit", AMQPValue::LongInt(2))]),
+        ),
+    )
+    .await;
+    assert_eq!(
+        err,
+        (
+            406,
+            "PRECONDITION_FAILED - invalid arg 'x-delivery-limit' for queue 'p-dl-classic' in vhost '/' of queue type rabbit_classic_queue".into()
+        )
+    );
+}

@@ -75,6 +75,9 @@ pub struct QueuedMessage {
     /// Position in the queue: requeued messages go back to where they were.
     pub seq: u64,
     pub redelivered: bool,
+    /// Times it came back to the queue unacknowledged (a quorum queue's
+    /// delivery count, for x-delivery-limit and the x-delivery-count header).
+    pub returns: u32,
     level: u8,
     /// `now_ms()` after which the message is dead.
     expires: Option<u64>,
@@ -158,6 +161,11 @@ pub struct QueueArgs {
     pub dead_letter_exchange: Option<Arc<str>>,
     pub dead_letter_routing_key: Option<Arc<str>>,
     pub single_active_consumer: bool,
+    /// x-queue-type quorum (run as a classic queue, with its delivery limit).
+    pub quorum: bool,
+    /// x-delivery-limit: a quorum queue dead-letters (reason delivery_limit) a
+    /// message that came back more often than this.
+    pub delivery_limit: Option<u64>,
     /// The policy that contributed to these settings, if any.
     pub policy: Option<Arc<str>>,
 }
@@ -242,6 +250,14 @@ impl QueueArgs {
                 ))
             }
         };
+        let quorum = text("x-queue-type")?.as_deref() == Some("quorum");
+        if !quorum && get("x-delivery-limit").is_some() {
+            // rabbit_amqqueue:check_arguments_key, for a classic queue.
+            return Err(AmqpError::precondition_failed(format!(
+                "invalid arg 'x-delivery-limit' for {} of queue type rabbit_classic_queue",
+                queue_name(queue, vhost)
+            )));
+        }
         match text("x-queue-type")?.as_deref() {
             None | Some("classic") | Some("quorum") => {}
             Some(other) => {
@@ -271,6 +287,8 @@ impl QueueArgs {
             dead_letter_exchange,
             dead_letter_routing_key,
             single_active_consumer,
+            quorum,
+            delivery_limit: non_negative("x-delivery-limit")?,
             policy: None,
         })
     }
@@ -338,6 +356,7 @@ pub struct Restored {
 struct Entry {
     seq: u64,
     redelivered: bool,
+    returns: u32,
     level: u8,
     expires: Option<u64>,
     persisted: bool,
@@ -351,6 +370,7 @@ impl Entry {
         Entry {
             seq: m.seq,
             redelivered: m.redelivered,
+            returns: m.returns,
             level: m.level,
             expires: m.expires,
             persisted: m.persisted,
@@ -828,6 +848,7 @@ impl Queue {
             st.ready.push_back(Entry {
                 seq: r.seq,
                 redelivered: true,
+                returns: 0,
                 level,
                 expires: ttl.map(|t| now.saturating_add(t.saturating_sub(r.age_ms))),
                 persisted: true,
@@ -851,6 +872,7 @@ impl Queue {
             msg: e.msg?,
             seq: e.seq,
             redelivered: e.redelivered,
+            returns: e.returns,
             level: e.level,
             expires: e.expires,
             persisted: e.persisted,
@@ -941,6 +963,7 @@ impl Queue {
             msg,
             seq,
             redelivered: false,
+            returns: 0,
             level,
             expires: ttl.map(|t| now_ms().saturating_add(t)),
             persisted: false,
@@ -971,8 +994,20 @@ impl Queue {
         if st.deleted {
             return;
         }
+        let args = self.args();
         for mut m in msgs {
             m.redelivered = true;
+            if args.quorum {
+                m.returns = m.returns.saturating_add(1);
+                if args
+                    .delivery_limit
+                    .is_some_and(|limit| m.returns as u64 > limit)
+                {
+                    // rabbit_fifo: past the limit, dead-lettered (or dropped).
+                    self.dead_letter(m, "delivery_limit");
+                    continue;
+                }
+            }
             st.ready.insert_by_seq(Entry::resident(m));
         }
         // With drop-head, messages put back count against the limit as RabbitMQ
@@ -1047,9 +1082,12 @@ impl Queue {
             let Some(e) = st.ready.pop_front() else {
                 return;
             };
-            let Some(m) = self.resolve(e) else {
+            let Some(mut m) = self.resolve(e) else {
                 continue;
             };
+            if m.returns > 0 && self.args().quorum {
+                m.msg = with_delivery_count(&m.msg, m.returns);
+            }
             let redelivered = m.redelivered;
             match consumer.channel.deliver(self, &consumer, m) {
                 Ok(()) => {
@@ -1082,7 +1120,11 @@ impl Queue {
             return Got::PagingIn(rx);
         }
         match st.ready.pop_front().and_then(|e| self.resolve(e)) {
-            Some(m) => {
+            Some(mut m) => {
+                // A quorum queue's basic.get carries the count even at 0.
+                if self.args().quorum {
+                    m.msg = with_delivery_count(&m.msg, m.returns);
+                }
                 let c = &mut st.counts;
                 if no_ack {
                     c.get_no_ack += 1;
@@ -1246,4 +1288,26 @@ impl Queue {
         st.priorities.clear();
         (n, std::mem::take(&mut st.consumers))
     }
+}
+
+/// The message with an `x-delivery-count` header, as a quorum queue delivers a
+/// message that came back (edited on the header's bytes; the body is shared).
+fn with_delivery_count(msg: &Arc<Message>, count: u32) -> Arc<Message> {
+    use crate::protocol::ordered::{long, RawHeader};
+    let Some(mut header) = RawHeader::parse(&msg.header) else {
+        return msg.clone();
+    };
+    let Some(mut headers) = header.headers() else {
+        return msg.clone();
+    };
+    headers.set("x-delivery-count", long(count as i64));
+    header.set_headers(&headers);
+    let mut counted = msg.republish_with_header(
+        msg.exchange.clone(),
+        msg.routing_key.clone(),
+        header.encode(),
+        msg.properties.clone(),
+    );
+    counted.extra_keys = msg.extra_keys.clone();
+    Arc::new(counted)
 }
