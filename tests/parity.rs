@@ -620,6 +620,35 @@ async fn a_quorum_queue_dead_letters_past_its_delivery_limit() {
     )
     .await;
 
+    // rabbit_quorum_queue's property checks: auto-delete, then exclusive-owner.
+    for (exclusive, auto_delete, prop) in [
+        (true, false, "exclusive-owner"),
+        (true, true, "auto-delete"),
+    ] {
+        let ch = support::channel(&conn).await;
+        let err = amqp_err(
+            "quorum queue.declare",
+            ch.queue_declare(
+                "p-q-props".into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    exclusive,
+                    auto_delete,
+                    ..Default::default()
+                },
+                table(&[("x-queue-type", s("quorum"))]),
+            ),
+        )
+        .await;
+        assert_eq!(
+            err,
+            (
+                406,
+                format!("PRECONDITION_FAILED - invalid property '{prop}' for queue 'p-q-props' in vhost '/'")
+            )
+        );
+    }
+    let ch = support::channel(&conn).await;
     let err = amqp_err(
         "classic queue.declare",
         declare_with(

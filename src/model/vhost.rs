@@ -703,12 +703,13 @@ impl Draft<'_> {
             .and_then(string_value)
             .is_some_and(|t| t == "quorum");
         if quorum && (!d.durable || d.exclusive || d.auto_delete) {
-            let prop = if !d.durable {
-                "non-durable"
-            } else if d.exclusive {
-                "exclusive"
-            } else {
+            // rabbit_quorum_queue's checks, in their order and with their words.
+            let prop = if d.auto_delete {
                 "auto-delete"
+            } else if d.exclusive {
+                "exclusive-owner"
+            } else {
+                "non-durable"
             };
             return Err(AmqpError::precondition_failed(format!(
                 "invalid property '{prop}' for {}",
