@@ -32,6 +32,9 @@ pub struct Channel {
     pub shared: Arc<ChannelShared>,
     /// The highest publish sequence number acked to the publisher (for metrics).
     confirmed_upto: u64,
+    /// The highest publish tag acked or nacked so far: an ack that settles only
+    /// the next one goes with multiple=false, as RabbitMQ's does.
+    settled_upto: u64,
     /// Held while open when the user has a max-channels limit.
     pub(crate) counted: Option<crate::session::context::CountedChannel>,
     vhost: Arc<Vhost>,
@@ -104,6 +107,7 @@ impl Channel {
             backlogged: false,
             counted: None,
             confirmed_upto: 0,
+            settled_upto: 0,
         }
     }
 

@@ -128,14 +128,23 @@ impl Channel {
         let wait = self.vhost.store.is_some() && (self.sync_needed || self.syncs_pending > 0);
         if !wait {
             self.count_confirmed(tag);
+            let multiple = self.settle(tag);
             self.reply(AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
                 delivery_tag: tag,
-                multiple: true,
+                multiple,
             })));
             return;
         };
         self.sync_needed = false;
         self.confirm_after_sync(Synced::AckUpTo(tag));
+    }
+
+    /// Records that publishes up to `tag` are answered; whether the answer must
+    /// say multiple (it covers more than the one publish after the last answer).
+    fn settle(&mut self, tag: u64) -> bool {
+        let multiple = tag > self.settled_upto.saturating_add(1);
+        self.settled_upto = self.settled_upto.max(tag);
+        multiple
     }
 
     /// Counts the publishes a basic.ack up to `tag` confirms.
@@ -171,24 +180,29 @@ impl Channel {
         if !self.shared.is_open() {
             return;
         }
+        // A confirm's nack says requeue=true, as RabbitMQ's (the field's default
+        // there; it means nothing to a publisher).
         let class = match confirm {
             Synced::AckUpTo(upto) if ok => {
                 self.count_confirmed(upto);
                 basic::AMQPMethod::Ack(basic::Ack {
                     delivery_tag: upto,
-                    multiple: true,
+                    multiple: self.settle(upto),
                 })
             }
             Synced::AckUpTo(upto) => basic::AMQPMethod::Nack(basic::Nack {
                 delivery_tag: upto,
-                multiple: true,
-                requeue: false,
+                multiple: self.settle(upto),
+                requeue: true,
             }),
-            Synced::Nack(tag) => basic::AMQPMethod::Nack(basic::Nack {
-                delivery_tag: tag,
-                multiple: false,
-                requeue: false,
-            }),
+            Synced::Nack(tag) => {
+                self.settle(tag);
+                basic::AMQPMethod::Nack(basic::Nack {
+                    delivery_tag: tag,
+                    multiple: false,
+                    requeue: true,
+                })
+            }
         };
         self.reply(AMQPClass::Basic(class));
     }
@@ -482,10 +496,11 @@ impl Channel {
                 if self.syncs_pending > 0 {
                     self.confirm_after_sync(Synced::Nack(self.publish_seq));
                 } else {
+                    self.settle(self.publish_seq);
                     self.reply(AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
                         delivery_tag: self.publish_seq,
                         multiple: false,
-                        requeue: false,
+                        requeue: true,
                     })));
                 }
                 return Ok(());
