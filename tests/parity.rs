@@ -224,6 +224,24 @@ async fn consume_and_exchange_arguments_of_the_wrong_type_are_refused() {
     );
     let ch = support::channel(&conn).await;
     let err = amqp_err(
+        "basic.consume",
+        ch.basic_consume(
+            q.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            table(&[("x-stream-offset", s("first"))]),
+        ),
+    )
+    .await;
+    assert_eq!(
+        err,
+        (
+            406,
+            format!("PRECONDITION_FAILED - invalid arg 'x-stream-offset' for queue '{q}' in vhost '/' of queue type rabbit_classic_queue")
+        )
+    );
+    let ch = support::channel(&conn).await;
+    let err = amqp_err(
         "exchange.declare",
         ch.exchange_declare(
             "p-ae".into(),

@@ -488,3 +488,18 @@ async fn channel_flow_off_is_not_implemented() {
         (540, "NOT_IMPLEMENTED - active=false", 20, 20)
     );
 }
+
+/// A known method whose arguments do not decode closes the connection with 501,
+/// naming the bytes as RabbitMQ does (rabbit_misc:frame_error).
+#[tokio::test]
+async fn undecodable_method_arguments_are_a_frame_error() {
+    let b = common::start().await;
+    let mut raw = handshake(&b).await;
+    raw.open_channel(1).await;
+    raw.send(&method_frame(1, QUEUE_DECLARE, &[0])).await;
+    let close = raw.expect_connection_close().await;
+    assert_eq!(close.code, 501, "{close:?}");
+    assert_eq!(close.text, "FRAME_ERROR - cannot decode <<0>>");
+    assert_eq!((close.class_id, close.method_id), (50, 10));
+    assert_broker_still_serves(&b).await;
+}

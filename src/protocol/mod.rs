@@ -184,6 +184,12 @@ fn octets(payload: &[u8]) -> String {
     } else {
         ("first 16", &payload[..16])
     };
+    format!("{what} octets = {}", erlang_binary(shown))
+}
+
+/// Bytes as Erlang prints a binary: `<<"text">>` when every byte is printable,
+/// else `<<0,50,...>>`.
+fn erlang_binary(shown: &[u8]) -> String {
     let printable = |b: u8| (32..=126).contains(&b) || b"\n\r\t\x0b\x08\x0c\x1b".contains(&b);
     let body = if !shown.is_empty() && shown.iter().all(|&b| printable(b)) {
         let mut s = String::from("\"");
@@ -210,7 +216,7 @@ fn octets(payload: &[u8]) -> String {
             .collect::<Vec<_>>()
             .join(",")
     };
-    format!("{what} octets = <<{body}>>")
+    format!("<<{body}>>")
 }
 
 /// basic.qos with a prefetch size: RabbitMQ does not implement it (540), and
@@ -245,7 +251,8 @@ pub(super) fn method_parse_error(payload: &[u8]) -> AmqpError {
             | (90, 10..=31)
     );
     if known {
-        AmqpError::syntax_error(format!("malformed method frame for {class}.{method}"))
+        // RabbitMQ's rabbit_misc:frame_error: the arguments it could not decode.
+        AmqpError::frame_error(format!("cannot decode {}", erlang_binary(&payload[4..])))
     } else {
         AmqpError::command_invalid(format!("unknown method {class}.{method}"))
     }

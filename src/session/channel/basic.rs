@@ -174,7 +174,7 @@ impl Channel {
                 "attempt to reuse consumer tag '{tag}'"
             )));
         }
-        check_consume_arguments(&c.arguments, &name, &self.vhost.name)?;
+        check_consume_arguments(&c.arguments, &name, &self.vhost.name, q.args().quorum)?;
         let consumer = Arc::new(Consumer {
             tag: tag.clone(),
             channel: self.shared.clone() as Arc<dyn Deliver>,
@@ -217,11 +217,13 @@ impl Channel {
 }
 
 /// RabbitMQ's consume argument checks (rabbit_amqqueue's consume_args): x-priority
-/// an integer, x-cancel-on-ha-failover a boolean, with its texts.
+/// an integer, x-cancel-on-ha-failover a boolean, x-stream-offset only on a
+/// stream, with its texts.
 fn check_consume_arguments(
     args: &amq_protocol::types::FieldTable,
     queue: &str,
     vhost: &str,
+    quorum: bool,
 ) -> AmqpResult<()> {
     use amq_protocol::types::AMQPValue;
     let bad = |key: &str, why: String| {
@@ -230,6 +232,18 @@ fn check_consume_arguments(
             queue_name(queue, vhost)
         ))
     };
+    if args.inner().contains_key("x-stream-offset") {
+        // Only streams take it (check_consume_arguments' invalid keys).
+        let kind = if quorum {
+            "rabbit_quorum_queue"
+        } else {
+            "rabbit_classic_queue"
+        };
+        return Err(AmqpError::precondition_failed(format!(
+            "invalid arg 'x-stream-offset' for {} of queue type {kind}",
+            queue_name(queue, vhost)
+        )));
+    }
     if let Some(v) = args.inner().get("x-priority") {
         crate::model::values::integer_arg(v).map_err(|why| bad("x-priority", why))?;
     }
