@@ -503,3 +503,21 @@ async fn undecodable_method_arguments_are_a_frame_error() {
     assert_eq!((close.class_id, close.method_id), (50, 10));
     assert_broker_still_serves(&b).await;
 }
+
+/// channel_max bounds how many channels are open at once, not their numbers, as
+/// in RabbitMQ: with 2 negotiated, channels 1 and 5000 open, a third is refused.
+#[tokio::test]
+async fn channel_max_counts_open_channels_not_their_numbers() {
+    let b = common::start().await;
+    let mut raw = handshake_channel_max(&b, 2).await;
+    raw.open_channel(1).await;
+    raw.open_channel(5000).await;
+    raw.send(&method_frame(3, (20, 10), &[0])).await;
+    let close = raw.expect_connection_close().await;
+    assert_eq!(close.code, 530, "{close:?}");
+    assert_eq!(
+        close.text,
+        "NOT_ALLOWED - number of channels opened (2) has reached the negotiated channel_max (2)"
+    );
+    assert_broker_still_serves(&b).await;
+}

@@ -287,6 +287,22 @@ pub async fn handshake_with(b: &TestBroker, client_properties: &[u8]) -> Raw {
 /// Everything a handshake sends, up to and including connection.open of `/`, but
 /// not the broker's answer to it; returns the socket and the frame_max agreed.
 pub async fn log_in(b: &TestBroker, client_properties: &[u8]) -> (TcpStream, u32) {
+    log_in_with(b, client_properties, None).await
+}
+
+/// `handshake` asking for at most `channel_max` channels in tune-ok.
+pub async fn handshake_channel_max(b: &TestBroker, channel_max: u16) -> Raw {
+    let (mut stream, frame_max) = log_in_with(b, &0u32.to_be_bytes(), Some(channel_max)).await;
+    expect_method(&mut stream, 0, CONNECTION_OPEN_OK).await;
+    Raw { stream, frame_max }
+}
+
+/// `log_in`, with tune-ok's channel_max chosen instead of the broker's.
+pub async fn log_in_with(
+    b: &TestBroker,
+    client_properties: &[u8],
+    wanted_channel_max: Option<u16>,
+) -> (TcpStream, u32) {
     let mut stream = tcp(b).await;
     stream.write_all(PROTOCOL_HEADER).await.unwrap();
     expect_method(&mut stream, 0, CONNECTION_START).await;
@@ -302,7 +318,7 @@ pub async fn log_in(b: &TestBroker, client_properties: &[u8]) -> (TcpStream, u32
 
     let tune = expect_method(&mut stream, 0, CONNECTION_TUNE).await;
     let t = tune.args();
-    let channel_max = u16::from_be_bytes([t[0], t[1]]);
+    let channel_max = wanted_channel_max.unwrap_or(u16::from_be_bytes([t[0], t[1]]));
     let frame_max = u32::from_be_bytes([t[2], t[3], t[4], t[5]]);
     let mut args = Vec::new();
     args.extend_from_slice(&channel_max.to_be_bytes());

@@ -692,12 +692,14 @@ impl Connection {
                 .with_method(class.get_amqp_class_id(), class.get_amqp_method_id())
                 .into());
         }
-        if id > self.channel_max {
+        // As RabbitMQ: channel_max bounds how many channels are open, not their
+        // numbers (any of 1..=65535 may be used).
+        let open = self.channels.len();
+        if self.channel_max != 0 && open >= self.channel_max as usize {
             return Err(AmqpError::not_allowed(format!(
-                "channel number {id} exceeds the negotiated channel_max ({})",
+                "number of channels opened ({open}) has reached the negotiated channel_max ({})",
                 self.channel_max
             ))
-            .with_method(20, 10)
             .into());
         }
         let Some(vhost) = self.vhost.clone() else {
