@@ -25,16 +25,12 @@ pub async fn sample(state: Arc<BrokerState>, every: Duration, mut stop: watch::R
 }
 
 fn sample_once(s: &BrokerState, now: Instant) {
-    let total = MessageCounts::default();
-    s.closed.add_to(&total);
+    s.rates.sample(now, broker_counts(s).stats());
     for conn in s.connections() {
-        conn.closed_channels.add_to(&total);
         for ch in conn.channels() {
-            ch.counts.add_to(&total);
             ch.rates.sample(now, ch.counts.stats());
         }
     }
-    s.rates.sample(now, total.stats());
     for (name, v) in s.vhost_map().iter() {
         v.rates.sample(now, vhost_counts(s, name, v).stats());
         for q in v.topology().queues() {
