@@ -480,7 +480,7 @@ async fn direct_reply_to_names_declare_as_rabbitmq_declares_them() {
     }
     // A requester consumes its replies; the server learns the full name.
     let requester = support::channel(&conn).await;
-    let _replies = support::consume(&requester, "amq.rabbitmq.reply-to", true).await;
+    let mut replies = support::consume(&requester, "amq.rabbitmq.reply-to", true).await;
     let work = support::temp_queue(&ch, "p-rpc").await;
     support::publish_props(
         &requester,
@@ -512,6 +512,19 @@ async fn direct_reply_to_names_declare_as_rabbitmq_declares_them() {
     )
     .await;
     assert_eq!(ok.consumer_count(), 1);
+    // Replies carry the channel's next delivery tag without taking it: two
+    // replies are both tag 1; a delivery from a queue then takes 1, and the next
+    // reply is 2.
+    let other = support::temp_queue(&ch, "p-rpc-other").await;
+    let mut others = support::consume(&requester, &other, true).await;
+    for body in [&b"one"[..], b"two"] {
+        support::publish(&ch, "", &full, body).await;
+        assert_eq!(replies.next().await.delivery_tag, 1);
+    }
+    support::publish(&ch, "", &other, b"from a queue").await;
+    assert_eq!(others.next().await.delivery_tag, 1);
+    support::publish(&ch, "", &full, b"three").await;
+    assert_eq!(replies.next().await.delivery_tag, 2);
     let err = amqp_err(
         "queue.declare",
         ch.queue_declare(

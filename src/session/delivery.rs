@@ -151,8 +151,14 @@ impl Deliver for ChannelShared {
         if !consumer.no_ack && st.prefetch != 0 && st.unacked.len() as u32 >= st.prefetch {
             return Err(m);
         }
-        st.next_tag += 1;
-        let tag = st.next_tag;
+        // Direct reply-to deliveries bypass RabbitMQ's delivery-tag counter: each
+        // carries the next tag without taking it (they are never acked).
+        let tag = if queue.name.starts_with(crate::model::vhost::REPLY_TO) {
+            st.next_tag + 1
+        } else {
+            st.next_tag += 1;
+            st.next_tag
+        };
         self.conn
             .outbox
             .note_delivery(m.msg.body.len() + m.msg.header.len());
