@@ -65,14 +65,7 @@ impl Message {
         properties: BasicProperties,
     ) -> Message {
         let header = encode_header(self.body.len() as u64, &properties);
-        Message::new(
-            exchange,
-            routing_key,
-            header,
-            properties,
-            self.body.clone(),
-            self.gauge.clone(),
-        )
+        self.republish_with_header(exchange, routing_key, header, properties)
     }
 
     /// As `republish`, with the content header already encoded (its properties

@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 
-use super::tables::be_u32;
+use super::tables::{be_u32, scalar_width};
 
 /// A field table's entries in their order, each value its type tag and data.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -18,15 +18,13 @@ pub struct RawTable {
 /// The size of the value whose type tag is at `buf[at]`, tag included.
 pub fn value_size(buf: &[u8], at: usize) -> Option<usize> {
     let data = at + 1;
-    let n = match *buf.get(at)? {
-        b'V' => 0,
-        b't' | b'b' | b'B' => 1,
-        b's' | b'U' | b'u' => 2,
-        b'I' | b'i' | b'f' => 4,
-        b'D' => 5,
-        b'l' | b'L' | b'd' | b'T' => 8,
-        b'S' | b'x' | b'A' | b'F' => 4usize.checked_add(be_u32(buf, data)?)?,
-        _ => return None,
+    let kind = *buf.get(at)?;
+    let n = match scalar_width(kind) {
+        Some(n) => n,
+        None if matches!(kind, b'S' | b'x' | b'A' | b'F') => {
+            4usize.checked_add(be_u32(buf, data)?)?
+        }
+        None => return None,
     };
     let size = 1 + n;
     (at.checked_add(size)? <= buf.len()).then_some(size)

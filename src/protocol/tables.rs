@@ -101,15 +101,12 @@ pub fn walk_table(
         if fields > limits.max_fields {
             return Err(TableError::TooManyFields(limits.max_fields));
         }
-        let fixed = match kind {
-            b'V' => 0,
-            b't' | b'b' | b'B' => 1,
-            b's' | b'U' | b'u' => 2,
-            b'I' | b'i' | b'f' => 4,
-            b'D' => 5,
-            b'l' | b'L' | b'd' | b'T' => 8,
-            b'S' | b'x' => 4 + be_u32(buf, at).filter(|_| at + 4 <= end).ok_or(Malformed)?,
-            b'A' | b'F' => {
+        let fixed = match (kind, scalar_width(kind)) {
+            (_, Some(n)) => n,
+            (b'S' | b'x', None) => {
+                4 + be_u32(buf, at).filter(|_| at + 4 <= end).ok_or(Malformed)?
+            }
+            (b'A' | b'F', None) => {
                 let n = be_u32(buf, at).filter(|_| at + 4 <= end).ok_or(Malformed)?;
                 let inner_end = (at + 4)
                     .checked_add(n)
@@ -130,6 +127,20 @@ pub fn walk_table(
             .ok_or(Malformed)?;
     }
     Ok((at, fields))
+}
+
+/// The data width of a field value type of fixed size (not a string, byte
+/// array, array or table), by its type tag.
+pub(super) fn scalar_width(kind: u8) -> Option<usize> {
+    Some(match kind {
+        b'V' => 0,
+        b't' | b'b' | b'B' => 1,
+        b's' | b'U' | b'u' => 2,
+        b'I' | b'i' | b'f' => 4,
+        b'D' => 5,
+        b'l' | b'L' | b'd' | b'T' => 8,
+        _ => return None,
+    })
 }
 
 /// Skips a short string (length octet + bytes).
