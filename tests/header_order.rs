@@ -19,7 +19,9 @@ fn declare(channel: u16, name: &str, args: &RawTable) -> Vec<u8> {
     let mut a = Vec::new();
     a.extend_from_slice(&0u16.to_be_bytes());
     shortstr(&mut a, name);
-    a.push(0);
+    // Exclusive: gone with the connection, also on an external broker that
+    // outlives the test (a message left over from an earlier run must not be read).
+    a.push(0b0000_0100);
     a.extend_from_slice(&args.encode());
     method_frame(channel, QUEUE_DECLARE, &a)
 }
@@ -66,12 +68,17 @@ fn keys(t: &RawTable) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_keep_the_publishers_order_and_write_x_death_as_rabbitmq() {
     let b = common::start().await;
+    let (first_q, second_q, final_q) = (
+        common::unique("ho-first"),
+        common::unique("ho-second"),
+        common::unique("ho-final"),
+    );
     let mut raw = handshake(&b).await;
     raw.open_channel(1).await;
     for (name, args) in [
-        ("ho-final", RawTable::default()),
-        ("ho-second", dead_lettering_to("ho-final")),
-        ("ho-first", dead_lettering_to("ho-second")),
+        (&final_q, RawTable::default()),
+        (&second_q, dead_lettering_to(&final_q)),
+        (&first_q, dead_lettering_to(&second_q)),
     ] {
         raw.send(&declare(1, name, &args)).await;
         expect_method(&mut raw.stream, 1, (50, 11)).await;
@@ -88,13 +95,13 @@ async fn dead_letters_keep_the_publishers_order_and_write_x_death_as_rabbitmq() 
     payload.extend_from_slice(&4u64.to_be_bytes());
     payload.extend_from_slice(&FLAG_HEADERS.to_be_bytes());
     payload.extend_from_slice(&headers.encode());
-    let mut publish = basic_publish(1, "ho-first");
+    let mut publish = basic_publish(1, &first_q);
     publish.extend_from_slice(&frame(FRAME_HEADER, 1, &payload));
     publish.extend_from_slice(&body(1, b"body"));
     raw.send(&publish).await;
 
     // Delivered as published: the broker changed nothing.
-    let (tag, got) = fetch(&mut raw, "ho-first").await;
+    let (tag, got) = fetch(&mut raw, &first_q).await;
     assert_eq!(
         got, payload,
         "a header the broker does not touch is delivered as sent"
@@ -103,7 +110,7 @@ async fn dead_letters_keep_the_publishers_order_and_write_x_death_as_rabbitmq() 
     // First death: the top level sorted, the nested table as sent, and the
     // x-death entry in RabbitMQ's order.
     raw.send(&reject(1, tag)).await;
-    let (tag, got) = fetch(&mut raw, "ho-second").await;
+    let (tag, got) = fetch(&mut raw, &second_q).await;
     let h = RawHeader::parse(&got).unwrap().headers().unwrap();
     assert_eq!(
         keys(&h),
@@ -132,15 +139,18 @@ async fn dead_letters_keep_the_publishers_order_and_write_x_death_as_rabbitmq() 
         ]
     );
     assert_eq!(first.get("count").unwrap(), long(1).as_slice());
-    assert_eq!(first.get("queue").unwrap(), longstr(b"ho-first").as_slice());
+    assert_eq!(
+        first.get("queue").unwrap(),
+        longstr(first_q.as_bytes()).as_slice()
+    );
     assert_eq!(
         first.get("routing-keys").unwrap(),
-        array(&[longstr(b"ho-first")]).as_slice()
+        array(&[longstr(first_q.as_bytes())]).as_slice()
     );
 
     // Second death: the new entry sorted and first, the first one as it was.
     raw.send(&reject(1, tag)).await;
-    let (_, got) = fetch(&mut raw, "ho-final").await;
+    let (_, got) = fetch(&mut raw, &final_q).await;
     let h = RawHeader::parse(&got).unwrap().headers().unwrap();
     let deaths = array_items(h.get("x-death").unwrap()).unwrap();
     assert_eq!(deaths.len(), 2);
@@ -158,7 +168,7 @@ async fn dead_letters_keep_the_publishers_order_and_write_x_death_as_rabbitmq() 
     );
     assert_eq!(
         newest.get("queue").unwrap(),
-        longstr(b"ho-second").as_slice()
+        longstr(second_q.as_bytes()).as_slice()
     );
     assert_eq!(
         table_of(&deaths[1]).unwrap(),
@@ -167,7 +177,7 @@ async fn dead_letters_keep_the_publishers_order_and_write_x_death_as_rabbitmq() 
     );
     assert_eq!(
         h.get("x-first-death-queue").unwrap(),
-        longstr(b"ho-first").as_slice(),
+        longstr(first_q.as_bytes()).as_slice(),
         "x-first-death-* are the first death's"
     );
 }
