@@ -3,6 +3,7 @@
 //! finding of the hardening review: it failed before the fix it names.
 
 mod common;
+mod raw;
 mod support;
 
 use std::time::Duration;
@@ -263,26 +264,46 @@ async fn tx_rollback_leaves_deliveries_unacked() {
 /// in RabbitMQ, not halfway through the commit.
 #[tokio::test]
 async fn tx_publish_to_missing_exchange_fails_at_publish() {
+    // Raw frames: the channel.close must come before the client says tx.commit,
+    // which a client library cannot show without a race.
     let b = common::start().await;
-    let (conn, ch) = open(&b).await;
-    let q = temp_queue(&ch, "txx").await;
-    let tx = channel(&conn).await;
-    ok("tx.select", tx.tx_select()).await;
-    publish(&tx, "", &q, b"first").await;
-    let _ = tx
-        .basic_publish(
-            "no-such-exchange".into(),
-            "k".into(),
-            BasicPublishOptions::default(),
-            b"second",
-            BasicProperties::default(),
-        )
-        .await;
-    let (code, text) = closed_with("tx.commit", tx.tx_commit()).await;
-    assert_eq!(code, 404);
+    let mut raw = raw::handshake(&b).await;
+    raw.open_channel(1).await;
+    raw.send(&raw::queue_declare(1)).await;
+    let ok = raw::expect_method(&mut raw.stream, 1, (50, 11)).await;
+    let q = String::from_utf8_lossy(&ok.args()[1..1 + ok.args()[0] as usize]).into_owned();
+    raw.send(&raw::method_frame(1, (90, 10), &[])).await;
+    raw::expect_method(&mut raw.stream, 1, (90, 11)).await;
+    for (exchange, body) in [("", b"first"), ("no-such-exchange", b"secnd")] {
+        let mut args = 0u16.to_be_bytes().to_vec();
+        raw::shortstr(&mut args, exchange);
+        raw::shortstr(&mut args, if exchange.is_empty() { &q } else { "k" });
+        args.push(0);
+        raw.send(&raw::method_frame(1, raw::BASIC_PUBLISH, &args))
+            .await;
+        raw.send(&raw::content_header(1, body.len() as u64)).await;
+        raw.send(&raw::body(1, body)).await;
+    }
+    let close = raw::expect_method(&mut raw.stream, 1, (20, 40)).await;
+    let close = raw::Close::parse(close.args());
     assert_eq!(
-        text,
-        "NOT_FOUND - no exchange 'no-such-exchange' in vhost '/'"
+        (close.code, close.text.as_str()),
+        (
+            404,
+            "NOT_FOUND - no exchange 'no-such-exchange' in vhost '/'"
+        )
     );
-    assert_eq!(counts(&ch, &q).await.0, 0, "nothing of the transaction");
+    raw.send(&raw::method_frame(1, (20, 41), &[])).await;
+
+    raw.open_channel(2).await;
+    let mut args = 0u16.to_be_bytes().to_vec();
+    raw::shortstr(&mut args, &q);
+    args.push(0b0000_0001); // passive
+    raw::empty_table(&mut args);
+    raw.send(&raw::method_frame(2, raw::QUEUE_DECLARE, &args))
+        .await;
+    let ok = raw::expect_method(&mut raw.stream, 2, (50, 11)).await;
+    let rest = &ok.args()[1 + ok.args()[0] as usize..];
+    let messages = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+    assert_eq!(messages, 0, "nothing of the transaction");
 }
