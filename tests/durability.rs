@@ -654,6 +654,151 @@ async fn ttl_keeps_running_across_a_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What a durable delayed-message exchange holds survives `kill -9` once
+/// confirmed: a message whose delay ran out while the broker was down comes out
+/// at start, one still waiting comes out when its delay (counted from the
+/// publish) is over, and neither comes out twice after another crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_messages_survive_kill_9() {
+    let dir = data_dir("delayed");
+    let broker = Broker::start(&dir);
+    let delayed_type = {
+        let mut t = FieldTable::default();
+        t.insert(
+            "x-delayed-type".into(),
+            AMQPValue::LongString("direct".into()),
+        );
+        t
+    };
+    let published;
+    {
+        let conn = connect_url(&broker.url()).await;
+        let ch = channel(&conn).await;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ok(
+            "exchange.declare",
+            ch.exchange_declare(
+                "later".into(),
+                ExchangeKind::Custom("x-delayed-message".into()),
+                durable,
+                delayed_type.clone(),
+            ),
+        )
+        .await;
+        let dq = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ok(
+            "queue.declare",
+            ch.queue_declare("later.q".into(), dq, FieldTable::default()),
+        )
+        .await;
+        ok(
+            "queue.bind",
+            ch.queue_bind(
+                "later.q".into(),
+                "later".into(),
+                "k".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        ok(
+            "confirm.select",
+            ch.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await;
+        published = std::time::Instant::now();
+        for (body, delay) in [("late", 4000), ("early", 300)] {
+            let mut h = FieldTable::default();
+            h.insert("x-delay".into(), AMQPValue::LongInt(delay));
+            let c = ok(
+                "publish",
+                ch.basic_publish(
+                    "later".into(),
+                    "k".into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_headers(h),
+                ),
+            )
+            .await;
+            assert_eq!(ok("confirm", c).await, Confirmation::Ack(None));
+        }
+        broker.kill9();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let broker = Broker::start(&dir);
+    {
+        let conn = connect_url(&broker.url()).await;
+        let ch = channel(&conn).await;
+        let next = |ch: lapin::Channel| async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let m = ok(
+                    "get",
+                    ch.basic_get("later.q".into(), BasicGetOptions { no_ack: true }),
+                )
+                .await;
+                if let Some(m) = m {
+                    return m;
+                }
+                assert!(std::time::Instant::now() < deadline, "nothing came out");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let early = next(ch.clone()).await;
+        assert_eq!(early.delivery.data, b"early");
+        let late = next(ch.clone()).await;
+        assert_eq!(late.delivery.data, b"late");
+        assert!(
+            published.elapsed() >= Duration::from_millis(4000),
+            "late came out {:?} after its publish",
+            published.elapsed()
+        );
+        let delay = late
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-delay").cloned());
+        assert_eq!(delay, Some(AMQPValue::LongInt(-4000)));
+        // A declare waits for the store's sync, which covers the released copies' removal.
+        ok(
+            "queue.declare",
+            ch.queue_declare(
+                "later.sync".into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        broker.kill9();
+    }
+    let broker = Broker::start(&dir);
+    let conn = connect_url(&broker.url()).await;
+    let ch = channel(&conn).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = ok(
+        "get",
+        ch.basic_get("later.q".into(), BasicGetOptions { no_ack: true }),
+    )
+    .await;
+    assert!(again.is_none(), "a released message came out twice");
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A broker in this process with a tiny per-queue memory budget, so that a
 /// durable backlog of a few hundred 1 KiB messages lives mostly on disk.
 async fn small_budget_broker(dir: &Path) -> warrenmq::BrokerHandle {

@@ -340,8 +340,8 @@ async fn queue(State(s): St, c: Caller, Path((vhost, name)): Path<(String, Strin
     Ok(Json(body))
 }
 
-fn exchange_json(vhost: &str, x: &crate::model::exchange::ExchangeDef) -> Value {
-    json!({
+fn exchange_json(v: &Vhost, vhost: &str, x: &crate::model::exchange::ExchangeDef) -> Value {
+    let mut body = json!({
         "name": &*x.name,
         "vhost": vhost,
         "type": x.kind.name,
@@ -350,7 +350,12 @@ fn exchange_json(vhost: &str, x: &crate::model::exchange::ExchangeDef) -> Value 
         "internal": x.internal,
         "arguments": table_json(&x.arguments),
         "user_who_performed_action": "rmq-internal",
-    })
+    });
+    // As the delayed-message plugin's exchange info.
+    if x.is_delayed() {
+        body["messages_delayed"] = json!(v.delayed.waiting_at(&x.name));
+    }
+    body
 }
 
 fn exchanges_of(vhosts: &[(String, Arc<Vhost>)]) -> Vec<Value> {
@@ -365,7 +370,7 @@ fn exchanges_of(vhosts: &[(String, Arc<Vhost>)]) -> Vec<Value> {
         let t = v.topology();
         let mut xs: Vec<_> = t.exchanges().collect();
         xs.sort_by(|a, b| a.def.name.cmp(&b.def.name));
-        out.extend(xs.iter().map(|x| exchange_json(name, &x.def)));
+        out.extend(xs.iter().map(|x| exchange_json(v, name, &x.def)));
     }
     out
 }
@@ -391,7 +396,7 @@ async fn exchange(State(s): St, c: Caller, Path((vhost, name)): Path<(String, St
     }
     let t = v.topology();
     let x = t.exchange(&name).ok_or_else(ApiError::not_found)?;
-    Ok(Json(exchange_json(&vhost, &x.def)))
+    Ok(Json(exchange_json(&v, &vhost, &x.def)))
 }
 
 /// RabbitMQ's properties_key: the routing key, percent-encoded, and "~" and a
@@ -907,6 +912,7 @@ async fn definitions(State(s): St, c: Caller) -> Reply {
                     auto_delete: d.auto_delete,
                     internal: d.internal,
                     arguments: d.arguments.clone(),
+                    messages_id: None,
                 });
             }
         }

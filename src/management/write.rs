@@ -414,14 +414,14 @@ pub async fn publish(
     let routed = v
         .topology()
         .route(&exchange, &[&routing_key], headers.as_ref());
-    let queues = match routed {
+    let (queues, delays) = match routed {
         Routed::NoExchange => return Err(ApiError::not_found()),
         Routed::Internal => {
             return Err(ApiError::forbidden(format!(
                 "cannot publish to internal exchange '{exchange}' in vhost '{vhost}'"
             )))
         }
-        Routed::Queues(q) => q,
+        Routed::Queues(q, d) => (q, d),
     };
     let msg = Arc::new(crate::model::message::Message::new(
         exchange.as_str().into(),
@@ -432,12 +432,13 @@ pub async fn publish(
         s.gauge.clone(),
     ));
     MessageCounts::bump(&s.closed.received, 1);
-    if queues.is_empty() {
+    let routed = !queues.is_empty() || !delays.is_empty();
+    if !routed {
         MessageCounts::bump(&s.closed.unroutable_dropped, 1);
     } else {
         MessageCounts::bump(&s.closed.routed, 1);
     }
-    let mut persisted = false;
+    let mut persisted = v.delay(&delays, &msg);
     for q in &queues {
         persisted |= q.publish(msg.clone()) == crate::model::queue::Enqueued::Persisted;
     }
@@ -447,7 +448,7 @@ pub async fn publish(
             .await
             .map_err(|e| ApiError::internal(format!("store failure: {e}")))?;
     }
-    Ok(Json(json!({ "routed": !queues.is_empty() })))
+    Ok(Json(json!({ "routed": routed })))
 }
 
 struct GetRequest {

@@ -7,6 +7,7 @@
 mod bindings;
 pub mod change;
 pub mod dead_letter;
+pub mod delayed;
 pub mod exchange;
 pub mod housekeeper;
 pub mod message;

@@ -39,12 +39,17 @@ impl TopologyListener for StoreTopology {
                             auto_delete: x.auto_delete,
                             internal: x.internal,
                             arguments: x.arguments.clone(),
+                            messages_id: x.messages_id,
                         },
                     );
                     durable = true;
                 }
                 Event::ExchangeDeleted(x) if x.is_stored() => {
                     store.delete_exchange(vhost, &x.name);
+                    // Its waiting delayed messages go with it.
+                    if let Some(id) = x.messages_id {
+                        store.delete_messages(id);
+                    }
                     durable = true;
                 }
                 Event::QueueDeclared(q) => {

@@ -63,6 +63,54 @@ impl Progress {
     }
 }
 
+impl Vhost {
+    /// A delayed exchange's waiting messages, back in due order; those whose
+    /// time passed while the broker was down are released as soon as it serves.
+    fn restore_delayed(
+        &self,
+        exchange: &Arc<str>,
+        id: u64,
+        gauge: &Arc<MemoryGauge>,
+    ) -> Result<(), StoreError> {
+        let Some(store) = self.store.clone() else {
+            return Ok(());
+        };
+        let mut n = 0usize;
+        for m in store.messages(id) {
+            let m = match m? {
+                Ok(m) => m,
+                Err(bad) => {
+                    tracing::error!(vhost = %self.name, %exchange, seq = ?bad.seq,
+                        "skipping an unreadable delayed message: {}; its record stays on disk", bad.why);
+                    continue;
+                }
+            };
+            let (seq, stored_at) = (m.seq, m.stored_at);
+            let msg = match Message::from_stored(m, gauge) {
+                Ok(msg) => msg,
+                Err(why) => {
+                    tracing::error!(vhost = %self.name, %exchange, seq,
+                        "skipping an unreadable delayed message: {why}; its record stays on disk");
+                    continue;
+                }
+            };
+            let delay = exchange::delayed::delay_of(msg.properties.headers().as_ref()).unwrap_or(0);
+            self.delayed.restore(
+                exchange,
+                (store.clone(), id, seq),
+                stored_at,
+                delay,
+                Arc::new(msg),
+            );
+            n += 1;
+        }
+        if n > 0 {
+            tracing::info!(vhost = %self.name, %exchange, "{n} delayed messages recovered");
+        }
+        Ok(())
+    }
+}
+
 /// What [`Vhost::recover`] brought back.
 #[derive(Default)]
 pub struct Recovered {
@@ -93,12 +141,16 @@ impl Vhost {
                 key: format!("exchange '{}'", x.name),
                 why: format!("unknown exchange type code {}", x.kind),
             })?;
-            let def = ExchangeDef::new(
+            let mut def = ExchangeDef::new(
                 &x.name,
                 kind,
                 (true, x.auto_delete, x.internal),
                 x.arguments.clone(),
             );
+            def.messages_id = x.messages_id.filter(|_| def.is_delayed());
+            if let Some(id) = def.messages_id {
+                self.restore_delayed(&def.name, id, gauge)?;
+            }
             t.exchanges
                 .insert(x.name.as_str().into(), Arc::new(Exchange::new(def)));
         }

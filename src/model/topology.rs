@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use amq_protocol::types::FieldTable;
 
-use super::exchange::{Destination, Exchange};
+use super::exchange::{delayed, Destination, Exchange};
 use super::pmap::PMap;
 use super::queue::Queue;
 
@@ -22,7 +22,21 @@ pub struct Topology {
 pub enum Routed {
     NoExchange,
     Internal,
-    Queues(Vec<Arc<Queue>>),
+    /// These queues now, and the delayed-message exchanges where it waits.
+    Queues(Vec<Arc<Queue>>, Delays),
+}
+
+/// The delayed-message exchanges a message waits at, and for how long.
+#[derive(Default)]
+pub struct Delays {
+    pub delay: u64,
+    pub exchanges: Vec<Arc<Exchange>>,
+}
+
+impl Delays {
+    pub fn is_empty(&self) -> bool {
+        self.exchanges.is_empty()
+    }
 }
 
 impl Topology {
@@ -59,17 +73,19 @@ impl Topology {
     /// Where a message published to `exchange` with these routing keys goes: the
     /// publish's own key, then any CC and BCC keys (sender-selected distribution).
     /// Exchange-to-exchange bindings and alternate exchanges are followed, each
-    /// exchange visited once; each queue is named once.
+    /// exchange visited once; each queue is named once. A delayed-message exchange
+    /// that the message's `x-delay` holds it at is named in the result instead of
+    /// being routed through.
     pub fn route(&self, exchange: &str, keys: &[&str], headers: Option<&FieldTable>) -> Routed {
-        let mut queues: Vec<Arc<Queue>> = Vec::new();
         if exchange.is_empty() {
+            let mut queues: Vec<Arc<Queue>> = Vec::new();
             for key in keys {
                 if let Some(q) = self.queues.get(*key) {
                     queues.push(q.clone());
                 }
             }
             dedup(&mut queues);
-            return Routed::Queues(queues);
+            return Routed::Queues(queues, Delays::default());
         }
         let Some(first) = self.exchanges.get(exchange) else {
             return Routed::NoExchange;
@@ -77,14 +93,41 @@ impl Topology {
         if first.def.internal {
             return Routed::Internal;
         }
+        self.walk(first, keys, headers)
+    }
+
+    /// Routing from an exchange that may be internal: a delayed message whose
+    /// delay is over leaves the exchange that held it. None if it is gone.
+    pub fn route_from(
+        &self,
+        exchange: &str,
+        keys: &[&str],
+        headers: Option<&FieldTable>,
+    ) -> Option<Routed> {
+        let first = self.exchanges.get(exchange)?;
+        Some(self.walk(first, keys, headers))
+    }
+
+    fn walk(&self, first: &Arc<Exchange>, keys: &[&str], headers: Option<&FieldTable>) -> Routed {
+        let mut queues: Vec<Arc<Queue>> = Vec::new();
+        let mut delays = Delays::default();
+        // The message's x-delay, read once and only if a delayed exchange is met.
+        let mut delay: Option<Option<u64>> = None;
         let mut visited: Vec<&str> = Vec::new();
-        let mut pending: Vec<&Exchange> = vec![first];
+        let mut pending: Vec<&Arc<Exchange>> = vec![first];
         let mut dests: Vec<&Destination> = Vec::new();
         while let Some(x) = pending.pop() {
             if visited.contains(&&*x.def.name) {
                 continue;
             }
             visited.push(&x.def.name);
+            if x.def.is_delayed() {
+                if let Some(ms) = *delay.get_or_insert_with(|| delayed::delay_of(headers)) {
+                    delays.delay = ms;
+                    delays.exchanges.push(x.clone());
+                    continue;
+                }
+            }
             dests.clear();
             for key in keys {
                 x.route(key, headers, &mut dests);
@@ -111,7 +154,7 @@ impl Topology {
             }
         }
         dedup(&mut queues);
-        Routed::Queues(queues)
+        Routed::Queues(queues, delays)
     }
 }
 

@@ -24,14 +24,15 @@ use super::change::{
     QueueSpec, TopologyListener,
 };
 use super::dead_letter::DeadLetter;
+use super::delayed::{Delayed, Release, Waiting};
 use super::exchange::{self, Destination, Exchange, ExchangeDef};
 use super::housekeeper::{housekeeper, Keeper};
-use super::message::MemoryGauge;
+use super::message::{MemoryGauge, Message};
 use super::persist::StoreTopology;
 use super::pmap::PMap;
 use super::policy::{self, Policy, Target};
 use super::queue::{Housekeeping, Queue, QueueArgs};
-use super::topology::{Routed, Topology};
+use super::topology::{Delays, Routed, Topology};
 use super::values::{display_value, string_value, type_name, value_eq};
 use crate::error::{exchange_name, queue_name, AmqpError, AmqpResult};
 use crate::store::Store;
@@ -72,6 +73,14 @@ pub struct Vhost {
     /// open ones keep their own), and the last rates of the vhost's total.
     pub closed_counts: super::stats::MessageCounts,
     pub rates: super::stats::Rates<11>,
+    /// Messages waiting in this vhost's delayed-message exchanges.
+    pub delayed: Arc<Delayed>,
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        self.delayed.close();
+    }
 }
 
 /// What only the changing side needs, under the writer mutex.
@@ -154,6 +163,7 @@ impl Vhost {
             limits: Mutex::new(VhostLimits::default()),
             closed_counts: Default::default(),
             rates: Default::default(),
+            delayed: Default::default(),
         }
     }
 
@@ -316,6 +326,13 @@ impl Vhost {
             return Ok(false);
         }
         self.topology.store(Arc::new(t));
+        for e in &events {
+            if let Event::ExchangeDeleted(x) = e {
+                if x.is_delayed() {
+                    self.delayed.forget_exchange(&x.name);
+                }
+            }
+        }
         let mut durable = false;
         for l in &w.listeners {
             durable |= l.changed(&self.name, &events).map_err(|e| {
@@ -438,6 +455,64 @@ impl Vhost {
             .take();
         if let Some(rx) = rx {
             tokio::spawn(housekeeper(Arc::downgrade(self), rx));
+            tokio::spawn(super::delayed::run(
+                Arc::downgrade(self),
+                self.delayed.clone(),
+            ));
+        }
+    }
+
+    /// Holds a routed message at the delayed exchanges its `x-delay` stops it at.
+    /// Returns whether a copy went to the store (a confirm waits for the sync).
+    pub fn delay(&self, delays: &Delays, msg: &Arc<Message>) -> bool {
+        let mut stored = false;
+        for x in &delays.exchanges {
+            stored |= self
+                .delayed
+                .add(&x.def, delays.delay, msg.clone(), self.store.as_ref());
+        }
+        stored
+    }
+}
+
+impl Release for Vhost {
+    /// A delayed message's time is up: it is routed from the exchange that held
+    /// it, its x-delay negated (so that it is not held again), and its stored
+    /// copy goes once the queues it reaches have theirs.
+    fn release(&self, w: Waiting) {
+        let msg = match super::exchange::delayed::header_after_delay(&w.msg.header, w.delay)
+            .and_then(|h| {
+                let properties = crate::protocol::decode_stored_header(&h)?.properties;
+                Some((h, properties))
+            }) {
+            Some((header, properties)) => {
+                let mut m = w.msg.republish_with_header(
+                    w.msg.exchange.clone(),
+                    w.msg.routing_key.clone(),
+                    header,
+                    properties,
+                );
+                m.extra_keys = w.msg.extra_keys.clone();
+                Arc::new(m)
+            }
+            None => w.msg.clone(),
+        };
+        let mut keys: Vec<&str> = vec![&msg.routing_key];
+        keys.extend(msg.extra_keys.iter().map(|k| &**k));
+        let headers = msg.properties.headers().as_ref();
+        let routed = self.topology().route_from(&w.exchange, &keys, headers);
+        if let Some(Routed::Queues(queues, again)) = routed {
+            for q in queues {
+                q.publish(msg.clone());
+            }
+            if !again.is_empty() {
+                // Only a message whose header could not be rewritten gets here.
+                tracing::warn!(exchange = %w.exchange, "a delayed message was held again");
+                self.delay(&again, &msg);
+            }
+        }
+        if let Some((store, id, seq)) = w.stored {
+            store.delete_message(id, seq);
         }
     }
 }
@@ -450,7 +525,8 @@ impl Keeper for Vhost {
         let r = dl.republished();
         let keys: Vec<&str> = r.keys.iter().map(|k| &**k).collect();
         let headers = r.msg.properties.headers().as_ref();
-        if let Routed::Queues(queues) = self.topology().route(&dl.exchange, &keys, headers) {
+        if let Routed::Queues(queues, delays) = self.topology().route(&dl.exchange, &keys, headers)
+        {
             for q in queues {
                 if r.may_enter(&q.name) {
                     q.publish(r.msg.clone());
@@ -458,6 +534,8 @@ impl Keeper for Vhost {
                     tracing::debug!(queue = %q.name, "dead letter dropped: it would cycle");
                 }
             }
+            // A dead letter with a positive x-delay waits too, as in RabbitMQ.
+            self.delay(&delays, &r.msg);
         }
         dl.forget_source();
     }
@@ -533,6 +611,9 @@ impl Draft<'_> {
                 d.name, vhost.name
             )));
         }
+        if kind == &exchange::delayed::TYPE {
+            exchange::delayed::routes_as(&d.arguments)?;
+        }
         let mut def = ExchangeDef::new(
             &d.name,
             kind,
@@ -540,6 +621,16 @@ impl Draft<'_> {
             d.arguments,
         );
         def.alternate = exchange_alternate(&self.w.policies, &def);
+        if def.is_delayed() && def.is_stored() {
+            // Its waiting messages are kept under an id of their own, as a queue's.
+            if let Some(store) = &vhost.store {
+                let id = store.new_queue_id().map_err(|e| {
+                    tracing::error!("{e}");
+                    AmqpError::internal_error(format!("store failure: {e}"))
+                })?;
+                def.messages_id = Some(id);
+            }
+        }
         let x = Exchange::new(def);
         self.events.push(Event::ExchangeDeclared(x.def.clone()));
         self.t.exchanges.insert(x.def.name.clone(), Arc::new(x));
@@ -852,7 +943,7 @@ impl Draft<'_> {
         let Some(x) = self.t.exchanges.get(b.source.as_str()).cloned() else {
             return Err(self.vhost.not_found_exchange(&b.source));
         };
-        (x.def.kind.check_binding)(&b.arguments)?;
+        (x.def.routes_as.check_binding)(&b.arguments)?;
         let bindings = &self.w.bindings;
         if bindings.has(&b.source, &b.destination, &b.routing_key, &b.arguments) {
             return Ok(Outcome::Done);

@@ -54,6 +54,9 @@ pub struct StoredExchange {
     pub auto_delete: bool,
     pub internal: bool,
     pub arguments: FieldTable,
+    /// A delayed-message exchange's id for its waiting messages
+    /// (`put_message`/`messages` under it, as a queue's).
+    pub messages_id: Option<u64>,
 }
 
 pub struct StoredQueue {
@@ -133,6 +136,8 @@ pub trait Store: Send + Sync {
 
     fn put_message(&self, queue: u64, seq: u64, m: MessageRecord);
     fn delete_message(&self, queue: u64, seq: u64);
+    /// Removes every message stored under an id (a delayed exchange deleted).
+    fn delete_messages(&self, queue: u64);
     /// Reads messages back (paged out of memory); sees every write made before.
     fn read_messages(&self, queue: u64, seqs: Vec<u64>, done: ReadDone);
 

@@ -341,7 +341,15 @@ impl Store for SledStore {
     }
 
     fn put_exchange(&self, vhost: &str, x: &StoredExchange) {
-        let mut v = vec![1u8, x.kind, x.auto_delete as u8, x.internal as u8];
+        // Version 2 carries a delayed exchange's message id; others stay version 1.
+        let mut v = match x.messages_id {
+            None => vec![1u8, x.kind, x.auto_delete as u8, x.internal as u8],
+            Some(id) => {
+                let mut v = vec![2u8, x.kind, x.auto_delete as u8, x.internal as u8];
+                v.extend_from_slice(&id.to_be_bytes());
+                v
+            }
+        };
         v.extend_from_slice(&encode_table(&x.arguments));
         self.send(Op::PutMeta(exchange_key(vhost, &x.name), v));
     }
@@ -397,6 +405,10 @@ impl Store for SledStore {
         self.send(Op::DeleteMessage(message_key(queue, seq)));
     }
 
+    fn delete_messages(&self, queue: u64) {
+        self.send(Op::DeleteQueueMessages(queue));
+    }
+
     fn read_messages(&self, queue: u64, seqs: Vec<u64>, done: ReadDone) {
         self.send(Op::Read { queue, seqs, done });
     }
@@ -404,16 +416,20 @@ impl Store for SledStore {
     fn exchanges(&self) -> Result<Vec<StoredExchange>, StoreError> {
         self.scan_meta(EXCHANGE, |key, r| {
             let (vhost, name) = (key.str()?, key.str()?);
-            if r.u8()? != 1 {
+            let version = r.u8()?;
+            if !matches!(version, 1 | 2) {
                 return Err("unknown record version".to_string());
             }
             let kind = r.u8()?;
+            let (auto_delete, internal) = (r.u8()? != 0, r.u8()? != 0);
+            let messages_id = if version == 2 { Some(r.u64()?) } else { None };
             Ok(StoredExchange {
                 vhost,
                 name,
                 kind,
-                auto_delete: r.u8()? != 0,
-                internal: r.u8()? != 0,
+                auto_delete,
+                internal,
+                messages_id,
                 arguments: r.table()?,
             })
         })

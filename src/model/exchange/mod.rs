@@ -5,6 +5,7 @@
 //! whatever the exchange holds, and publishers keep routing on the table they
 //! loaded without taking a lock. Adding a type is a file and a line in [`TYPES`].
 
+pub mod delayed;
 mod direct;
 mod fanout;
 mod headers;
@@ -72,7 +73,13 @@ impl std::fmt::Debug for ExchangeType {
 }
 
 /// Every exchange type this broker knows.
-pub static TYPES: &[ExchangeType] = &[direct::TYPE, fanout::TYPE, topic::TYPE, headers::TYPE];
+pub static TYPES: &[ExchangeType] = &[
+    direct::TYPE,
+    fanout::TYPE,
+    topic::TYPE,
+    headers::TYPE,
+    delayed::TYPE,
+];
 
 pub fn by_name(name: &str) -> Option<&'static ExchangeType> {
     TYPES.iter().find(|t| t.name == name)
@@ -100,6 +107,12 @@ pub struct ExchangeDef {
     /// Where messages it cannot route go: its `alternate-exchange` argument, else
     /// its policy's.
     pub alternate: Option<Arc<str>>,
+    /// The type whose routing table it has: its own, or for a delayed-message
+    /// exchange the one its `x-delayed-type` names.
+    pub routes_as: &'static ExchangeType,
+    /// A stored delayed-message exchange: the store's id under which its waiting
+    /// messages are kept (allocated as a queue's is).
+    pub messages_id: Option<u64>,
 }
 
 impl ExchangeDef {
@@ -109,6 +122,11 @@ impl ExchangeDef {
         (durable, auto_delete, internal): (bool, bool, bool),
         arguments: FieldTable,
     ) -> ExchangeDef {
+        let routes_as = if kind == &delayed::TYPE {
+            delayed::routes_as_checked(&arguments)
+        } else {
+            kind
+        };
         ExchangeDef {
             name: name.into(),
             kind,
@@ -117,7 +135,14 @@ impl ExchangeDef {
             internal,
             alternate: declared_alternate(&arguments),
             arguments,
+            routes_as,
+            messages_id: None,
         }
+    }
+
+    /// Whether messages with an `x-delay` header wait here before routing.
+    pub fn is_delayed(&self) -> bool {
+        self.kind == &delayed::TYPE
     }
 
     /// The `alternate-exchange` its arguments name (a policy's applies only
@@ -164,7 +189,7 @@ impl Exchange {
 
     pub fn new(def: ExchangeDef) -> Exchange {
         Exchange {
-            router: (def.kind.empty)(),
+            router: (def.routes_as.empty)(),
             def: Arc::new(def),
         }
     }

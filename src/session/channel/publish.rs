@@ -15,7 +15,7 @@ use crate::model::message::{
     ROUTING_HEADERS,
 };
 use crate::model::queue::Enqueued;
-use crate::model::topology::Routed;
+use crate::model::topology::{Delays, Routed};
 use crate::model::vhost::REPLY_TO;
 use crate::protocol::{short, write_return};
 use crate::session::shared::{ConnEvent, Synced};
@@ -414,8 +414,9 @@ impl Channel {
     /// publish was checked routes nowhere, as the message was already accepted.
     pub(super) fn route(&mut self, p: Publish, committed: bool) -> AmqpResult<()> {
         let reply = p.exchange.is_empty() && p.routing_key.starts_with(REPLY_TO);
-        let queues = if reply {
-            self.vhost.reply_queue(&p.routing_key).into_iter().collect()
+        let (queues, delays) = if reply {
+            let q = self.vhost.reply_queue(&p.routing_key).into_iter().collect();
+            (q, Delays::default())
         } else {
             let mut keys: Vec<&str> = vec![&p.routing_key];
             keys.extend(p.extra_keys.iter().map(|k| &**k));
@@ -424,7 +425,7 @@ impl Channel {
                     .topology()
                     .route(&p.exchange, &keys, p.properties.headers().as_ref());
             match routed {
-                Routed::NoExchange if committed => Vec::new(),
+                Routed::NoExchange if committed => (Vec::new(), Delays::default()),
                 Routed::NoExchange => return Err(self.vhost.not_found_exchange(&p.exchange)),
                 Routed::Internal => {
                     return Err(AmqpError::access_refused(format!(
@@ -432,7 +433,7 @@ impl Channel {
                         crate::error::exchange_name(&p.exchange, &self.vhost.name)
                     )))
                 }
-                Routed::Queues(q) => q,
+                Routed::Queues(q, d) => (q, d),
             }
         };
         let counts = &self.shared.counts;
@@ -441,7 +442,10 @@ impl Channel {
         if self.confirm {
             MessageCounts::bump(&counts.received_confirm, 1);
         }
-        if queues.is_empty() {
+        // A message held by a delayed exchange counts as routed: whether it reaches
+        // a queue is known only later (RabbitMQ's plugin returns it as unroutable
+        // at once, and then delivers it all the same).
+        if queues.is_empty() && delays.is_empty() {
             MessageCounts::bump(
                 if p.mandatory {
                     &counts.unroutable_returned
@@ -479,6 +483,9 @@ impl Channel {
             );
             msg.extra_keys = p.extra_keys;
             let msg = Arc::new(msg);
+            if !delays.is_empty() && self.vhost.delay(&delays, &msg) {
+                self.sync_needed = true;
+            }
             let mut rejected = false;
             for q in &queues {
                 match q.publish(msg.clone()) {
