@@ -181,3 +181,39 @@ async fn dead_letters_keep_the_publishers_order_and_write_x_death_as_rabbitmq() 
         "x-first-death-* are the first death's"
     );
 }
+
+/// connection.start lists the server's capabilities in RabbitMQ's order.
+#[tokio::test]
+async fn server_capabilities_come_in_rabbitmqs_order() {
+    use tokio::io::AsyncWriteExt;
+    let b = common::start().await;
+    let mut stream = tcp(&b).await;
+    stream.write_all(PROTOCOL_HEADER).await.unwrap();
+    let start = expect_method(&mut stream, 0, CONNECTION_START).await;
+    let props = RawTable::parse(&start.args()[2..]).expect("server properties");
+    let keys = |t: &RawTable| -> Vec<String> {
+        t.entries
+            .iter()
+            .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+            .collect()
+    };
+    assert_eq!(
+        keys(&props)[..2],
+        ["capabilities".to_string(), "cluster_name".to_string()]
+    );
+    let caps = table_of(props.get("capabilities").unwrap()).expect("a table");
+    assert_eq!(
+        keys(&caps),
+        [
+            "publisher_confirms",
+            "exchange_exchange_bindings",
+            "basic.nack",
+            "consumer_cancel_notify",
+            "connection.blocked",
+            "consumer_priorities",
+            "authentication_failure_close",
+            "per_consumer_qos",
+            "direct_reply_to",
+        ]
+    );
+}

@@ -9,6 +9,7 @@ mod support;
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::ExchangeKind;
+use std::time::Duration;
 
 const BASE: &str = r#"
 listen = ["127.0.0.1:0"]
@@ -267,4 +268,108 @@ fn mirroring_keys_from_rabbitmq_are_accepted() {
     let text = BASE.replace("DATA", "/tmp/unused")
         + "\n[[policies]]\nname = \"ha\"\npattern = \".*\"\ndefinition = { \"ha-mode\" = \"all\", \"queue-mode\" = \"lazy\" }\n";
     assert!(warrenmq::Config::parse(&text, "policies.toml").is_ok());
+}
+
+/// A delivery-limit policy bounds quorum queues' redeliveries as x-delivery-limit
+/// does (the smaller of the two), and only theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_limit_policy_dead_letters_quorum_queue_messages_past_it() {
+    use lapin::options::{BasicGetOptions, BasicRejectOptions};
+    let (broker, _data) = start(
+        r#"
+[[policies]]
+name = "limited"
+pattern = "^limited\\."
+apply-to = "quorum_queues"
+definition = { "delivery-limit" = 1, "dead-letter-exchange" = "", "dead-letter-routing-key" = "limited.dead" }
+"#,
+    )
+    .await;
+    let conn =
+        support::connect_url(&format!("amqp://guest:guest@{}/%2f", broker.local_addr())).await;
+    let ch = support::channel(&conn).await;
+    let quorum = table(&[("x-queue-type", support::s("quorum"))]);
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for q in ["limited.q", "limited.dead"] {
+        support::ok(
+            "queue.declare",
+            ch.queue_declare(q.into(), durable, quorum.clone()),
+        )
+        .await;
+    }
+    publish_all(&ch, "limited.q", &["m"]).await;
+    // Delivered, returned once (within the limit), delivered, returned again: past it.
+    for _ in 0..2 {
+        let m = support::ok(
+            "basic.get",
+            ch.basic_get("limited.q".into(), BasicGetOptions::default()),
+        )
+        .await
+        .expect("the message is there");
+        support::ok(
+            "basic.reject",
+            m.delivery.reject(BasicRejectOptions { requeue: true }),
+        )
+        .await;
+    }
+    assert_eq!(support::drain(&ch, "limited.q").await, Vec::<String>::new());
+    assert_eq!(support::drain(&ch, "limited.dead").await, vec!["m"]);
+}
+
+/// Per-queue acknowledgement timeouts, as RabbitMQ 3.12 has them: the queue's
+/// x-consumer-timeout or its policy's consumer-timeout (the smaller), checked on
+/// each channel's oldest delivery; here with no broker-wide timeout at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_s_consumer_timeout_closes_the_channel_holding_its_delivery() {
+    let (broker, _data) = start(
+        r#"
+[limits]
+consumer_timeout = 0
+frame_timeout = 2
+
+[[policies]]
+name = "impatient"
+pattern = "^impatient\\."
+apply-to = "queues"
+definition = { "consumer-timeout" = 1000 }
+"#,
+    )
+    .await;
+    let conn =
+        support::connect_url(&format!("amqp://guest:guest@{}/%2f", broker.local_addr())).await;
+    let ch = support::channel(&conn).await;
+    declare(&ch, "impatient.q", FieldTable::default()).await;
+    declare(
+        &ch,
+        "arg.q",
+        table(&[("x-consumer-timeout", AMQPValue::LongInt(1000))]),
+    )
+    .await;
+    declare(&ch, "patient.q", FieldTable::default()).await;
+    let mut subs = Vec::new();
+    for q in ["impatient.q", "arg.q", "patient.q"] {
+        let c = support::channel(&conn).await;
+        let mut sub = support::consume(&c, q, false).await;
+        support::publish(&ch, "", q, b"held").await;
+        sub.next().await;
+        subs.push((c, sub));
+    }
+    for (c, sub) in &mut subs[..2] {
+        let (code, text) = sub.channel_closed().await;
+        assert_eq!(code, 406);
+        assert_eq!(
+            text,
+            format!(
+                "PRECONDITION_FAILED - delivery acknowledgement on channel {} timed out. Timeout value used: 1000 ms. This timeout value can be configured, see consumers doc guide to learn more",
+                c.id()
+            )
+        );
+    }
+    // No timeout of its own and none for the broker: still open.
+    assert!(subs[2].0.status().connected());
+    subs[2].1.expect_nothing(Duration::from_millis(500)).await;
+    assert!(subs[2].0.status().connected());
 }

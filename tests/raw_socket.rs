@@ -468,6 +468,20 @@ async fn qos_prefetch_size_is_not_implemented() {
         ),
         (540, "NOT_IMPLEMENTED - prefetch_size!=0 (1)", 60, 10)
     );
+
+    // On a channel that was never opened, that comes first, as in RabbitMQ.
+    let mut raw = handshake(&b).await;
+    raw.send(&method_frame(7, (60, 10), &args)).await;
+    let close = raw.expect_connection_close().await;
+    assert_eq!(
+        (
+            close.code,
+            close.text.as_str(),
+            close.class_id,
+            close.method_id
+        ),
+        (504, "CHANNEL_ERROR - expected 'channel.open'", 60, 10)
+    );
 }
 
 /// channel.flow active=false is not implemented by RabbitMQ 3.x: 540.
@@ -519,5 +533,164 @@ async fn channel_max_counts_open_channels_not_their_numbers() {
         close.text,
         "NOT_ALLOWED - number of channels opened (2) has reached the negotiated channel_max (2)"
     );
+    assert_broker_still_serves(&b).await;
+}
+
+/// tune-ok values outside the server's bounds are refused with RabbitMQ's texts
+/// (naming connection.tune); 0, "no limit", is above any maximum.
+#[tokio::test]
+async fn tune_ok_outside_the_bounds_is_refused_as_rabbitmq_refuses_it() {
+    let b = common::start().await;
+    for (channel_max, frame_max, text) in [
+        (
+            0,
+            131072,
+            "NOT_ALLOWED - negotiated channel_max = 0 (no limit) is higher than the maximum allowed value (2047)",
+        ),
+        (
+            2048,
+            131072,
+            "NOT_ALLOWED - negotiated channel_max = 2048 is higher than the maximum allowed value (2047)",
+        ),
+        (
+            10,
+            0,
+            "NOT_ALLOWED - negotiated frame_max = 0 is higher than the maximum allowed value (131072)",
+        ),
+        (
+            10,
+            4095,
+            "NOT_ALLOWED - negotiated frame_max = 4095 is lower than the minimum allowed value (4096)",
+        ),
+        (
+            10,
+            131073,
+            "NOT_ALLOWED - negotiated frame_max = 131073 is higher than the maximum allowed value (131072)",
+        ),
+    ] {
+        let mut stream = tcp(&b).await;
+        stream.write_all(PROTOCOL_HEADER).await.unwrap();
+        expect_method(&mut stream, 0, CONNECTION_START).await;
+        stream
+            .write_all(&start_ok(&0u32.to_be_bytes(), "guest", "guest"))
+            .await
+            .unwrap();
+        expect_method(&mut stream, 0, CONNECTION_TUNE).await;
+        stream
+            .write_all(&tune_ok(channel_max, frame_max))
+            .await
+            .unwrap();
+        let close = expect_connection_close(&mut stream).await;
+        assert_eq!((close.code, close.text.as_str()), (530, text));
+        assert_eq!((close.class_id, close.method_id), (10, 30));
+    }
+    assert_broker_still_serves(&b).await;
+}
+
+/// A failed login is told with connection.close only to a client that says it
+/// takes one (the authentication_failure_close capability); others see the
+/// socket closed, as the spec and RabbitMQ have it.
+#[tokio::test]
+async fn a_failed_login_closes_silently_without_the_capability() {
+    let b = common::start().await;
+    let mut stream = tcp(&b).await;
+    stream.write_all(PROTOCOL_HEADER).await.unwrap();
+    expect_method(&mut stream, 0, CONNECTION_START).await;
+    stream
+        .write_all(&start_ok(&0u32.to_be_bytes(), "guest", "wrong"))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_until_closed(&mut stream).await,
+        None,
+        "no connection.close"
+    );
+
+    let mut caps = Vec::new();
+    shortstr(&mut caps, "authentication_failure_close");
+    caps.push(b't');
+    caps.push(1);
+    let mut props = Vec::new();
+    shortstr(&mut props, "capabilities");
+    props.push(b'F');
+    props.extend_from_slice(&(caps.len() as u32).to_be_bytes());
+    props.extend_from_slice(&caps);
+    let mut table = (props.len() as u32).to_be_bytes().to_vec();
+    table.extend_from_slice(&props);
+    let mut stream = tcp(&b).await;
+    stream.write_all(PROTOCOL_HEADER).await.unwrap();
+    expect_method(&mut stream, 0, CONNECTION_START).await;
+    stream
+        .write_all(&start_ok(&table, "guest", "wrong"))
+        .await
+        .unwrap();
+    let close = expect_connection_close(&mut stream).await;
+    assert_eq!(
+        (close.code, close.text.as_str(), close.class_id, close.method_id),
+        (
+            403,
+            "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. For details see the broker logfile.",
+            0,
+            0
+        )
+    );
+}
+
+/// Out of order before tune-ok, RabbitMQ answers nothing and closes the socket
+/// after a pause; once only connection.open may come, it says what was wrong.
+#[tokio::test]
+async fn handshake_steps_out_of_order_are_answered_as_rabbitmq_answers_them() {
+    let b = common::start().await;
+    let mut open = Vec::new();
+    shortstr(&mut open, "/");
+    shortstr(&mut open, "");
+    open.push(0);
+    let mut stream = tcp(&b).await;
+    stream.write_all(PROTOCOL_HEADER).await.unwrap();
+    expect_method(&mut stream, 0, CONNECTION_START).await;
+    stream
+        .write_all(&method_frame(0, CONNECTION_OPEN, &open))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_until_closed(&mut stream).await,
+        None,
+        "before start-ok"
+    );
+
+    for (frame, code, text, ids) in [
+        (
+            method_frame(1, CHANNEL_OPEN, &[0]),
+            505,
+            "UNEXPECTED_FRAME - type 1, all octets = <<0,20,0,10,0>>",
+            (0, 0),
+        ),
+        (
+            queue_declare(0),
+            504,
+            "CHANNEL_ERROR - unexpected method in connection state opening",
+            (50, 10),
+        ),
+        (
+            tune_ok(10, 4096),
+            504,
+            "CHANNEL_ERROR - unexpected method in connection state opening",
+            (10, 31),
+        ),
+    ] {
+        let mut stream = tcp(&b).await;
+        stream.write_all(PROTOCOL_HEADER).await.unwrap();
+        expect_method(&mut stream, 0, CONNECTION_START).await;
+        stream
+            .write_all(&start_ok(&0u32.to_be_bytes(), "guest", "guest"))
+            .await
+            .unwrap();
+        expect_method(&mut stream, 0, CONNECTION_TUNE).await;
+        stream.write_all(&tune_ok(10, 131072)).await.unwrap();
+        stream.write_all(&frame).await.unwrap();
+        let close = expect_connection_close(&mut stream).await;
+        assert_eq!((close.code, close.text.as_str()), (code, text));
+        assert_eq!((close.class_id, close.method_id), ids);
+    }
     assert_broker_still_serves(&b).await;
 }

@@ -67,6 +67,10 @@ pub struct Definition {
     pub dead_letter_exchange: Option<Arc<str>>,
     pub dead_letter_routing_key: Option<Arc<str>>,
     pub alternate_exchange: Option<Arc<str>>,
+    /// Quorum queues' delivery limit (the smaller of this and x-delivery-limit).
+    pub delivery_limit: Option<u64>,
+    /// Acknowledgement timeout in ms (the smaller of this and x-consumer-timeout).
+    pub consumer_timeout: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -79,8 +83,7 @@ pub struct Policy {
 }
 
 /// Keys RabbitMQ accepts whose effect this broker does not have (mirroring,
-/// federation, streams, quorum queues' memory limits, consumer timeouts and
-/// delivery limits, which it does not implement yet, and storage hints): accepted,
+/// federation, streams, quorum queues' memory limits and storage hints): accepted,
 /// so that RabbitMQ's policies load, and named in a warning.
 const IGNORED: &[&str] = &[
     "queue-mode",
@@ -100,8 +103,6 @@ const IGNORED: &[&str] = &[
     "max-age",
     "stream-max-segment-size-bytes",
     "dead-letter-strategy",
-    "delivery-limit",
-    "consumer-timeout",
 ];
 
 impl Policy {
@@ -152,6 +153,8 @@ impl Policy {
                 "dead-letter-exchange" => d.dead_letter_exchange = text()?,
                 "dead-letter-routing-key" => d.dead_letter_routing_key = text()?,
                 "alternate-exchange" => d.alternate_exchange = text()?,
+                "delivery-limit" => d.delivery_limit = Some(int(0)?),
+                "consumer-timeout" => d.consumer_timeout = Some(int(0)?),
                 k if IGNORED.contains(&k) => ignored.push(k.to_string()),
                 k => return Err(format!("definition: unknown key '{k}'")),
             }
@@ -196,6 +199,8 @@ pub fn effective(declared: &QueueArgs, policy: Option<&Definition>) -> QueueArgs
         expires: min(declared.expires, p.expires),
         max_length: min(declared.max_length, p.max_length),
         max_length_bytes: min(declared.max_length_bytes, p.max_length_bytes),
+        delivery_limit: min(declared.delivery_limit, p.delivery_limit),
+        consumer_timeout: min(declared.consumer_timeout, p.consumer_timeout),
         overflow: match (declared.overflow_declared, p.overflow) {
             (false, Some(o)) => o,
             _ => declared.overflow,

@@ -166,6 +166,11 @@ pub struct QueueArgs {
     /// x-delivery-limit: a quorum queue dead-letters (reason delivery_limit) a
     /// message that came back more often than this.
     pub delivery_limit: Option<u64>,
+    /// x-consumer-timeout (ms): how long a delivery from this queue may stay
+    /// unacknowledged before its channel is closed, instead of the broker's
+    /// `consumer_timeout` (RabbitMQ 3.12's argument; a value that is no
+    /// non-negative integer is ignored, as RabbitMQ 3.10 ignores the argument).
+    pub consumer_timeout: Option<u64>,
     /// The policy that contributed to these settings, if any.
     pub policy: Option<Arc<str>>,
 }
@@ -289,6 +294,9 @@ impl QueueArgs {
             single_active_consumer,
             quorum,
             delivery_limit: non_negative("x-delivery-limit")?,
+            consumer_timeout: get("x-consumer-timeout")
+                .and_then(crate::model::values::int_value)
+                .and_then(|n| u64::try_from(n).ok()),
             policy: None,
         })
     }

@@ -51,6 +51,10 @@ pub enum Frame {
     },
     Body(u16, Bytes),
     Heartbeat(u16),
+    /// A method that parsed but that the broker refuses whatever the channel's
+    /// state (basic.qos with a prefetch size): the channel's state decides which
+    /// error comes first, so the refusal travels as a frame.
+    Refused(u16, AmqpError),
 }
 
 /// What the start of a connection held.
@@ -136,10 +140,10 @@ pub fn read_frame_with(
             // amq-protocol decodes tables recursively: bound them before it sees them.
             check_method_tables(&payload, tables)?;
             match parse_class(&payload[..]) {
-                Ok(([], class)) => {
-                    check_prefetch_size(&payload)?;
-                    Ok(Some(Frame::Method(channel, Box::new(class))))
-                }
+                Ok(([], class)) => match check_prefetch_size(&payload) {
+                    Ok(()) => Ok(Some(Frame::Method(channel, Box::new(class)))),
+                    Err(e) => Ok(Some(Frame::Refused(channel, e))),
+                },
                 _ => Err(method_parse_error(&payload)),
             }
         }
@@ -178,7 +182,7 @@ pub fn read_frame_with(
 /// RabbitMQ's view of a bad frame's payload: `all octets = <<...>>` (or `first 16
 /// octets`), the bytes as Erlang prints a binary: a string when every byte is
 /// printable, else the numbers.
-fn octets(payload: &[u8]) -> String {
+pub fn octets(payload: &[u8]) -> String {
     let (what, shown) = if payload.len() <= 16 {
         ("all", payload)
     } else {

@@ -69,10 +69,15 @@ pub struct UnackedSummary {
 }
 
 impl ChannelShared {
-    /// When its oldest unacknowledged delivery was made (`coarse_ms`), if any:
-    /// delivery tags only grow, so it is the first in the map.
-    pub fn oldest_unacked_at(&self) -> Option<u64> {
-        self.lock().unacked.values().next().map(|u| u.at)
+    /// When its oldest unacknowledged delivery was made (`coarse_ms`) and its
+    /// queue's own acknowledgement timeout, if any: delivery tags only grow, so
+    /// it is the first in the map. As RabbitMQ 3.12, only the oldest is checked.
+    pub fn oldest_unacked(&self) -> Option<(u64, Option<u64>)> {
+        self.lock()
+            .unacked
+            .values()
+            .next()
+            .map(|u| (u.at, u.queue.args().consumer_timeout))
     }
 
     /// Its unacknowledged deliveries by queue (a snapshot under the channel's lock).

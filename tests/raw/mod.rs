@@ -290,6 +290,25 @@ pub async fn log_in(b: &TestBroker, client_properties: &[u8]) -> (TcpStream, u32
     log_in_with(b, client_properties, None).await
 }
 
+/// connection.start-ok with these client properties (an encoded field table),
+/// PLAIN with `user` and `password`.
+pub fn start_ok(client_properties: &[u8], user: &str, password: &str) -> Vec<u8> {
+    let mut args = client_properties.to_vec();
+    shortstr(&mut args, "PLAIN");
+    longstr(&mut args, format!("\0{user}\0{password}").as_bytes());
+    shortstr(&mut args, "en_US");
+    method_frame(0, CONNECTION_START_OK, &args)
+}
+
+/// connection.tune-ok with these values and no heartbeats.
+pub fn tune_ok(channel_max: u16, frame_max: u32) -> Vec<u8> {
+    let mut args = Vec::new();
+    args.extend_from_slice(&channel_max.to_be_bytes());
+    args.extend_from_slice(&frame_max.to_be_bytes());
+    args.extend_from_slice(&0u16.to_be_bytes());
+    method_frame(0, CONNECTION_TUNE_OK, &args)
+}
+
 /// `handshake` asking for at most `channel_max` channels in tune-ok.
 pub async fn handshake_channel_max(b: &TestBroker, channel_max: u16) -> Raw {
     let (mut stream, frame_max) = log_in_with(b, &0u32.to_be_bytes(), Some(channel_max)).await;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use amq_protocol::protocol::{connection, AMQPClass};
-use amq_protocol::types::{AMQPValue, FieldTable, LongString};
+use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::Buf;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -13,31 +13,70 @@ use tracing::{info, warn};
 use super::{Connection, End};
 use crate::auth::{authenticate, authenticate_external, AuthFailure};
 use crate::error::AmqpError;
-use crate::protocol::{check_protocol_header, short, Frame, Greeting, PROTOCOL_HEADER};
-use crate::session::channel::class_name;
+use crate::protocol::ordered::{self, longstr, RawTable};
+use crate::protocol::{check_protocol_header, Frame, Greeting, PROTOCOL_HEADER};
+use crate::session::connection::write_method;
 
 impl Connection {
     /// Waits for one connection-class method on channel 0 during the handshake.
+    /// The next connection-class method on channel 0, heartbeats skipped. Until
+    /// tune-ok (`opening` false) anything else ends the connection as RabbitMQ
+    /// ends it, silently after a pause; while opening, as RabbitMQ answers it.
     async fn expect(
         &mut self,
         deadline: Instant,
-        what: &str,
+        opening: bool,
     ) -> Result<connection::AMQPMethod, End> {
         // A loop, not recursion: a client may send any number of heartbeats first.
         loop {
-            return match self.next_frame(deadline).await? {
+            let frame = match self.next_frame(deadline).await {
+                Ok(f) => f,
+                Err(End::Error(_)) if !opening => return Err(self.silent_close().await),
+                Err(e) => return Err(e),
+            };
+            return match frame {
+                Frame::Heartbeat(0) => continue,
                 Frame::Method(0, class) => match *class {
                     AMQPClass::Connection(m) => Ok(m),
-                    other => Err(AmqpError::command_invalid(format!(
-                        "expected {what}, got {}",
-                        class_name(&other)
-                    ))
-                    .into()),
+                    other => Err(self.out_of_order(opening, Some(&other)).await),
                 },
-                Frame::Heartbeat(0) => continue,
-                _ => Err(AmqpError::unexpected_frame(format!("expected {what}")).into()),
+                _ if !opening => Err(self.silent_close().await),
+                Frame::Method(ch, class) => {
+                    // Its payload as it came (re-encoded: the same bytes for a method).
+                    let mut frame = bytes::BytesMut::new();
+                    write_method(&mut frame, ch, &class);
+                    let payload = frame.get(7..frame.len() - 1).unwrap_or_default();
+                    Err(unexpected_frame(1, payload))
+                }
+                Frame::Header { raw, .. } => Err(unexpected_frame(2, &raw)),
+                Frame::Body(_, body) => Err(unexpected_frame(3, &body)),
+                Frame::Heartbeat(_) => Err(unexpected_frame(8, &[])),
+                Frame::Refused(_, e) => Err(e.into()),
             };
         }
+    }
+
+    /// Closes the socket without a word after RabbitMQ's pause, or as soon as the
+    /// client hangs up.
+    async fn silent_close(&mut self) -> End {
+        tokio::select! {
+            _ = tokio::time::sleep(SILENT_CLOSE_DELAY) => {}
+            _ = self.input.reader.hung_up() => {}
+        }
+        End::Done
+    }
+
+    /// A method that is not the next step of the handshake.
+    async fn out_of_order(&mut self, opening: bool, class: Option<&AMQPClass>) -> End {
+        if !opening {
+            return self.silent_close().await;
+        }
+        let mut e =
+            AmqpError::channel_error("unexpected method in connection state opening".into());
+        if let Some(c) = class {
+            e = e.with_method(c.get_amqp_class_id(), c.get_amqp_method_id());
+        }
+        e.into()
     }
 
     pub(super) async fn handshake(&mut self) -> Result<(), End> {
@@ -63,21 +102,17 @@ impl Connection {
                 Greeting::Incomplete => self.input.fill(Some(deadline)).await?,
             }
         }
-        self.send(
-            0,
-            &AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
-                version_major: 0,
-                version_minor: 9,
-                server_properties: server_properties(),
-                // EXTERNAL only where a verified client certificate names the user.
-                mechanisms: LongString::from(if matches!(self.client_cn, Some(Some(_))) {
-                    "PLAIN AMQPLAIN EXTERNAL"
-                } else {
-                    "PLAIN AMQPLAIN"
-                }),
-                locales: LongString::from("en_US"),
-            })),
-        );
+        // EXTERNAL only where a verified client certificate names the user.
+        let mechanisms = if matches!(self.client_cn, Some(Some(_))) {
+            "PLAIN AMQPLAIN EXTERNAL"
+        } else {
+            "PLAIN AMQPLAIN"
+        };
+        self.shared
+            .outbox
+            .append()
+            .buf()
+            .extend_from_slice(&start_frame(mechanisms));
         if let Some(max) = self.over_broker_limit {
             warn!("refusing a connection: node connection limit ({max}) is reached");
             return Err(AmqpError::not_allowed(format!(
@@ -85,15 +120,20 @@ impl Connection {
             ))
             .into());
         }
-        let start_ok = match self.expect(deadline, "'connection.start_ok'").await? {
+        let start_ok = match self.expect(deadline, false).await? {
             connection::AMQPMethod::StartOk(s) => s,
-            _ => {
-                return Err(
-                    AmqpError::command_invalid("expected 'connection.start_ok'".into()).into(),
-                )
-            }
+            _ => return Err(self.out_of_order(false, None).await),
         };
         self.read_capabilities(&start_ok.client_properties);
+        // A client that does not say it takes a connection.close for a failed
+        // login gets the socket closed instead, as the spec has it (and RabbitMQ).
+        let failure_close = matches!(
+            start_ok.client_properties.inner().get("capabilities"),
+            Some(AMQPValue::FieldTable(caps)) if matches!(
+                caps.inner().get("authentication_failure_close"),
+                Some(AMQPValue::Boolean(true))
+            )
+        );
         let mechanism = start_ok.mechanism.as_str().to_string();
         let users = self.broker.users.load();
         let authenticated = match (&mechanism[..], &self.client_cn) {
@@ -107,23 +147,25 @@ impl Connection {
         };
         let user = match authenticated {
             Ok(u) => u.clone(),
-            Err(AuthFailure::BadCredentials) => {
-                warn!("login refused using mechanism {mechanism}");
+            Err(failure) => {
+                match failure {
+                    AuthFailure::BadCredentials => {
+                        warn!("login refused using mechanism {mechanism}")
+                    }
+                    AuthFailure::NotFromLoopback => {
+                        warn!("login refused: user may only connect from loopback")
+                    }
+                }
                 // Bounded (LoginThrottle::MAX_DELAY): slows password guessing down.
                 tokio::time::sleep(self.broker.login_throttle.failed(self.peer.ip())).await;
-                // RabbitMQ names no method (0, 0) in this close.
+                if !failure_close {
+                    return Err(End::Done);
+                }
+                // RabbitMQ's text says no more than this, whatever the reason, and
+                // names no method (0, 0); the log has the reason.
                 return Err(AmqpError::access_refused(format!(
                     "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
                 ))
-                .into());
-            }
-            Err(AuthFailure::NotFromLoopback) => {
-                warn!("user may only connect from loopback");
-                tokio::time::sleep(self.broker.login_throttle.failed(self.peer.ip())).await;
-                return Err(AmqpError::access_refused(
-                    "user may only connect via localhost".into(),
-                )
-                .with_method(10, 11)
                 .into());
             }
         };
@@ -136,38 +178,35 @@ impl Connection {
                 heartbeat: limits.heartbeat,
             })),
         );
-        let tune_ok = match self.expect(deadline, "'connection.tune_ok'").await? {
+        let tune_ok = match self.expect(deadline, false).await? {
             connection::AMQPMethod::TuneOk(t) => t,
-            _ => {
-                return Err(
-                    AmqpError::command_invalid("expected 'connection.tune_ok'".into()).into(),
-                )
-            }
+            _ => return Err(self.out_of_order(false, None).await),
         };
-        let frame_max = if tune_ok.frame_max == 0 {
-            limits.frame_max
-        } else {
-            tune_ok.frame_max
+        // RabbitMQ's rule: a value below the minimum, or above the server's maximum
+        // (0, "no limit", is above any maximum), is refused.
+        negotiated("frame_max", tune_ok.frame_max, 4096, limits.frame_max)?;
+        negotiated(
+            "channel_max",
+            u32::from(tune_ok.channel_max),
+            1,
+            u32::from(limits.channel_max),
+        )?;
+        let frame_max = match tune_ok.frame_max {
+            0 => limits.frame_max,
+            n => n,
         };
-        if frame_max > limits.frame_max || frame_max < 4096 {
-            return Err(AmqpError::not_allowed(format!(
-                "negotiated frame_max = {frame_max} is outside the permitted range 4096 to {}",
-                limits.frame_max
-            ))
-            .with_method(10, 31)
-            .into());
-        }
         self.frame_max = frame_max;
         self.shared.set_frame_max(frame_max);
         self.channel_max = match tune_ok.channel_max {
             0 => limits.channel_max,
-            n => n.min(limits.channel_max),
+            n => n,
         };
         self.heartbeat = tune_ok.heartbeat;
-        let open = match self.expect(deadline, "'connection.open'").await? {
+        let open = match self.expect(deadline, true).await? {
             connection::AMQPMethod::Open(o) => o,
-            _ => {
-                return Err(AmqpError::command_invalid("expected 'connection.open'".into()).into())
+            other => {
+                let class = AMQPClass::Connection(other);
+                return Err(self.out_of_order(true, Some(&class)).await);
             }
         };
         let vhost_name = open.virtual_host.as_str();
@@ -239,8 +278,44 @@ impl Connection {
     }
 }
 
-fn server_properties() -> FieldTable {
-    let mut caps = FieldTable::default();
+/// How long RabbitMQ waits before closing the socket of a client that broke the
+/// handshake ("we don't trust the client at this point": repeated attempts cost
+/// it time).
+const SILENT_CLOSE_DELAY: Duration = Duration::from_secs(3);
+
+/// A frame where only connection.open may come, with RabbitMQ's text.
+fn unexpected_frame(kind: u8, payload: &[u8]) -> End {
+    AmqpError::unexpected_frame(format!("type {kind}, {}", crate::protocol::octets(payload))).into()
+}
+
+/// Checks a value the client chose in tune-ok against the server's bounds, with
+/// RabbitMQ's text (a connection error naming connection.tune).
+fn negotiated(field: &str, client: u32, min: u32, server: u32) -> Result<(), AmqpError> {
+    let detail = if field == "channel_max" && client == 0 {
+        " (no limit)"
+    } else {
+        ""
+    };
+    let refuse = |what: &str, bound: u32| {
+        Err(AmqpError::not_allowed(format!(
+            "negotiated {field} = {client}{detail} is {what} allowed value ({bound})"
+        ))
+        .with_method(10, 30))
+    };
+    if client != 0 && client < min {
+        return refuse("lower than the minimum", min);
+    }
+    if server != 0 && (client == 0 || client > server) {
+        return refuse("higher than the maximum", server);
+    }
+    Ok(())
+}
+
+/// connection.start's server properties, written by hand: a decoded table is a
+/// sorted map, and RabbitMQ lists its capabilities in an order of its own
+/// (publisher_confirms first), which a client comparing bytes would see.
+fn server_properties() -> Vec<u8> {
+    let mut caps = RawTable::default();
     for cap in [
         "publisher_confirms",
         "exchange_exchange_bindings",
@@ -252,19 +327,31 @@ fn server_properties() -> FieldTable {
         "per_consumer_qos",
         "direct_reply_to",
     ] {
-        caps.insert(short(cap), AMQPValue::Boolean(true));
+        caps.set(cap, vec![b't', 1]);
     }
-    let mut props = FieldTable::default();
-    let text = |s: &str| AMQPValue::LongString(LongString::from(s));
-    props.insert(short("product"), text("WarrenMQ"));
-    props.insert(short("version"), text(env!("CARGO_PKG_VERSION")));
-    props.insert(short("platform"), text("Rust"));
-    props.insert(short("copyright"), text("WarrenMQ contributors"));
-    props.insert(
-        short("information"),
-        text("Licensed under the Apache License 2.0"),
+    let mut props = RawTable::default();
+    props.set("capabilities", ordered::table(&caps));
+    props.set("cluster_name", longstr(b"warrenmq"));
+    props.set("copyright", longstr(b"WarrenMQ contributors"));
+    props.set(
+        "information",
+        longstr(b"Licensed under the Apache License 2.0"),
     );
-    props.insert(short("cluster_name"), text("warrenmq"));
-    props.insert(short("capabilities"), AMQPValue::FieldTable(caps));
-    props
+    props.set("platform", longstr(b"Rust"));
+    props.set("product", longstr(b"WarrenMQ"));
+    props.set("version", longstr(env!("CARGO_PKG_VERSION").as_bytes()));
+    props.encode()
+}
+
+/// The whole connection.start frame (channel 0).
+fn start_frame(mechanisms: &str) -> Vec<u8> {
+    let mut payload = vec![0, 10, 0, 10, 0, 9];
+    payload.extend_from_slice(&server_properties());
+    payload.extend_from_slice(&longstr(mechanisms.as_bytes())[1..]);
+    payload.extend_from_slice(&longstr(b"en_US")[1..]);
+    let mut frame = vec![1, 0, 0];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    frame.push(0xCE);
+    frame
 }

@@ -366,9 +366,7 @@ impl Connection {
                 }
                 _ = ticker.tick() => {
                     let now = crate::model::queue::refresh_coarse();
-                    if consumer_timeout > 0 {
-                        self.close_overdue_channels(now, consumer_timeout);
-                    }
+                    self.close_overdue_channels(now, consumer_timeout);
                     if partial_since.is_some_and(|t| t.elapsed() > frame_timeout) {
                         warn!("a frame did not arrive whole within {}s", frame_timeout.as_secs());
                         return End::Timeout;
@@ -561,7 +559,10 @@ impl Connection {
     fn handle_frame(&mut self, frame: Frame) -> Result<Option<Pending>, End> {
         tracing::trace!(?frame, "frame");
         let channel_id = match &frame {
-            Frame::Method(c, _) | Frame::Body(c, _) | Frame::Heartbeat(c) => *c,
+            Frame::Method(c, _)
+            | Frame::Body(c, _)
+            | Frame::Heartbeat(c)
+            | Frame::Refused(c, _) => *c,
             Frame::Header { channel, .. } => *channel,
         };
         if channel_id == 0 {
@@ -614,6 +615,7 @@ impl Connection {
                 .map(|_| After::Nothing),
             Frame::Body(_, body) => ch.handle_body(body).map(|_| After::Nothing),
             Frame::Heartbeat(_) => Ok(After::Nothing),
+            Frame::Refused(_, e) => Err(e),
         };
         match result {
             Ok(After::Nothing) => Ok(None),
@@ -655,20 +657,20 @@ impl Connection {
     }
 
     /// RabbitMQ's consumer timeout: a channel whose oldest unacknowledged
-    /// delivery is older than `timeout` ms is closed with its text.
-    fn close_overdue_channels(&mut self, now: u64, timeout: u64) {
-        let overdue: Vec<u16> = self
+    /// delivery is older than its queue's timeout (x-consumer-timeout or policy),
+    /// else the broker's (`global` ms, 0 for none), is closed with its text.
+    fn close_overdue_channels(&mut self, now: u64, global: u64) {
+        let overdue: Vec<(u16, u64)> = self
             .channels
             .iter()
             .filter(|(_, ch)| !ch.closing)
-            .filter(|(_, ch)| {
-                ch.shared
-                    .oldest_unacked_at()
-                    .is_some_and(|at| now.saturating_sub(at) > timeout)
+            .filter_map(|(id, ch)| {
+                let (at, queue) = ch.shared.oldest_unacked()?;
+                let timeout = queue.or((global > 0).then_some(global))?;
+                (now.saturating_sub(at) > timeout).then_some((*id, timeout))
             })
-            .map(|(id, _)| *id)
             .collect();
-        for id in overdue {
+        for (id, timeout) in overdue {
             warn!(
                 channel = id,
                 "a consumer on channel {id} has timed out waiting for delivery acknowledgement ({timeout} ms)"
@@ -684,8 +686,15 @@ impl Connection {
     }
 
     fn open_channel(&mut self, id: u16, frame: Frame) -> Result<(), End> {
-        let Frame::Method(_, class) = frame else {
-            return Err(AmqpError::channel_error("expected 'channel.open'".into()).into());
+        let class = match frame {
+            Frame::Method(_, class) => class,
+            // The channel's error comes before the method's own.
+            Frame::Refused(_, e) => {
+                return Err(AmqpError::channel_error("expected 'channel.open'".into())
+                    .with_method(e.class_id, e.method_id)
+                    .into())
+            }
+            _ => return Err(AmqpError::channel_error("expected 'channel.open'".into()).into()),
         };
         if !matches!(*class, AMQPClass::Channel(channel::AMQPMethod::Open(_))) {
             return Err(AmqpError::channel_error("expected 'channel.open'".into())
@@ -745,6 +754,7 @@ impl Connection {
         let class = match frame {
             Frame::Heartbeat(_) => return Ok(()),
             Frame::Method(_, class) => class,
+            Frame::Refused(_, e) => return Err(e.into()),
             _ => {
                 return Err(AmqpError::unexpected_frame("content frame on channel 0".into()).into())
             }
