@@ -1,9 +1,10 @@
 //! What the broker syncs before a publisher confirm, seen from the system calls of
 //! the real binary under strace.
 //!
-//! sled 0.34.7 writes values of about 128 KiB and more to their own files under
-//! `db/blobs/` and never syncs them; kill -9 keeps the page cache, so only the sync
-//! calls themselves show whether a confirm would survive a power cut.
+//! Message bodies go to the body log's segment files (`msgs/*.seg`), their entries
+//! to sled; kill -9 keeps the page cache, so only the sync calls themselves show
+//! whether a confirm would survive a power cut: the segment is fdatasynced, then
+//! sled's file, before each confirm.
 //!
 //! Needs `strace` (Debian/Ubuntu package `strace`) and ptrace permission; without
 //! them the test prints why and passes without checking anything.
@@ -11,8 +12,6 @@
 mod common;
 mod process;
 mod support;
-
-use std::collections::{HashMap, HashSet};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -165,21 +164,22 @@ fn calls(trace: &str) -> Vec<Call> {
     out
 }
 
-fn is_blob(path: &str) -> bool {
-    Path::new(path)
-        .parent()
-        .is_some_and(|p| p.ends_with("db/blobs"))
+fn is_segment(path: &str) -> bool {
+    path.ends_with(".seg")
+        && Path::new(path)
+            .parent()
+            .is_some_and(|p| p.ends_with("msgs"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_message_blob_is_fsynced_before_its_confirm() {
+async fn message_bodies_are_fdatasynced_before_their_confirms() {
     if !strace_usable() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("warrenmq-sync-blob-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("warrenmq-sync-log-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let trace =
-        std::env::temp_dir().join(format!("warrenmq-sync-blob-{}.strace", std::process::id()));
+        std::env::temp_dir().join(format!("warrenmq-sync-log-{}.strace", std::process::id()));
     let broker = Traced::start(&dir, &trace);
 
     let conn = connect_url(&broker.url()).await;
@@ -192,7 +192,7 @@ async fn large_message_blob_is_fsynced_before_its_confirm() {
     ok(
         "queue.declare",
         ch.queue_declare(
-            "blobs".into(),
+            "bodies".into(),
             QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
@@ -203,110 +203,84 @@ async fn large_message_blob_is_fsynced_before_its_confirm() {
     .await;
     let persistent = BasicProperties::default().with_delivery_mode(2);
 
-    // Small messages first: they never reach sled's blob threshold, so the blob
-    // bookkeeping must add no sync to their commits.
-    let small_from = now();
-    for i in 0..20u32 {
+    // Small messages, then a 1 MiB one (which sled would have put in a file of
+    // its own): each confirmed before the next is published.
+    let mut windows = Vec::new();
+    let large = vec![0x5a_u8; 1024 * 1024];
+    for i in 0..21u32 {
+        let small = i.to_be_bytes();
+        let body: &[u8] = if i == 20 { &large } else { &small };
+        let published = now();
         let confirm = ok(
             "basic.publish",
             ch.basic_publish(
                 "".into(),
-                "blobs".into(),
+                "bodies".into(),
                 BasicPublishOptions::default(),
-                &i.to_be_bytes(),
+                body,
                 persistent.clone(),
             ),
         )
         .await;
-        assert!(matches!(ok("confirm", confirm).await, Confirmation::Ack(_)));
+        let confirmation = ok("confirm", confirm).await;
+        windows.push((published, now()));
+        assert!(
+            matches!(confirmation, Confirmation::Ack(_)),
+            "{confirmation:?}"
+        );
     }
-    let small_until = now();
-
-    let body = vec![0x5a_u8; 1024 * 1024];
-    let published = now();
-    let confirm = ok(
-        "basic.publish",
-        ch.basic_publish(
-            "".into(),
-            "blobs".into(),
-            BasicPublishOptions::default(),
-            &body,
-            persistent.clone(),
-        ),
-    )
-    .await;
-    let confirmation = ok("confirm", confirm).await;
-    let confirmed = now();
-    assert!(
-        matches!(confirmation, Confirmation::Ack(_)),
-        "{confirmation:?}"
-    );
     let _ = conn.close(200, "bye".into()).await;
 
     let trace = broker.stop();
     let calls = calls(&trace);
     let _ = std::fs::remove_file(dir.with_extension("strace"));
 
-    let syncs = |from: f64, until: f64, pred: &dyn Fn(&Call) -> bool| {
-        calls
-            .iter()
-            .filter(|c| c.at >= from && c.at <= until)
-            .filter(|c| c.name == "fsync" || c.name == "fdatasync")
-            .filter(|c| pred(c))
-            .count()
-    };
-    let db_file = |c: &Call| c.path.ends_with("db/db");
-    let blob_file = |c: &Call| is_blob(&c.path);
-    let blob_dir = |c: &Call| c.path.ends_with("db/blobs");
-    println!(
-        "20 small confirms: {} syncs of db/db, {} of blob files, {} of db/blobs",
-        syncs(small_from, small_until, &db_file),
-        syncs(small_from, small_until, &blob_file),
-        syncs(small_from, small_until, &blob_dir),
-    );
-    println!(
-        "one 1 MiB confirm: {} syncs of db/db, {} of blob files, {} of db/blobs",
-        syncs(published, confirmed, &db_file),
-        syncs(published, confirmed, &blob_file),
-        syncs(published, confirmed, &blob_dir),
-    );
-    assert_eq!(
-        syncs(small_from, small_until, &blob_file),
-        0,
-        "commits that wrote no blob must not sync blob files"
-    );
-
-    // Every blob file created before the confirm arrived must have been fsynced
-    // after its creation and before the confirm, and the blobs directory with it.
-    let created: HashMap<&str, f64> = calls
+    let is_sync = |c: &Call| c.name == "fsync" || c.name == "fdatasync";
+    // In each window: the body's segment is synced, then sled's file.
+    for (i, (from, until)) in windows.iter().enumerate() {
+        let within = |pred: &dyn Fn(&Call) -> bool| -> Vec<f64> {
+            calls
+                .iter()
+                .filter(|c| c.at >= *from && c.at <= *until && is_sync(c) && pred(c))
+                .map(|c| c.at)
+                .collect()
+        };
+        let segs = within(&|c| is_segment(&c.path));
+        let dbs = within(&|c| c.path.ends_with("db/db"));
+        assert!(
+            !segs.is_empty(),
+            "confirm {i}: no fdatasync of the body log before it; trace:\n{trace}"
+        );
+        assert!(
+            dbs.iter().any(|db| segs.iter().any(|seg| seg <= db)),
+            "confirm {i}: sled's file was not synced after the body log ({segs:?}, {dbs:?})"
+        );
+    }
+    // Each segment file created before a confirm: its directory entry is synced
+    // after its creation and before that confirm.
+    let last_confirm = windows.last().map(|w| w.1).unwrap_or(0.0);
+    let created: Vec<f64> = calls
         .iter()
-        .filter(|c| c.create && is_blob(&c.path) && c.at <= confirmed)
-        .map(|c| (c.path.as_str(), c.at))
+        .filter(|c| c.create && is_segment(&c.path) && c.at <= last_confirm)
+        .map(|c| c.at)
         .collect();
     assert!(
         !created.is_empty(),
-        "a 1 MiB value should have gone to a file under db/blobs/; trace:\n{trace}"
+        "no segment file was created; trace:\n{trace}"
     );
-    let mut unsynced = HashSet::new();
-    for (path, at) in &created {
-        let synced = calls
+    for at in created {
+        let next_confirm = windows
             .iter()
-            .any(|c| c.name == "fsync" && c.path == *path && c.at >= *at && c.at <= confirmed);
-        if !synced {
-            unsynced.insert(*path);
-        }
+            .map(|w| w.1)
+            .find(|c| *c >= at)
+            .unwrap_or(last_confirm);
+        assert!(
+            calls.iter().any(|c| c.name == "fsync"
+                && c.path.ends_with("msgs")
+                && c.at >= at
+                && c.at <= next_confirm),
+            "the msgs directory was not fsynced after a segment's creation and before the next confirm"
+        );
     }
-    assert!(
-        unsynced.is_empty(),
-        "blob files written before the confirm but never fsynced before it: {unsynced:?}"
-    );
-    let last_created = created.values().cloned().fold(0.0, f64::max);
-    assert!(
-        calls.iter().any(|c| c.name == "fsync"
-            && c.path.ends_with("db/blobs")
-            && c.at >= last_created
-            && c.at <= confirmed),
-        "the blobs directory was not fsynced after its new entries and before the confirm"
-    );
     let _ = std::fs::remove_dir_all(&dir);
 }

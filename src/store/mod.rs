@@ -10,6 +10,7 @@
 //! meanwhile (group commit).
 
 mod blobs;
+mod log;
 mod sled_store;
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,9 @@
 //! The store on sled. Two trees: `meta` holds one key per entity; `messages` one
 //! key per (queue id, sequence number), both big-endian so a prefix scan reads a
-//! queue in order. Few trees, because many trees inflate sled's disk use.
+//! queue in order. Few trees, because many trees inflate sled's disk use. A
+//! message's entry is small: when it was stored and where its body is in the body
+//! log (`log.rs`), which holds each body once however many queues hold it. Entries
+//! of the first format, with the body inline, are still read.
 //!
 //! One thread owns every write: callers send requests over a channel and go on.
 //! The thread takes whatever has queued up, applies it in order (message writes
@@ -10,6 +13,7 @@
 //! about one. Reads of paged-out messages go through the same thread, so they see
 //! every write made before them.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -21,6 +25,7 @@ use amq_protocol::types::FieldTable;
 use bytes::Bytes;
 
 use super::blobs::Blobs;
+use super::log::{BodyLog, Location, Segments};
 use super::{
     wall_ms, MessageRecord, ReadBack, ReadDone, Store, StoreError, StoredBinding,
     StoredDestination, StoredExchange, StoredMessage, StoredMessages, StoredQueue, SyncWaiter,
@@ -50,6 +55,7 @@ pub struct SledStore {
     dir: PathBuf,
     meta: sled::Tree,
     messages: sled::Tree,
+    segments: Arc<Segments>,
     ops: Mutex<Option<mpsc::Sender<Op>>>,
     /// Held across the allocation and its record's request, so that the record
     /// on disk always ends above every id handed out.
@@ -64,7 +70,16 @@ const BINDING: u8 = b'b';
 const NOTE: u8 = b'n';
 const NEXT_QUEUE_ID: &[u8] = b"next-queue-id";
 const FORMAT: &[u8] = b"format";
-const FORMAT_VERSION: &[u8] = b"warrenmq-store-1";
+/// Format 2 adds the body log; a format-1 directory is read as it is (its inline
+/// entries stay until their messages go) and marked format 2.
+const FORMAT_VERSION: &[u8] = b"warrenmq-store-2";
+const FORMAT_1: &[u8] = b"warrenmq-store-1";
+/// The body log's segment size: a segment is deleted whole once nothing points
+/// into it, so this bounds what a few old messages can keep on disk per segment.
+const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Entry versions in the `messages` tree.
+const INLINE: u8 = 1;
+const IN_LOG: u8 = 2;
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
     let b = s.as_bytes();
@@ -205,6 +220,9 @@ impl SledStore {
         // was there but lost even its format record is corrupt, not empty: refuse it.
         match meta.get(FORMAT)? {
             Some(v) if v.as_ref() == FORMAT_VERSION => {}
+            Some(v) if v.as_ref() == FORMAT_1 => {
+                meta.insert(FORMAT, FORMAT_VERSION)?;
+            }
             Some(v) => {
                 return Err(StoreError::Corrupt {
                     dir: dir.to_path_buf(),
@@ -239,6 +257,43 @@ impl SledStore {
                 None
             }
         };
+        // How many entries point into each body segment: the ones nothing points
+        // into are deleted as the log opens.
+        // An entry whose record ends past its segment's end was written by sled
+        // before a crash tore the body: never confirmed (a confirm waits for the
+        // body's sync), so it goes.
+        let mut live: HashMap<u32, u64> = HashMap::new();
+        let mut sizes: HashMap<u32, u64> = HashMap::new();
+        let mut torn = sled::Batch::default();
+        let mut n_torn = 0usize;
+        for kv in messages.iter() {
+            let (k, v) = kv?;
+            let Some(loc) = in_log(&v) else { continue };
+            let size = *sizes.entry(loc.seg).or_insert_with(|| {
+                std::fs::metadata(dir.join("msgs").join(format!("{:08}.seg", loc.seg)))
+                    .map(|m| m.len())
+                    .unwrap_or(0)
+            });
+            if u64::from(loc.offset) + u64::from(loc.len) > size {
+                torn.remove(k);
+                n_torn += 1;
+                continue;
+            }
+            *live.entry(loc.seg).or_default() += 1;
+        }
+        if n_torn > 0 {
+            tracing::warn!(
+                "{n_torn} stored messages were never confirmed: their bodies were torn by a crash; removed"
+            );
+            messages.apply_batch(torn)?;
+            db.flush().map_err(|source| StoreError::Open {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let log = BodyLog::open(&dir.join("msgs"), SEGMENT_BYTES, live)
+            .map_err(io("cannot open the message body log"))?;
+        let segments = log.segments.clone();
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             db,
@@ -246,6 +301,7 @@ impl SledStore {
             messages: messages.clone(),
             file,
             blobs,
+            log,
             failed: None,
         };
         let thread = std::thread::Builder::new()
@@ -256,6 +312,7 @@ impl SledStore {
             dir: dir.to_path_buf(),
             meta,
             messages,
+            segments,
             ops: Mutex::new(Some(tx)),
             next_queue_id: Mutex::new(next),
             thread: Mutex::new(Some(thread)),
@@ -473,12 +530,16 @@ impl Store for SledStore {
                 .scan_prefix(queue.to_be_bytes())
                 .map(move |kv| {
                     let (k, v) = kv?;
-                    Ok(parse_message(&k, v).map_err(|why| UnreadableMessage {
-                        seq: <[u8; 8]>::try_from(k.get(8..).unwrap_or_default())
-                            .ok()
-                            .map(u64::from_be_bytes),
-                        why,
-                    }))
+                    Ok(
+                        parse_entry(&k, v, |loc| self.segments.read(loc)).map_err(|why| {
+                            UnreadableMessage {
+                                seq: <[u8; 8]>::try_from(k.get(8..).unwrap_or_default())
+                                    .ok()
+                                    .map(u64::from_be_bytes),
+                                why,
+                            }
+                        }),
+                    )
                 }),
         )
     }
@@ -491,6 +552,7 @@ struct Writer {
     messages: sled::Tree,
     file: Option<File>,
     blobs: Blobs,
+    log: BodyLog,
     /// The first write that failed. Every sync after it fails too: the broker
     /// cannot tell which waiter's writes it covered, so none is released as done.
     failed: Option<String>,
@@ -500,31 +562,20 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         while let Ok(first) = rx.recv() {
             let mut waiters = Vec::new();
-            let mut batch = sled::Batch::default();
-            let mut pending = false;
+            let mut batch = Batch::default();
             for op in std::iter::once(first).chain(rx.try_iter()) {
                 match op {
-                    Op::PutMessage { key, stored_at, m } => {
-                        batch.insert(&key[..], encode_message(stored_at, &m));
-                        pending = true;
-                    }
-                    Op::DeleteMessage(key) => {
-                        batch.remove(&key[..]);
-                        pending = true;
-                    }
+                    Op::PutMessage { key, stored_at, m } => self.put(&mut batch, key, stored_at, m),
+                    Op::DeleteMessage(key) => self.delete(&mut batch, key),
                     Op::Sync(w) => waiters.push(w),
                     other => {
                         // Whatever must see the batched writes comes after them.
-                        if std::mem::take(&mut pending) {
-                            self.apply(std::mem::take(&mut batch));
-                        }
+                        self.apply(&mut batch);
                         self.other(other);
                     }
                 }
             }
-            if pending {
-                self.apply(batch);
-            }
+            self.apply(&mut batch);
             if !waiters.is_empty() {
                 let result = self.commit();
                 for w in waiters {
@@ -545,8 +596,68 @@ impl Writer {
         }
     }
 
-    fn apply(&mut self, batch: sled::Batch) {
-        if let Err(e) = self.messages.apply_batch(batch) {
+    /// A message's entry, its body appended to the log unless this batch already
+    /// wrote the same body for another queue (a fanout: the same `Bytes`).
+    fn put(&mut self, batch: &mut Batch, key: [u8; 16], stored_at: u64, m: MessageRecord) {
+        let same = (
+            m.body.as_ptr() as usize,
+            m.body.len(),
+            m.header.as_ptr() as usize,
+            m.header.len(),
+        );
+        let loc = match batch.bodies.get(&same) {
+            Some((loc, _)) => {
+                self.log.add_ref(loc.seg);
+                *loc
+            }
+            None => {
+                let mut names = Vec::with_capacity(8 + m.exchange.len() + m.routing_key.len());
+                put_str(&mut names, &m.exchange);
+                put_str(&mut names, &m.routing_key);
+                names.extend_from_slice(&(m.header.len() as u32).to_be_bytes());
+                match self.log.append(&[&names, &m.header, &m.body]) {
+                    Ok(loc) => {
+                        // Kept until the batch is applied, so that no other body
+                        // can reuse the address meanwhile.
+                        batch.bodies.insert(same, (loc, m));
+                        loc
+                    }
+                    Err(e) => return self.fail(format!("writing the body log: {e}")),
+                }
+            }
+        };
+        if let Some(Some(old)) = batch.entries.insert(key, Some(loc.seg)) {
+            self.log.release(old);
+        }
+        batch
+            .sled
+            .insert(&key[..], encode_entry(stored_at, loc).to_vec());
+    }
+
+    /// Removes a message's entry; its body segment loses a reference.
+    fn delete(&mut self, batch: &mut Batch, key: [u8; 16]) {
+        match batch.entries.insert(key, None) {
+            Some(Some(seg)) => self.log.release(seg),
+            Some(None) => {}
+            None => match self.messages.get(key) {
+                Ok(Some(v)) => {
+                    if let Some(loc) = in_log(&v) {
+                        self.log.release(loc.seg);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => self.fail(e),
+            },
+        }
+        batch.sled.remove(&key[..]);
+    }
+
+    fn apply(&mut self, batch: &mut Batch) {
+        if batch.entries.is_empty() {
+            return;
+        }
+        let b = std::mem::take(batch);
+        if let Err(e) = self.messages.apply_batch(b.sled) {
             self.fail(e);
         }
     }
@@ -558,9 +669,14 @@ impl Writer {
             Op::DeleteQueueMessages(id) => {
                 let mut batch = sled::Batch::default();
                 let mut scan = Ok(());
-                for k in self.messages.scan_prefix(id.to_be_bytes()).keys() {
-                    match k {
-                        Ok(k) => batch.remove(k),
+                for kv in self.messages.scan_prefix(id.to_be_bytes()) {
+                    match kv {
+                        Ok((k, v)) => {
+                            if let Some(loc) = in_log(&v) {
+                                self.log.release(loc.seg);
+                            }
+                            batch.remove(k)
+                        }
                         Err(e) => {
                             scan = Err(e);
                             break;
@@ -580,12 +696,12 @@ impl Writer {
         }
     }
 
-    fn read(&self, queue: u64, seqs: Vec<u64>) -> ReadBack {
+    fn read(&mut self, queue: u64, seqs: Vec<u64>) -> ReadBack {
         seqs.into_iter()
             .map(|seq| {
                 let key = message_key(queue, seq);
                 let got = match self.messages.get(key) {
-                    Ok(Some(v)) => parse_message(&key, v).map(Some),
+                    Ok(Some(v)) => parse_entry(&key, v, |loc| self.log.read(loc)).map(Some),
                     Ok(None) => Ok(None),
                     Err(e) => Err(e.to_string()),
                 };
@@ -607,10 +723,16 @@ impl Writer {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
+        // Bodies first: an entry sled makes durable must find its body on disk.
         let r = self
-            .db
-            .flush()
-            .map_err(|e| format!("flushing the store failed: {e}"))
+            .log
+            .sync()
+            .map_err(|e| format!("syncing the body log failed: {e}"))
+            .and_then(|_| {
+                self.db
+                    .flush()
+                    .map_err(|e| format!("flushing the store failed: {e}"))
+            })
             .and_then(|_| {
                 self.blobs
                     .sync()
@@ -622,40 +744,88 @@ impl Writer {
                     .map_err(|e| format!("fdatasync of the store failed: {e}")),
                 None => Ok(()),
             });
-        if let Err(e) = &r {
-            tracing::error!("{e}");
+        match &r {
+            // The entries that pointed into dead segments are gone on disk too.
+            Ok(()) => self.log.collect(),
+            Err(e) => tracing::error!("{e}"),
         }
         r
     }
 }
 
-fn encode_message(stored_at: u64, m: &MessageRecord) -> Vec<u8> {
-    let mut v = Vec::with_capacity(
-        16 + m.exchange.len() + m.routing_key.len() + m.header.len() + m.body.len(),
-    );
-    v.push(1u8);
-    v.extend_from_slice(&stored_at.to_be_bytes());
-    put_str(&mut v, &m.exchange);
-    put_str(&mut v, &m.routing_key);
-    v.extend_from_slice(&(m.header.len() as u32).to_be_bytes());
-    v.extend_from_slice(&m.header);
-    v.extend_from_slice(&m.body);
+/// One batch of message writes: sled's, the entries it touches (with the body
+/// segment each now points into, None once deleted) and the bodies it wrote.
+#[derive(Default)]
+struct Batch {
+    sled: sled::Batch,
+    entries: HashMap<[u8; 16], Option<u32>>,
+    bodies: HashMap<(usize, usize, usize, usize), (Location, MessageRecord)>,
+}
+
+/// An entry pointing into the body log: version, when it was stored, location.
+fn encode_entry(stored_at: u64, loc: Location) -> [u8; 21] {
+    let mut v = [0u8; 21];
+    v[0] = IN_LOG;
+    v[1..9].copy_from_slice(&stored_at.to_be_bytes());
+    v[9..13].copy_from_slice(&loc.seg.to_be_bytes());
+    v[13..17].copy_from_slice(&loc.offset.to_be_bytes());
+    v[17..21].copy_from_slice(&loc.len.to_be_bytes());
     v
+}
+
+/// Where an entry's body is, if it is in the log.
+fn in_log(v: &[u8]) -> Option<Location> {
+    if v.len() != 21 || v[0] != IN_LOG {
+        return None;
+    }
+    let u = |i: usize| u32::from_be_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
+    Some(Location {
+        seg: u(9),
+        offset: u(13),
+        len: u(17),
+    })
+}
+
+/// A message from its entry: inline (format 1) or read from the body log.
+fn parse_entry(
+    k: &[u8],
+    v: sled::IVec,
+    read: impl FnOnce(Location) -> Result<Bytes, String>,
+) -> Result<StoredMessage, String> {
+    match v.first() {
+        Some(&INLINE) => parse_message(k, v),
+        Some(&IN_LOG) => {
+            let loc = in_log(&v).ok_or("entry is truncated")?;
+            let stored_at = u64::from_be_bytes(v[1..9].try_into().map_err(|_| "bad entry")?);
+            let seq = k
+                .get(8..16)
+                .and_then(|s| <[u8; 8]>::try_from(s).ok())
+                .map(u64::from_be_bytes)
+                .ok_or("bad message key")?;
+            parse_body(seq, stored_at, read(loc)?)
+        }
+        _ => Err("unknown record version".to_string()),
+    }
 }
 
 /// Header and body are slices of sled's own buffer: reading back copies nothing.
 fn parse_message(k: &[u8], v: sled::IVec) -> Result<StoredMessage, String> {
     let all = Bytes::from_owner(v);
-    let v: &[u8] = &all;
     if k.len() != 16 {
         return Err("bad message key".to_string());
     }
     let seq = u64::from_be_bytes(k[8..16].try_into().map_err(|_| "bad key")?);
-    let mut r = Reader { b: v };
-    if r.u8()? != 1 {
+    if all.len() < 9 || all[0] != INLINE {
         return Err("unknown record version".to_string());
     }
-    let stored_at = r.u64()?;
+    let stored_at = u64::from_be_bytes(all[1..9].try_into().map_err(|_| "bad record")?);
+    parse_body(seq, stored_at, all.slice(9..))
+}
+
+/// Exchange, routing key, header and body, as both formats keep them.
+fn parse_body(seq: u64, stored_at: u64, all: Bytes) -> Result<StoredMessage, String> {
+    let v: &[u8] = &all;
+    let mut r = Reader { b: v };
     let exchange = r.str()?;
     let routing_key = r.str()?;
     let n = r.take(4)?;

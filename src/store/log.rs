@@ -1,0 +1,364 @@
+//! Message bodies in append-only segment files beside sled (`msgs/<id>.seg`):
+//! each body is written once, however many queues hold it, and a segment file is
+//! deleted as soon as no queue's index points into it, so the disk is given back
+//! as a backlog drains. sled keeps the small per-queue index entries that point
+//! here (`sled_store.rs`).
+//!
+//! A record is its payload's length and CRC-32 (both u32, big-endian), then the
+//! payload. Only the store's thread writes: appends collect in a buffer that goes
+//! to the file in one write per batch, and a group commit fdatasyncs the segments
+//! written since the last one (and the directory, when it gained a file) before
+//! sled's flush, so that an index entry a confirm depends on never points at bytes
+//! the disk does not hold. sled may persist an index entry on its own timer before
+//! that: such an entry was never confirmed, and the CRC tells its torn or missing
+//! record from a good one at start-up.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+/// Where a record is: its segment, the offset of its payload and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Location {
+    pub seg: u32,
+    pub offset: u32,
+    pub len: u32,
+}
+
+const RECORD_HEADER: usize = 8;
+
+/// An active segment nothing points into is replaced by a new one past this size.
+const RESTART_AFTER: u64 = 8 * 1024 * 1024;
+
+/// The segment files, opened for reading; shared by the store's thread and by
+/// start-up's scans. Segments other than the active one never change.
+#[derive(Default)]
+pub(super) struct Segments {
+    dir: PathBuf,
+    files: Mutex<HashMap<u32, Arc<File>>>,
+}
+
+impl Segments {
+    fn path(&self, seg: u32) -> PathBuf {
+        self.dir.join(format!("{seg:08}.seg"))
+    }
+
+    fn file(&self, seg: u32) -> Result<Arc<File>, String> {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = files.get(&seg) {
+            return Ok(f.clone());
+        }
+        let f = File::open(self.path(seg))
+            .map(Arc::new)
+            .map_err(|e| format!("segment {seg} cannot be opened: {e}"))?;
+        files.insert(seg, f.clone());
+        Ok(f)
+    }
+
+    fn forget(&self, seg: u32) {
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&seg);
+    }
+
+    /// Reads and checks the record at `loc` from its file.
+    pub fn read(&self, loc: Location) -> Result<Bytes, String> {
+        let f = self.file(loc.seg)?;
+        let start = u64::from(loc.offset) - RECORD_HEADER as u64;
+        let mut buf = vec![0u8; RECORD_HEADER + loc.len as usize];
+        f.read_exact_at(&mut buf, start).map_err(|e| {
+            format!(
+                "segment {} at {}: record cannot be read ({e}); it was torn by a crash before it was confirmed, or lost",
+                loc.seg, loc.offset
+            )
+        })?;
+        check(loc, &buf)?;
+        let mut b = Bytes::from(buf);
+        Ok(b.split_off(RECORD_HEADER))
+    }
+}
+
+fn check(loc: Location, record: &[u8]) -> Result<(), String> {
+    let len = u32::from_be_bytes([record[0], record[1], record[2], record[3]]);
+    let crc = u32::from_be_bytes([record[4], record[5], record[6], record[7]]);
+    if len != loc.len || crc32fast::hash(&record[RECORD_HEADER..]) != crc {
+        return Err(format!(
+            "segment {} at {}: the record does not match its checksum (torn by a crash before it was confirmed, or damaged)",
+            loc.seg, loc.offset
+        ));
+    }
+    Ok(())
+}
+
+/// The writing side, owned by the store's thread.
+pub(super) struct BodyLog {
+    pub segments: Arc<Segments>,
+    segment_bytes: u64,
+    active: u32,
+    active_file: File,
+    /// Bytes of the active segment on file, and appended but still in `buf`.
+    written: u64,
+    buf: Vec<u8>,
+    /// Index entries pointing into each segment.
+    live: HashMap<u32, u64>,
+    /// Full segments written to since the last sync.
+    unsynced: Vec<u32>,
+    /// The active segment was written to since the last sync.
+    active_dirty: bool,
+    /// A segment was created since the directory was last synced.
+    dir_dirty: bool,
+    /// Segments no index entry points into any more: deleted once a commit has
+    /// made those entries' removal durable.
+    dead: Vec<u32>,
+}
+
+impl BodyLog {
+    /// Opens `dir` (created if missing) and starts a new active segment after
+    /// the ones there. `live` counts the index entries into each existing
+    /// segment (from sled's index); segments without any are deleted.
+    pub fn open(dir: &Path, segment_bytes: u64, live: HashMap<u32, u64>) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut existing = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let name = entry?.file_name();
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".seg"))
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            existing.push(id);
+        }
+        existing.sort_unstable();
+        let segments = Arc::new(Segments {
+            dir: dir.to_path_buf(),
+            files: Mutex::default(),
+        });
+        let mut removed = false;
+        for id in &existing {
+            if live.get(id).copied().unwrap_or(0) == 0 {
+                std::fs::remove_file(segments.path(*id))?;
+                removed = true;
+            }
+        }
+        let active = existing.last().map_or(1, |last| last + 1);
+        let active_file = std::fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(segments.path(active))?;
+        if removed {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(BodyLog {
+            segments,
+            segment_bytes: segment_bytes.clamp(1 << 16, u32::MAX as u64 / 2),
+            active,
+            active_file,
+            written: 0,
+            buf: Vec::new(),
+            live,
+            unsynced: Vec::new(),
+            active_dirty: false,
+            dir_dirty: true,
+            dead: Vec::new(),
+        })
+    }
+
+    /// Appends a record made of `parts` and counts one index entry into it.
+    pub fn append(&mut self, parts: &[&[u8]]) -> std::io::Result<Location> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let size = (RECORD_HEADER + len) as u64;
+        if self.written > 0 && self.written + size > self.segment_bytes {
+            self.roll()?;
+        }
+        let mut crc = crc32fast::Hasher::new();
+        for p in parts {
+            crc.update(p);
+        }
+        self.buf.extend_from_slice(&(len as u32).to_be_bytes());
+        self.buf.extend_from_slice(&crc.finalize().to_be_bytes());
+        for p in parts {
+            self.buf.extend_from_slice(p);
+        }
+        let loc = Location {
+            seg: self.active,
+            offset: (self.written + RECORD_HEADER as u64) as u32,
+            len: len as u32,
+        };
+        self.written += size;
+        self.active_dirty = true;
+        *self.live.entry(self.active).or_default() += 1;
+        Ok(loc)
+    }
+
+    /// One more index entry points at a record already written.
+    pub fn add_ref(&mut self, seg: u32) {
+        *self.live.entry(seg).or_default() += 1;
+    }
+
+    /// An index entry into `seg` is gone.
+    pub fn release(&mut self, seg: u32) {
+        if let Some(n) = self.live.get_mut(&seg) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.live.remove(&seg);
+                if seg != self.active {
+                    self.dead.push(seg);
+                }
+            }
+        }
+    }
+
+    /// Reads a record, also one still in the write buffer.
+    pub fn read(&mut self, loc: Location) -> Result<Bytes, String> {
+        if loc.seg == self.active {
+            self.write_out().map_err(|e| e.to_string())?;
+        }
+        self.segments.read(loc)
+    }
+
+    fn write_out(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.active_file.write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// The active segment is full: the next one starts.
+    fn roll(&mut self) -> std::io::Result<()> {
+        self.write_out()?;
+        let next = self.active + 1;
+        let file = std::fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(self.segments.path(next))?;
+        drop(std::mem::replace(&mut self.active_file, file));
+        let old = std::mem::replace(&mut self.active, next);
+        if std::mem::take(&mut self.active_dirty) {
+            self.unsynced.push(old);
+        }
+        self.written = 0;
+        self.dir_dirty = true;
+        if !self.live.contains_key(&old) {
+            self.dead.push(old);
+        }
+        Ok(())
+    }
+
+    /// Writes out and fdatasyncs what was appended since the last sync.
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        self.write_out()?;
+        for seg in std::mem::take(&mut self.unsynced) {
+            // A full segment, synced through its reading handle (the same file).
+            if let Ok(f) = self.segments.file(seg) {
+                f.sync_data()?;
+            }
+        }
+        if std::mem::take(&mut self.active_dirty) {
+            self.active_file.sync_data()?;
+        }
+        if std::mem::take(&mut self.dir_dirty) {
+            File::open(&self.segments.dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// After a commit: the segments nothing points into any more are deleted,
+    /// the active one too once it holds `RESTART_AFTER` (a new one starts), so a
+    /// drained backlog leaves little, and a steady publish-ack flow does not
+    /// create files at the rate of its commits.
+    pub fn collect(&mut self) {
+        let restart_after = RESTART_AFTER.min(self.segment_bytes / 2);
+        if self.written >= restart_after && !self.live.contains_key(&self.active) {
+            if let Err(e) = self.roll() {
+                tracing::warn!("cannot start a new message segment: {e}");
+            }
+        }
+        for seg in std::mem::take(&mut self.dead) {
+            if self.live.contains_key(&seg) || seg == self.active {
+                continue;
+            }
+            self.segments.forget(seg);
+            if let Err(e) = std::fs::remove_file(self.segments.path(seg)) {
+                tracing::warn!("cannot delete message segment {seg}: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("warrenmq-log-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn files(d: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn records_read_back_and_a_flipped_byte_is_caught() {
+        let d = dir("read");
+        let mut log = BodyLog::open(&d, 1 << 20, HashMap::new()).unwrap();
+        let a = log.append(&[b"hello ", b"world"]).unwrap();
+        let b = log.append(&[b"second"]).unwrap();
+        assert_eq!(&log.read(a).unwrap()[..], b"hello world");
+        log.sync().unwrap();
+        assert_eq!(&log.read(b).unwrap()[..], b"second");
+        let path = d.join("00000001.seg");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[b.offset as usize] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        log.segments.forget(1);
+        assert!(log.read(b).unwrap_err().contains("checksum"));
+        assert_eq!(&log.read(a).unwrap()[..], b"hello world");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_segment_goes_once_nothing_points_into_it() {
+        let d = dir("gc");
+        let mut log = BodyLog::open(&d, 1 << 16, HashMap::new()).unwrap();
+        let big = vec![7u8; 40_000];
+        let first = log.append(&[&big]).unwrap();
+        let second = log.append(&[&big]).unwrap();
+        assert_ne!(first.seg, second.seg, "the first segment is full");
+        log.add_ref(first.seg);
+        log.sync().unwrap();
+        log.release(first.seg);
+        log.collect();
+        assert_eq!(files(&d).len(), 2, "one reference is left");
+        log.release(first.seg);
+        log.sync().unwrap();
+        log.collect();
+        assert_eq!(files(&d), ["00000002.seg"]);
+        // Once nothing points into the active one either, it goes too.
+        log.release(second.seg);
+        log.sync().unwrap();
+        log.collect();
+        assert_eq!(files(&d), ["00000003.seg"]);
+        drop(log);
+        // At start-up, a segment that no index entry counts is deleted too.
+        let log = BodyLog::open(&d, 1 << 16, HashMap::new()).unwrap();
+        assert_eq!(files(&d), ["00000004.seg"]);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
