@@ -399,6 +399,8 @@ impl Message {
             routing_key: self.routing_key.clone(),
             header: self.header.clone(),
             body: self.body.clone(),
+            priority: self.properties.priority().unwrap_or(0),
+            ttl: self.ttl,
         }
     }
 }

@@ -175,7 +175,9 @@ impl Vhost {
                 (self.queue_memory_budget, self.gauge.clone()),
             );
             let mut msgs = Vec::new();
-            let mut resident = 0usize;
+            // Bodies held in memory so far: the head of a backlog is loaded within
+            // the queue's budget, the rest left on disk unread.
+            let resident = std::cell::Cell::new(0usize);
             let now_wall = wall_ms();
             // One unreadable record costs that message, not the broker: it is logged,
             // counted and left on disk for inspection; a failing scan stays fatal.
@@ -188,56 +190,67 @@ impl Vhost {
                 );
                 skipped += 1;
             };
-            for m in store.messages(sq.id) {
-                let m = match m? {
-                    Ok(m) => m,
+            let load = Box::new(|size: usize| q.has_budget_for(resident.get(), size));
+            for e in store.entries(sq.id, load) {
+                let e = match e? {
+                    Ok(e) => e,
                     Err(bad) => {
                         unreadable(bad.seq, &bad.why);
                         continue;
                     }
                 };
                 progress.message();
-                let (size, seq, stored_at) = (m.body.len(), m.seq, m.stored_at);
-                // Only the head of a long backlog is loaded; the rest stays on disk.
-                // For that rest, the property flags say whether priority or expiration
-                // need decoding at all.
-                let (msg, priority, ttl) = if q.has_budget_for(resident, size) {
-                    let msg = match Message::from_stored(m, gauge) {
-                        Ok(msg) => msg,
-                        Err(why) => {
-                            unreadable(Some(seq), &why);
-                            continue;
-                        }
-                    };
-                    resident += size;
-                    let (priority, ttl) = (msg.properties.priority().unwrap_or(0), msg.ttl);
-                    (Some(Arc::new(msg)), priority, ttl)
-                } else {
-                    const PRIORITY: u16 = 1 << 11;
-                    const EXPIRATION: u16 = 1 << 8;
-                    let flags = match m.header.get(12..14) {
-                        Some(f) => u16::from_be_bytes([f[0], f[1]]),
-                        None => {
-                            unreadable(Some(seq), "content header is truncated");
-                            continue;
-                        }
-                    };
-                    if flags & (PRIORITY | EXPIRATION) == 0 {
-                        (None, 0, None)
-                    } else {
-                        let properties = match crate::protocol::decode_stored_header(&m.header) {
-                            Some(h) => h.properties,
-                            None => {
-                                unreadable(Some(seq), "unreadable content header");
-                                continue;
+                let (seq, stored_at) = (e.seq, e.stored_at);
+                let (msg, priority, ttl, size) = match (e.message, e.meta) {
+                    // Only the entry was read: what it keeps orders and expires it.
+                    (None, Some(meta)) => (None, meta.priority, meta.ttl, meta.size),
+                    (Some(m), meta) => {
+                        let size = m.body.len();
+                        if meta.is_some() || q.has_budget_for(resident.get(), size) {
+                            let msg = match Message::from_stored(m, gauge) {
+                                Ok(msg) => msg,
+                                Err(why) => {
+                                    unreadable(Some(seq), &why);
+                                    continue;
+                                }
+                            };
+                            resident.set(resident.get() + size);
+                            let (priority, ttl) = (msg.properties.priority().unwrap_or(0), msg.ttl);
+                            (Some(Arc::new(msg)), priority, ttl, size)
+                        } else {
+                            // An entry of the inline format past the budget: its
+                            // property flags say whether priority or expiration need
+                            // decoding at all.
+                            const PRIORITY: u16 = 1 << 11;
+                            const EXPIRATION: u16 = 1 << 8;
+                            let flags = match m.header.get(12..14) {
+                                Some(f) => u16::from_be_bytes([f[0], f[1]]),
+                                None => {
+                                    unreadable(Some(seq), "content header is truncated");
+                                    continue;
+                                }
+                            };
+                            if flags & (PRIORITY | EXPIRATION) == 0 {
+                                (None, 0, None, size)
+                            } else {
+                                let properties =
+                                    match crate::protocol::decode_stored_header(&m.header) {
+                                        Some(h) => h.properties,
+                                        None => {
+                                            unreadable(Some(seq), "unreadable content header");
+                                            continue;
+                                        }
+                                    };
+                                (
+                                    None,
+                                    properties.priority().unwrap_or(0),
+                                    ttl_of(&properties),
+                                    size,
+                                )
                             }
-                        };
-                        (
-                            None,
-                            properties.priority().unwrap_or(0),
-                            ttl_of(&properties),
-                        )
+                        }
                     }
+                    (None, None) => continue,
                 };
                 msgs.push(Restored {
                     age_ms: now_wall.saturating_sub(stored_at),

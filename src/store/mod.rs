@@ -94,6 +94,29 @@ pub struct StoredMessage {
     pub body: Bytes,
 }
 
+/// A stored message as start-up first sees it: what ordering, expiry and the
+/// memory budget need, and the message itself only where it was asked for (or
+/// where the entry holds it anyway).
+pub struct StoredEntry {
+    pub seq: u64,
+    pub stored_at: u64,
+    /// Priority, per-message TTL and body size, when the entry keeps them.
+    pub meta: Option<EntryMeta>,
+    /// The message, when it was loaded; always for an entry without `meta`.
+    pub message: Option<StoredMessage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryMeta {
+    pub priority: u8,
+    pub ttl: Option<u64>,
+    pub size: usize,
+}
+
+/// A durable queue's entries in order (see [`StoredMessages`] for the errors).
+pub type StoredEntries<'a> =
+    Box<dyn Iterator<Item = Result<Result<StoredEntry, UnreadableMessage>, StoreError>> + 'a>;
+
 /// A message as the store keeps it: what it was published to, and its content
 /// header and body as they came off the wire (shared, not copied).
 #[derive(Clone)]
@@ -102,6 +125,10 @@ pub struct MessageRecord {
     pub routing_key: Arc<str>,
     pub header: Bytes,
     pub body: Bytes,
+    /// Kept beside the entry, so that start-up needs no body to order and
+    /// expire a message it leaves on disk.
+    pub priority: u8,
+    pub ttl: Option<u64>,
 }
 
 /// Messages read back: each asked-for sequence number with its message, None if
@@ -147,6 +174,13 @@ pub trait Store: Send + Sync {
     fn queues(&self) -> Result<Vec<StoredQueue>, StoreError>;
     fn bindings(&self) -> Result<Vec<StoredBinding>, StoreError>;
     fn messages(&self, queue: u64) -> StoredMessages<'_>;
+    /// A queue's entries, each message loaded only if `load(body size)` says so
+    /// (start-up loads the head of a backlog, within the queue's memory budget).
+    fn entries<'a>(
+        &'a self,
+        queue: u64,
+        load: Box<dyn FnMut(usize) -> bool + 'a>,
+    ) -> StoredEntries<'a>;
 
     /// A small record of the broker's own under `name` (what the configuration
     /// file created), written in order with everything else.

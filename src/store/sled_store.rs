@@ -27,9 +27,9 @@ use bytes::Bytes;
 use super::blobs::Blobs;
 use super::log::{BodyLog, Location, Segments};
 use super::{
-    wall_ms, MessageRecord, ReadBack, ReadDone, Store, StoreError, StoredBinding,
-    StoredDestination, StoredExchange, StoredMessage, StoredMessages, StoredQueue, SyncWaiter,
-    UnreadableMessage,
+    wall_ms, EntryMeta, MessageRecord, ReadBack, ReadDone, Store, StoreError, StoredBinding,
+    StoredDestination, StoredEntries, StoredEntry, StoredExchange, StoredMessage, StoredMessages,
+    StoredQueue, SyncWaiter, UnreadableMessage,
 };
 
 /// A request to the store's thread.
@@ -524,6 +524,28 @@ impl Store for SledStore {
         })
     }
 
+    fn entries<'a>(
+        &'a self,
+        queue: u64,
+        mut load: Box<dyn FnMut(usize) -> bool + 'a>,
+    ) -> StoredEntries<'a> {
+        Box::new(
+            self.messages
+                .scan_prefix(queue.to_be_bytes())
+                .map(move |kv| {
+                    let (k, v) = kv?;
+                    Ok(
+                        parse_start_entry(&k, v, &self.segments, &mut *load).map_err(|why| {
+                            UnreadableMessage {
+                                seq: key_seq(&k),
+                                why,
+                            }
+                        }),
+                    )
+                }),
+        )
+    }
+
     fn messages(&self, queue: u64) -> StoredMessages<'_> {
         Box::new(
             self.messages
@@ -599,6 +621,11 @@ impl Writer {
     /// A message's entry, its body appended to the log unless this batch already
     /// wrote the same body for another queue (a fanout: the same `Bytes`).
     fn put(&mut self, batch: &mut Batch, key: [u8; 16], stored_at: u64, m: MessageRecord) {
+        let meta = EntryMeta {
+            priority: m.priority,
+            ttl: m.ttl,
+            size: m.body.len(),
+        };
         let same = (
             m.body.as_ptr() as usize,
             m.body.len(),
@@ -631,7 +658,7 @@ impl Writer {
         }
         batch
             .sled
-            .insert(&key[..], encode_entry(stored_at, loc).to_vec());
+            .insert(&key[..], encode_entry(stored_at, loc, meta).to_vec());
     }
 
     /// Removes a message's entry; its body segment loses a reference.
@@ -762,20 +789,27 @@ struct Batch {
     bodies: HashMap<(usize, usize, usize, usize), (Location, MessageRecord)>,
 }
 
-/// An entry pointing into the body log: version, when it was stored, location.
-fn encode_entry(stored_at: u64, loc: Location) -> [u8; 21] {
-    let mut v = [0u8; 21];
+/// An entry pointing into the body log: version, when it was stored, location,
+/// then priority, per-message TTL (u64::MAX: none) and body size, so that
+/// start-up can leave the body on disk.
+const ENTRY_LEN: usize = 38;
+
+fn encode_entry(stored_at: u64, loc: Location, meta: EntryMeta) -> [u8; ENTRY_LEN] {
+    let mut v = [0u8; ENTRY_LEN];
     v[0] = IN_LOG;
     v[1..9].copy_from_slice(&stored_at.to_be_bytes());
     v[9..13].copy_from_slice(&loc.seg.to_be_bytes());
     v[13..17].copy_from_slice(&loc.offset.to_be_bytes());
     v[17..21].copy_from_slice(&loc.len.to_be_bytes());
+    v[21] = meta.priority;
+    v[22..30].copy_from_slice(&meta.ttl.unwrap_or(u64::MAX).to_be_bytes());
+    v[30..38].copy_from_slice(&(meta.size as u64).to_be_bytes());
     v
 }
 
 /// Where an entry's body is, if it is in the log.
 fn in_log(v: &[u8]) -> Option<Location> {
-    if v.len() != 21 || v[0] != IN_LOG {
+    if v.len() != ENTRY_LEN || v[0] != IN_LOG {
         return None;
     }
     let u = |i: usize| u32::from_be_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
@@ -784,6 +818,59 @@ fn in_log(v: &[u8]) -> Option<Location> {
         offset: u(13),
         len: u(17),
     })
+}
+
+fn entry_meta(v: &[u8]) -> Option<EntryMeta> {
+    in_log(v)?;
+    let u64_at = |i: usize| u64::from_be_bytes(v[i..i + 8].try_into().unwrap_or([0; 8]));
+    let ttl = u64_at(22);
+    Some(EntryMeta {
+        priority: v[21],
+        ttl: (ttl != u64::MAX).then_some(ttl),
+        size: usize::try_from(u64_at(30)).unwrap_or(usize::MAX),
+    })
+}
+
+fn key_seq(k: &[u8]) -> Option<u64> {
+    k.get(8..16)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map(u64::from_be_bytes)
+}
+
+/// An entry for start-up: the message itself only if `load` wants it, or if the
+/// entry is of the inline format (which has no meta).
+fn parse_start_entry(
+    k: &[u8],
+    v: sled::IVec,
+    segments: &Segments,
+    load: &mut dyn FnMut(usize) -> bool,
+) -> Result<StoredEntry, String> {
+    let seq = key_seq(k).ok_or("bad message key")?;
+    match entry_meta(&v) {
+        Some(meta) => {
+            let stored_at = u64::from_be_bytes(v[1..9].try_into().map_err(|_| "bad entry")?);
+            let message = if load(meta.size) {
+                Some(parse_entry(k, v, |loc| segments.read(loc))?)
+            } else {
+                None
+            };
+            Ok(StoredEntry {
+                seq,
+                stored_at,
+                meta: Some(meta),
+                message,
+            })
+        }
+        None => {
+            let m = parse_entry(k, v, |loc| segments.read(loc))?;
+            Ok(StoredEntry {
+                seq,
+                stored_at: m.stored_at,
+                meta: None,
+                message: Some(m),
+            })
+        }
+    }
 }
 
 /// A message from its entry: inline (format 1) or read from the body log.
@@ -797,11 +884,7 @@ fn parse_entry(
         Some(&IN_LOG) => {
             let loc = in_log(&v).ok_or("entry is truncated")?;
             let stored_at = u64::from_be_bytes(v[1..9].try_into().map_err(|_| "bad entry")?);
-            let seq = k
-                .get(8..16)
-                .and_then(|s| <[u8; 8]>::try_from(s).ok())
-                .map(u64::from_be_bytes)
-                .ok_or("bad message key")?;
+            let seq = key_seq(k).ok_or("bad message key")?;
             parse_body(seq, stored_at, read(loc)?)
         }
         _ => Err("unknown record version".to_string()),
