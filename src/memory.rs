@@ -99,12 +99,24 @@ fn trim() {
     }
 }
 
+/// How often at most freed heap is handed back while under the watermark, and
+/// how far resident memory must exceed what the gauge counts (bodies and buffers
+/// held) before it is: a drained backlog's freed buffers otherwise stay resident.
+const IDLE_TRIM_EVERY: u32 = 10;
+const IDLE_TRIM_SLACK: u64 = 64 * 1024 * 1024;
+
 /// Reads resident memory every second into the gauge until `stop` changes.
 pub async fn watch(gauge: Arc<MemoryGauge>, mut stop: watch::Receiver<bool>) {
+    let mut ticks = 0u32;
     loop {
         crate::model::queue::refresh_coarse();
+        ticks = ticks.wrapping_add(1);
         if let Some(mut rss) = resident_bytes() {
-            if gauge.counts_resident() && rss > gauge.high() as u64 {
+            let held = gauge.used() as u64;
+            let over = gauge.counts_resident() && rss > gauge.high() as u64;
+            let idle_trim = ticks.is_multiple_of(IDLE_TRIM_EVERY)
+                && rss > held.saturating_mul(2).saturating_add(IDLE_TRIM_SLACK);
+            if over || idle_trim {
                 trim();
                 rss = resident_bytes().unwrap_or(rss);
             }
