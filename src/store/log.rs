@@ -67,10 +67,23 @@ impl Segments {
             .remove(&seg);
     }
 
-    /// Reads and checks the record at `loc` from its file.
+    /// Reads and checks the record at `loc` from its file. `loc` comes from disk:
+    /// it is checked against the file before anything is allocated for it.
     pub fn read(&self, loc: Location) -> Result<Bytes, String> {
         let f = self.file(loc.seg)?;
-        let start = u64::from(loc.offset) - RECORD_HEADER as u64;
+        let file_len = f
+            .metadata()
+            .map_err(|e| format!("segment {}: {e}", loc.seg))?
+            .len();
+        let start = u64::from(loc.offset).checked_sub(RECORD_HEADER as u64);
+        let Some(start) =
+            start.filter(|s| s + RECORD_HEADER as u64 + u64::from(loc.len) <= file_len)
+        else {
+            return Err(format!(
+                "segment {} at {}: the record ends past the segment's end; it was torn by a crash before it was confirmed, or lost",
+                loc.seg, loc.offset
+            ));
+        };
         let mut buf = vec![0u8; RECORD_HEADER + loc.len as usize];
         f.read_exact_at(&mut buf, start).map_err(|e| {
             format!(
@@ -329,6 +342,27 @@ mod tests {
         log.segments.forget(1);
         assert!(log.read(b).unwrap_err().contains("checksum"));
         assert_eq!(&log.read(a).unwrap()[..], b"hello world");
+        // Locations come from disk: nonsense ones are errors, never a panic or a
+        // huge allocation.
+        for bad in [
+            Location {
+                seg: 1,
+                offset: 3,
+                len: 4,
+            },
+            Location {
+                seg: 1,
+                offset: 8,
+                len: u32::MAX,
+            },
+            Location {
+                seg: 9,
+                offset: 8,
+                len: 1,
+            },
+        ] {
+            assert!(log.read(bad).is_err(), "{bad:?}");
+        }
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -10,7 +10,7 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 
 use super::{any_arguments, by_name, ExchangeType};
 use crate::error::{AmqpError, AmqpResult};
-use crate::model::values::string_value;
+use crate::model::values::{integer_arg, string_value};
 use crate::protocol::ordered::{RawHeader, RawTable};
 
 pub const NAME: &str = "x-delayed-message";
@@ -62,20 +62,14 @@ pub fn routes_as_checked(arguments: &FieldTable) -> &'static ExchangeType {
 pub fn delay_of(headers: Option<&FieldTable>) -> Option<u64> {
     let v = headers?.inner().get("x-delay")?;
     let ms: i128 = match v {
-        AMQPValue::ShortShortInt(n) => *n as i128,
-        AMQPValue::ShortShortUInt(n) => *n as i128,
-        AMQPValue::ShortInt(n) => *n as i128,
-        AMQPValue::ShortUInt(n) => *n as i128,
-        AMQPValue::LongInt(n) => *n as i128,
-        AMQPValue::LongUInt(n) => *n as i128,
-        AMQPValue::LongLongInt(n) => *n as i128,
         AMQPValue::Float(f) => f.trunc() as i128,
         AMQPValue::Double(f) => f.trunc() as i128,
         AMQPValue::DecimalValue(d) => (d.value as i128) / 10i128.pow(u32::from(d.scale).min(30)),
         AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
             string_value(v)?.trim().parse::<i128>().ok()?
         }
-        _ => return None,
+        // Integers of any width, as check_int_arg takes them (no timestamp).
+        other => integer_arg(other).ok()?,
     };
     (ms > 0 && ms <= MAX_DELAY_MS as i128).then_some(ms as u64)
 }
