@@ -93,26 +93,38 @@ impl Topology {
         if first.def.internal {
             return Routed::Internal;
         }
-        self.walk(first, keys, headers)
+        self.walk(first, keys, headers, true)
     }
 
-    /// Routing from an exchange that may be internal: a delayed message whose
-    /// delay is over leaves the exchange that held it. None if it is gone.
+    /// The queues a delayed message whose delay is over reaches from the exchange
+    /// that held it (which may be internal): no delayed exchange holds it again.
+    /// None if the exchange is gone.
     pub fn route_from(
         &self,
         exchange: &str,
         keys: &[&str],
         headers: Option<&FieldTable>,
-    ) -> Option<Routed> {
+    ) -> Option<Vec<Arc<Queue>>> {
         let first = self.exchanges.get(exchange)?;
-        Some(self.walk(first, keys, headers))
+        match self.walk(first, keys, headers, false) {
+            Routed::Queues(queues, _) => Some(queues),
+            _ => None,
+        }
     }
 
-    fn walk(&self, first: &Arc<Exchange>, keys: &[&str], headers: Option<&FieldTable>) -> Routed {
+    /// Routes from `first`; with `hold`, delayed exchanges that the message's
+    /// x-delay stops it at are named in the result instead of routed through.
+    fn walk(
+        &self,
+        first: &Arc<Exchange>,
+        keys: &[&str],
+        headers: Option<&FieldTable>,
+        hold: bool,
+    ) -> Routed {
         let mut queues: Vec<Arc<Queue>> = Vec::new();
         let mut delays = Delays::default();
         // The message's x-delay, read once and only if a delayed exchange is met.
-        let mut delay: Option<Option<u64>> = None;
+        let mut delay: Option<Option<u64>> = if hold { None } else { Some(None) };
         let mut visited: Vec<&str> = Vec::new();
         let mut pending: Vec<&Arc<Exchange>> = vec![first];
         let mut dests: Vec<&Destination> = Vec::new();

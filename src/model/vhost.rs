@@ -500,16 +500,12 @@ impl Release for Vhost {
         let mut keys: Vec<&str> = vec![&msg.routing_key];
         keys.extend(msg.extra_keys.iter().map(|k| &**k));
         let headers = msg.properties.headers().as_ref();
-        let routed = self.topology().route_from(&w.exchange, &keys, headers);
-        if let Some(Routed::Queues(queues, again)) = routed {
-            for q in queues {
-                q.publish(msg.clone());
-            }
-            if !again.is_empty() {
-                // Only a message whose header could not be rewritten gets here.
-                tracing::warn!(exchange = %w.exchange, "a delayed message was held again");
-                self.delay(&again, &msg);
-            }
+        for q in self
+            .topology()
+            .route_from(&w.exchange, &keys, headers)
+            .unwrap_or_default()
+        {
+            q.publish(msg.clone());
         }
         if let Some((store, id, seq)) = w.stored {
             store.delete_message(id, seq);

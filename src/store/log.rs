@@ -43,9 +43,14 @@ pub(super) struct Segments {
     files: Mutex<HashMap<u32, Arc<File>>>,
 }
 
+/// A segment's file in the body log's directory `dir`.
+pub(super) fn segment_path(dir: &Path, seg: u32) -> PathBuf {
+    dir.join(format!("{seg:08}.seg"))
+}
+
 impl Segments {
     fn path(&self, seg: u32) -> PathBuf {
-        self.dir.join(format!("{seg:08}.seg"))
+        segment_path(&self.dir, seg)
     }
 
     fn file(&self, seg: u32) -> Result<Arc<File>, String> {

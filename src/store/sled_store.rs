@@ -25,7 +25,7 @@ use amq_protocol::types::FieldTable;
 use bytes::Bytes;
 
 use super::blobs::Blobs;
-use super::log::{BodyLog, Location, Segments};
+use super::log::{segment_path, BodyLog, Location, Segments};
 use super::{
     wall_ms, EntryMeta, MessageRecord, ReadBack, ReadDone, Store, StoreError, StoredBinding,
     StoredDestination, StoredEntries, StoredEntry, StoredExchange, StoredMessage, StoredMessages,
@@ -262,6 +262,7 @@ impl SledStore {
         // An entry whose record ends past its segment's end was written by sled
         // before a crash tore the body: never confirmed (a confirm waits for the
         // body's sync), so it goes.
+        let msgs = dir.join("msgs");
         let mut live: HashMap<u32, u64> = HashMap::new();
         let mut sizes: HashMap<u32, u64> = HashMap::new();
         let mut torn = sled::Batch::default();
@@ -270,7 +271,7 @@ impl SledStore {
             let (k, v) = kv?;
             let Some(loc) = in_log(&v) else { continue };
             let size = *sizes.entry(loc.seg).or_insert_with(|| {
-                std::fs::metadata(dir.join("msgs").join(format!("{:08}.seg", loc.seg)))
+                std::fs::metadata(segment_path(&msgs, loc.seg))
                     .map(|m| m.len())
                     .unwrap_or(0)
             });
@@ -291,7 +292,7 @@ impl SledStore {
                 source,
             })?;
         }
-        let log = BodyLog::open(&dir.join("msgs"), SEGMENT_BYTES, live)
+        let log = BodyLog::open(&msgs, SEGMENT_BYTES, live)
             .map_err(io("cannot open the message body log"))?;
         let segments = log.segments.clone();
         let (tx, rx) = mpsc::channel();
