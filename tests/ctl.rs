@@ -581,3 +581,138 @@ async fn refused_credentials_exit_with_the_apis_reason() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "Ping succeeded\n");
     b.shutdown().await;
 }
+
+/// Opens an AMQP connection as `user` to `vhost`: whether the broker lets them in.
+async fn amqp_login(b: &warrenmq::BrokerHandle, user: &str, password: &str, vhost: &str) -> bool {
+    let uri = format!(
+        "amqp://{user}:{password}@{}/{}",
+        b.local_addr(),
+        vhost.replace('/', "%2f")
+    );
+    match lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await {
+        Ok(c) => {
+            let _ = c.close(200, "bye".into()).await;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_vhosts_and_policies_are_managed_and_survive_an_export_and_import() {
+    let b = broker().await;
+    let url = api_url(&b);
+    ctl(&url, &["add_vhost", "ops"]).await.ok();
+    ctl(&url, &["add_user", "carol", "pw1", "--tags", "monitoring"])
+        .await
+        .ok();
+    assert!(
+        !amqp_login(&b, "carol", "pw1", "ops").await,
+        "no permissions yet"
+    );
+    ctl(
+        &url,
+        &["-p", "ops", "set_permissions", "carol", ".*", ".*", ".*"],
+    )
+    .await
+    .ok();
+    assert!(amqp_login(&b, "carol", "pw1", "ops").await);
+    ctl(
+        &url,
+        &[
+            "-p",
+            "ops",
+            "set_policy",
+            "short",
+            "^t\\.",
+            r#"{"message-ttl": 60000}"#,
+            "--apply-to",
+            "queues",
+        ],
+    )
+    .await
+    .ok();
+
+    // The password is replaced; the tags are kept, then replaced in turn.
+    ctl(&url, &["change_password", "carol", "pw2"]).await.ok();
+    assert!(!amqp_login(&b, "carol", "pw1", "ops").await);
+    assert!(amqp_login(&b, "carol", "pw2", "ops").await);
+    let users = ctl(&url, &["-q", "list_users"]).await;
+    assert!(
+        users.ok().lines().contains(&"carol\t[monitoring]"),
+        "{}",
+        users.stdout
+    );
+    ctl(&url, &["set_user_tags", "carol", "policymaker"])
+        .await
+        .ok();
+    let users = ctl(&url, &["-q", "list_users"]).await;
+    assert!(
+        users.ok().lines().contains(&"carol\t[policymaker]"),
+        "{}",
+        users.stdout
+    );
+    assert!(
+        amqp_login(&b, "carol", "pw2", "ops").await,
+        "tags keep the password"
+    );
+
+    // Exported, deleted, imported back from the file: everything returns.
+    let policies_before = ctl(&url, &["-q", "-p", "ops", "list_policies"]).await;
+    assert!(
+        policies_before.ok().stdout.contains("\tshort\t"),
+        "{}",
+        policies_before.stdout
+    );
+    let file = common::temp_data_dir().join("definitions.json");
+    let path = file.display().to_string();
+    ctl(&url, &["export_definitions", &path]).await.ok();
+    let exported = std::fs::read(&file).expect("written");
+    ctl(&url, &["-p", "ops", "clear_policy", "short"])
+        .await
+        .ok();
+    ctl(&url, &["delete_user", "carol"]).await.ok();
+    ctl(&url, &["delete_vhost", "ops"]).await.ok();
+    assert!(!amqp_login(&b, "carol", "pw2", "ops").await);
+    let vhosts = ctl(&url, &["-q", "list_vhosts"]).await;
+    assert_eq!(vhosts.ok().lines(), ["name", "/"]);
+
+    let run = ctl(&url, &["import_definitions", &path]).await;
+    assert_eq!(
+        run.ok().lines(),
+        [
+            format!("Importing definitions in JSON from a file at \"{path}\" ...").as_str(),
+            "Successfully imported definitions."
+        ]
+    );
+    assert!(amqp_login(&b, "carol", "pw2", "ops").await);
+    let policies = ctl(&url, &["-q", "-p", "ops", "list_policies"]).await;
+    assert_eq!(policies.ok().stdout, policies_before.stdout);
+
+    // From standard input too; a second import of the same file changes nothing.
+    ctl(&url, &["delete_user", "carol"]).await.ok();
+    ctl_with(&url, &["import_definitions"], &exported)
+        .await
+        .ok();
+    assert!(amqp_login(&b, "carol", "pw2", "ops").await);
+
+    // rabbitmqctl's refusals of a file it cannot use, before anything is sent.
+    let empty = common::temp_data_dir().join("empty.json");
+    std::fs::write(&empty, b"").expect("written");
+    let empty = empty.display().to_string();
+    ctl(&url, &["import_definitions", &empty])
+        .await
+        .failed(65, &format!("File {empty} is zero-sized"));
+    let broken = common::temp_data_dir().join("broken.json");
+    std::fs::write(&broken, b"{\"users\": [").expect("written");
+    ctl(&url, &["import_definitions", &broken.display().to_string()])
+        .await
+        .failed(65, "Failed to deserialise input (format: JSON)");
+    ctl(&url, &["import_definitions", "/nonexistent/defs.json"])
+        .await
+        .failed(
+            65,
+            "Parent directory or file /nonexistent/defs.json does not exist",
+        );
+    b.shutdown().await;
+}

@@ -194,6 +194,9 @@ enum Command {
     /// Writes the broker's definitions (GET /api/definitions) as JSON to FILE, or to
     /// standard output for "-".
     ExportDefinitions { file: String },
+    /// Imports definitions (a RabbitMQ or WarrenMQ export, JSON) from FILE, or from
+    /// standard input without one, into the running broker (POST /api/definitions).
+    ImportDefinitions { file: Option<String> },
     /// Declares a queue (PUT /api/queues/VHOST/NAME).
     DeclareQueue {
         name: String,
@@ -811,6 +814,7 @@ impl Ctl {
                 per_connection_delay,
             } => self.close_all(&reason, global, limit, per_connection_delay),
             Command::ExportDefinitions { file } => self.export_definitions(&file),
+            Command::ImportDefinitions { file } => self.import_definitions(file.as_deref()),
             Command::DeclareQueue {
                 name,
                 durable,
@@ -1276,6 +1280,51 @@ impl Ctl {
         }
         std::fs::write(file, format!("{text}\n"))
             .map_err(|e| Failure::Software(format!("cannot write {file}: {e}")))
+    }
+
+    /// rabbitmqctl's checks and words for the input (zero-sized, not JSON), then one
+    /// POST; the broker applies the whole file before it answers.
+    fn import_definitions(&self, file: Option<&str>) -> Done {
+        let text = match file {
+            Some(path) => {
+                self.info(&format!(
+                    "Importing definitions in JSON from a file at \"{path}\" ..."
+                ));
+                let bytes = std::fs::read(path).map_err(|e| {
+                    Failure::Data(match e.kind() {
+                        std::io::ErrorKind::NotFound => {
+                            format!("Parent directory or file {path} does not exist")
+                        }
+                        std::io::ErrorKind::PermissionDenied => format!(
+                            "No permissions to read from file {path} or its parent directory"
+                        ),
+                        _ => format!("Could not read from file {path}: {e}"),
+                    })
+                })?;
+                if bytes.is_empty() {
+                    return Err(Failure::Data(format!("File {path} is zero-sized")));
+                }
+                bytes
+            }
+            None => {
+                self.info("Importing definitions in JSON from standard input ...");
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+                    .map_err(|e| Failure::Data(format!("cannot read standard input: {e}")))?;
+                if bytes.is_empty() {
+                    return Err(Failure::Usage("not enough arguments".into()));
+                }
+                bytes
+            }
+        };
+        let definitions: Value = serde_json::from_slice(&text).map_err(|e| {
+            Failure::Data(format!(
+                "Failed to deserialise input (format: JSON) (error: {e})"
+            ))
+        })?;
+        self.admin("POST", "/api/definitions", Some(&definitions), None)?;
+        self.result("Successfully imported definitions.");
+        Ok(())
     }
 
     /// PUT of a queue or an exchange: 201 created, 204 already there (and equivalent).
