@@ -14,8 +14,11 @@
 #      window 256. sled 0.34 on Linux makes a flush durable with sync_file_range on
 #      the range it wrote; it calls fsync only from its periodic flusher thread
 #      (flush_every_ms) and when it truncates or snapshots, so the two are listed apart.
+#   5. bytes written to disk per payload byte (/proc/PID/io write_bytes), 20,000
+#      persistent 1 KiB messages with confirms to one durable queue and to a fanout
+#      exchange bound to three; WarrenMQ and RabbitMQ.
 #
-# Environment: SECTIONS="1 2 3 4" picks parts; WORK (default /tmp/warrenmq-durability)
+# Environment: SECTIONS="1 2 3 4 5" picks parts; WORK (default /tmp/warrenmq-durability)
 # holds WarrenMQ's data directories (fresh per experiment), logs and raw figures;
 # WPORT (default 5690) is WarrenMQ's port; CONFIG is WarrenMQ's configuration file;
 # RABBIT_RESTART=0 skips RabbitMQ's stop_app/start_app (it is skipped anyway while
@@ -32,7 +35,7 @@ cd "$(dirname "$0")/.."
 RUNS=${1:-5}
 SECS=${2:-10}
 N=${3:-1000000}
-SECTIONS=${SECTIONS:-"1 2 3 4"}
+SECTIONS=${SECTIONS:-"1 2 3 4 5"}
 WORK=${WORK:-/tmp/warrenmq-durability}
 WPORT=${WPORT:-5690}
 RPORT=5672
@@ -310,6 +313,38 @@ if want 4; then
     calls=$(awk '$NF ~ /^(fsync|fdatasync|sync_file_range)$/ {printf "%s=%s ", $NF, $4} $NF == "total" {printf "total=%s", $4}' "$st")
     note "sync.$name" "$calls | $line"
     rm -rf "$dir"
+  done
+fi
+
+# ---------------------------------------------------------------------------
+if want 5; then
+  echo
+  echo "== 5. bytes written to disk per payload byte (write_bytes of /proc/PID/io)"
+  # 20,000 persistent 1 KiB messages with confirms (window 256) to 1 durable queue
+  # and to a fanout exchange bound to 3, no consumer; counted from before the first
+  # publish until 3 s after the last confirm, so that the checkpoint after a quiet
+  # second (which moves the index into sled) is counted too.
+  wb() { awk '/^write_bytes/ {print $2}' "/proc/$1/io"; }
+  for fan in 1 3; do
+    fargs="--fanout $fan"
+    dir=$WORK/s5-$fan
+    rm -rf "$dir" "$dir.log"
+    start_warren "$dir"
+    before=$(wb "$BPID")
+    line=$("$P" --port $WPORT --count 20000 --consumers 0 --confirm 256 --persistent $fargs --queue wa-$fan --no-delete)
+    sleep 3
+    after=$(wb "$BPID")
+    note "warren.written_per_payload_byte.fanout$fan" "$(awk -v a="$before" -v b="$after" 'BEGIN {printf "%.2f", (b - a) / (20000 * 1024)}') | $line"
+    stop_warren TERM
+    rm -rf "$dir"
+    rpid=$(pgrep -x beam.smp | head -1)
+    if [ -n "$rpid" ] && [ -r "/proc/$rpid/io" ]; then
+      before=$(wb "$rpid")
+      line=$("$P" --port $RPORT --count 20000 --consumers 0 --confirm 256 --persistent $fargs --queue wa-$fan-$$)
+      sleep 3
+      after=$(wb "$rpid")
+      note "rabbit.written_per_payload_byte.fanout$fan" "$(awk -v a="$before" -v b="$after" 'BEGIN {printf "%.2f", (b - a) / (20000 * 1024)}') | $line"
+    fi
   done
 fi
 

@@ -1,10 +1,11 @@
 //! What the broker syncs before a publisher confirm, seen from the system calls of
 //! the real binary under strace.
 //!
-//! Message bodies go to the body log's segment files (`msgs/*.seg`), their entries
-//! to sled; kill -9 keeps the page cache, so only the sync calls themselves show
-//! whether a confirm would survive a power cut: the segment is fdatasynced, then
-//! sled's file, before each confirm.
+//! Message bodies and their index changes go to the body log's segment files
+//! (`msgs/*.seg`), entities to sled; kill -9 keeps the page cache, so only the
+//! sync calls themselves show whether a confirm would survive a power cut: the
+//! segment is fdatasynced before each confirm, and sled's file before a durable
+//! queue's declare-ok.
 //!
 //! Needs `strace` (Debian/Ubuntu package `strace`) and ptrace permission; without
 //! them the test prints why and passes without checking anything.
@@ -189,6 +190,7 @@ async fn message_bodies_are_fdatasynced_before_their_confirms() {
         ch.confirm_select(ConfirmSelectOptions::default()),
     )
     .await;
+    let declared = now();
     ok(
         "queue.declare",
         ch.queue_declare(
@@ -201,6 +203,7 @@ async fn message_bodies_are_fdatasynced_before_their_confirms() {
         ),
     )
     .await;
+    let declare_window = (declared, now());
     let persistent = BasicProperties::default().with_delivery_mode(2);
 
     // Small messages, then a 1 MiB one (which sled would have put in a file of
@@ -236,7 +239,14 @@ async fn message_bodies_are_fdatasynced_before_their_confirms() {
     let _ = std::fs::remove_file(dir.with_extension("strace"));
 
     let is_sync = |c: &Call| c.name == "fsync" || c.name == "fdatasync";
-    // In each window: the body's segment is synced, then sled's file.
+    assert!(
+        calls.iter().any(|c| is_sync(c)
+            && c.path.ends_with("db/db")
+            && c.at >= declare_window.0
+            && c.at <= declare_window.1),
+        "sled's file was not synced before the durable queue's declare-ok; trace:\n{trace}"
+    );
+    // In each window: the segment holding the body and its index change is synced.
     for (i, (from, until)) in windows.iter().enumerate() {
         let within = |pred: &dyn Fn(&Call) -> bool| -> Vec<f64> {
             calls
@@ -246,14 +256,9 @@ async fn message_bodies_are_fdatasynced_before_their_confirms() {
                 .collect()
         };
         let segs = within(&|c| is_segment(&c.path));
-        let dbs = within(&|c| c.path.ends_with("db/db"));
         assert!(
             !segs.is_empty(),
             "confirm {i}: no fdatasync of the body log before it; trace:\n{trace}"
-        );
-        assert!(
-            dbs.iter().any(|db| segs.iter().any(|seg| seg <= db)),
-            "confirm {i}: sled's file was not synced after the body log ({segs:?}, {dbs:?})"
         );
     }
     // Each segment file created before a confirm: its directory entry is synced

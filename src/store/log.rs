@@ -4,14 +4,21 @@
 //! as a backlog drains. sled keeps the small per-queue index entries that point
 //! here (`sled_store.rs`).
 //!
+//! The log is also the index's write-ahead log: each batch's index changes
+//! (entries put and removed, queues dropped) follow its bodies as one index
+//! record, and a group commit is one fdatasync of the log. sled receives the
+//! index changes only at a checkpoint (`index.rs`), which records the log
+//! position it covers; start-up replays the index records after it. So the log
+//! is read in order from a checkpoint, and a crash leaves a prefix of it: the
+//! first torn record ends the replay.
+//!
 //! A record is its payload's length and CRC-32 (both u32, big-endian), then the
-//! payload. Only the store's thread writes: appends collect in a buffer that goes
-//! to the file in one write per batch, and a group commit fdatasyncs the segments
-//! written since the last one (and the directory, when it gained a file) before
-//! sled's flush, so that an index entry a confirm depends on never points at bytes
-//! the disk does not hold. sled may persist an index entry on its own timer before
-//! that: such an entry was never confirmed, and the CRC tells its torn or missing
-//! record from a good one at start-up.
+//! payload; an index record has the length's top bit set. Only the store's thread
+//! writes: appends collect in a buffer that goes to the file in one write per
+//! batch, and a group commit fdatasyncs the segments written since the last one
+//! (and the directory, when it gained a file). A segment is deleted once no
+//! entry points into it and a checkpoint lies beyond it, since the replay may
+//! still need its index records until then.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -31,6 +38,16 @@ pub(super) struct Location {
 }
 
 const RECORD_HEADER: usize = 8;
+
+/// Set in an index record's length: body records are never that long.
+const INDEX_FLAG: u32 = 0x8000_0000;
+
+/// A place in the log: a segment and a byte offset in it (a record's start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Position {
+    pub seg: u32,
+    pub offset: u64,
+}
 
 /// An active segment nothing points into is replaced by a new one past this size.
 const RESTART_AFTER: u64 = 8 * 1024 * 1024;
@@ -131,15 +148,20 @@ pub(super) struct BodyLog {
     active_dirty: bool,
     /// A segment was created since the directory was last synced.
     dir_dirty: bool,
-    /// Segments no index entry points into any more: deleted once a commit has
-    /// made those entries' removal durable.
+    /// Segments no index entry points into any more: deleted once a
+    /// checkpoint past them is durable (`checkpointed`).
     dead: Vec<u32>,
+    /// Segments before this one are behind the durable checkpoint.
+    checkpoint_seg: u32,
+    /// Bytes appended since the last checkpoint: what a start-up would replay.
+    since_checkpoint: u64,
 }
 
 impl BodyLog {
     /// Opens `dir` (created if missing) and starts a new active segment after
     /// the ones there. `live` counts the index entries into each existing
-    /// segment (from sled's index); segments without any are deleted.
+    /// segment (from sled's index); segments without any are deleted once the
+    /// caller has checkpointed past them (`checkpointed`, then `collect`).
     pub fn open(dir: &Path, segment_bytes: u64, live: HashMap<u32, u64>) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut existing = Vec::new();
@@ -159,21 +181,16 @@ impl BodyLog {
             dir: dir.to_path_buf(),
             files: Mutex::default(),
         });
-        let mut removed = false;
-        for id in &existing {
-            if live.get(id).copied().unwrap_or(0) == 0 {
-                std::fs::remove_file(segments.path(*id))?;
-                removed = true;
-            }
-        }
+        let dead = existing
+            .iter()
+            .copied()
+            .filter(|id| live.get(id).copied().unwrap_or(0) == 0)
+            .collect();
         let active = existing.last().map_or(1, |last| last + 1);
         let active_file = std::fs::OpenOptions::new()
             .create_new(true)
             .append(true)
             .open(segments.path(active))?;
-        if removed {
-            File::open(dir)?.sync_all()?;
-        }
         Ok(BodyLog {
             segments,
             segment_bytes: segment_bytes.clamp(1 << 16, u32::MAX as u64 / 2),
@@ -185,12 +202,50 @@ impl BodyLog {
             unsynced: Vec::new(),
             active_dirty: false,
             dir_dirty: true,
-            dead: Vec::new(),
+            dead,
+            checkpoint_seg: 0,
+            since_checkpoint: 0,
         })
     }
 
-    /// Appends a record made of `parts` and counts one index entry into it.
+    /// Where the next record goes.
+    pub fn position(&self) -> Position {
+        Position {
+            seg: self.active,
+            offset: self.written,
+        }
+    }
+
+    /// Bytes appended since the last checkpoint.
+    pub fn since_checkpoint(&self) -> u64 {
+        self.since_checkpoint
+    }
+
+    /// A checkpoint at `pos` is durable: the replay starts there, so dead
+    /// segments before it may go.
+    pub fn checkpointed(&mut self, pos: Position) {
+        self.checkpoint_seg = pos.seg;
+        self.since_checkpoint = 0;
+    }
+
+    /// Appends an index record (the index changes of one batch).
+    pub fn append_index(&mut self, payload: &[u8]) -> std::io::Result<()> {
+        self.append_record(payload.len() as u32 | INDEX_FLAG, &[payload])
+            .map(|_| ())
+    }
+
+    /// Appends a body record made of `parts` and counts one index entry into it.
     pub fn append(&mut self, parts: &[&[u8]]) -> std::io::Result<Location> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len >= INDEX_FLAG as usize {
+            return Err(std::io::Error::other("a message body of 2 GiB or more"));
+        }
+        let loc = self.append_record(len as u32, parts)?;
+        *self.live.entry(self.active).or_default() += 1;
+        Ok(loc)
+    }
+
+    fn append_record(&mut self, tagged_len: u32, parts: &[&[u8]]) -> std::io::Result<Location> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let size = (RECORD_HEADER + len) as u64;
         if self.written > 0 && self.written + size > self.segment_bytes {
@@ -200,7 +255,7 @@ impl BodyLog {
         for p in parts {
             crc.update(p);
         }
-        self.buf.extend_from_slice(&(len as u32).to_be_bytes());
+        self.buf.extend_from_slice(&tagged_len.to_be_bytes());
         self.buf.extend_from_slice(&crc.finalize().to_be_bytes());
         for p in parts {
             self.buf.extend_from_slice(p);
@@ -211,8 +266,8 @@ impl BodyLog {
             len: len as u32,
         };
         self.written += size;
+        self.since_checkpoint += size;
         self.active_dirty = true;
-        *self.live.entry(self.active).or_default() += 1;
         Ok(loc)
     }
 
@@ -289,10 +344,11 @@ impl BodyLog {
         Ok(())
     }
 
-    /// After a commit: the segments nothing points into any more are deleted,
-    /// the active one too once it holds `RESTART_AFTER` (a new one starts), so a
-    /// drained backlog leaves little, and a steady publish-ack flow does not
-    /// create files at the rate of its commits.
+    /// After a commit: the active segment is replaced once it holds
+    /// `RESTART_AFTER` and nothing points into it, so that a steady
+    /// publish-ack flow leaves whole dead segments behind; after a checkpoint,
+    /// the dead segments before it are deleted, so a drained backlog leaves
+    /// little.
     pub fn collect(&mut self) {
         let restart_after = RESTART_AFTER.min(self.segment_bytes / 2);
         if self.written >= restart_after && !self.live.contains_key(&self.active) {
@@ -300,8 +356,14 @@ impl BodyLog {
                 tracing::warn!("cannot start a new message segment: {e}");
             }
         }
+        let checkpoint = self.checkpoint_seg;
+        let mut waiting = Vec::new();
         for seg in std::mem::take(&mut self.dead) {
             if self.live.contains_key(&seg) || seg == self.active {
+                continue;
+            }
+            if seg >= checkpoint {
+                waiting.push(seg);
                 continue;
             }
             self.segments.forget(seg);
@@ -309,6 +371,90 @@ impl BodyLog {
                 tracing::warn!("cannot delete message segment {seg}: {e}");
             }
         }
+        self.dead = waiting;
+    }
+
+    /// How many segments nothing points into wait for a checkpoint to go.
+    pub fn dead_waiting(&self) -> usize {
+        self.dead.len()
+    }
+}
+
+/// Where a replay ended, and why if it was not the clean end of the log.
+pub(super) struct ReplayEnd {
+    /// A torn or damaged record, which a crash leaves at the end of what it
+    /// interrupted; everything after it was never synced, so never confirmed.
+    pub torn: Option<String>,
+    pub records: u64,
+}
+
+/// Reads the log in order from `from`, handing each index record's payload to
+/// `apply`, and checking every record's checksum on the way. It ends at the
+/// first record that is missing, torn or fails its checksum: whatever a crash
+/// left after that was never covered by a completed sync. Segments are read in
+/// order of their numbers; the first missing one ends the log.
+pub(super) fn replay(
+    dir: &Path,
+    from: Position,
+    mut apply: impl FnMut(&[u8]) -> Result<(), String>,
+) -> std::io::Result<ReplayEnd> {
+    use std::io::Read;
+    let mut at = from;
+    let mut records = 0u64;
+    let mut payload = Vec::new();
+    loop {
+        let file = match File::open(segment_path(dir, at.seg)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(ReplayEnd {
+                    torn: None,
+                    records,
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let file_len = file.metadata()?.len();
+        let mut r = std::io::BufReader::with_capacity(1 << 20, file);
+        std::io::Seek::seek(&mut r, std::io::SeekFrom::Start(at.offset))?;
+        let torn = |at: Position, why: &str, records: u64| ReplayEnd {
+            torn: Some(format!("segment {} at {}: {why}", at.seg, at.offset)),
+            records,
+        };
+        loop {
+            let left = file_len.saturating_sub(at.offset);
+            if left == 0 {
+                break;
+            }
+            if left < RECORD_HEADER as u64 {
+                return Ok(torn(at, "a record header is cut short", records));
+            }
+            let mut header = [0u8; RECORD_HEADER];
+            r.read_exact(&mut header)?;
+            let tagged = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+            let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+            let len = u64::from(tagged & !INDEX_FLAG);
+            // Checked against the file before anything is allocated for it.
+            if len > left - RECORD_HEADER as u64 {
+                return Ok(torn(at, "a record runs past the segment's end", records));
+            }
+            payload.resize(len as usize, 0);
+            r.read_exact(&mut payload)?;
+            if crc32fast::hash(&payload) != crc {
+                return Ok(torn(at, "a record does not match its checksum", records));
+            }
+            if tagged & INDEX_FLAG != 0 {
+                if let Err(why) = apply(&payload) {
+                    let why = format!("an index record is unreadable: {why}");
+                    return Ok(torn(at, &why, records));
+                }
+                records += 1;
+            }
+            at.offset += RECORD_HEADER as u64 + len;
+        }
+        at = Position {
+            seg: at.seg + 1,
+            offset: 0,
+        };
     }
 }
 
@@ -372,7 +518,7 @@ mod tests {
     }
 
     #[test]
-    fn a_segment_goes_once_nothing_points_into_it() {
+    fn a_segment_goes_once_nothing_points_into_it_and_a_checkpoint_is_past_it() {
         let d = dir("gc");
         let mut log = BodyLog::open(&d, 1 << 16, HashMap::new()).unwrap();
         let big = vec![7u8; 40_000];
@@ -387,16 +533,86 @@ mod tests {
         log.release(first.seg);
         log.sync().unwrap();
         log.collect();
+        assert_eq!(
+            files(&d).len(),
+            2,
+            "no checkpoint since: its index records count"
+        );
+        log.checkpointed(log.position());
+        log.collect();
         assert_eq!(files(&d), ["00000002.seg"]);
         // Once nothing points into the active one either, it goes too.
         log.release(second.seg);
         log.sync().unwrap();
         log.collect();
+        log.checkpointed(log.position());
+        log.collect();
         assert_eq!(files(&d), ["00000003.seg"]);
         drop(log);
-        // At start-up, a segment that no index entry counts is deleted too.
-        let log = BodyLog::open(&d, 1 << 16, HashMap::new()).unwrap();
+        // At start-up, a segment that no index entry counts goes after the
+        // first checkpoint.
+        let mut log = BodyLog::open(&d, 1 << 16, HashMap::new()).unwrap();
+        assert_eq!(files(&d), ["00000003.seg", "00000004.seg"]);
+        log.checkpointed(log.position());
+        log.collect();
         assert_eq!(files(&d), ["00000004.seg"]);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn the_replay_reads_index_records_in_order_and_stops_at_a_torn_one() {
+        let d = dir("replay");
+        let mut log = BodyLog::open(&d, 1 << 16, HashMap::new()).unwrap();
+        let start = log.position();
+        let body = vec![1u8; 30_000];
+        for i in 0..5u8 {
+            log.append(&[&body]).unwrap();
+            log.append_index(&[i; 10]).unwrap();
+        }
+        log.sync().unwrap();
+        assert!(log.position().seg > start.seg, "the records span segments");
+        let read = |from: Position| {
+            let mut seen = Vec::new();
+            let end = replay(&d, from, |r| {
+                seen.push(r[0]);
+                Ok(())
+            })
+            .unwrap();
+            (seen, end.torn)
+        };
+        assert_eq!(read(start), (vec![0, 1, 2, 3, 4], None));
+        // The last segment's tail torn by a crash: the replay ends before it.
+        let last = segment_path(&d, log.position().seg);
+        let len = std::fs::metadata(&last).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&last)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        let (seen, torn) = read(start);
+        assert_eq!(seen, [0, 1, 2, 3]);
+        assert!(torn.unwrap().contains("past the segment's end"));
+        // A damaged record earlier: nothing after it is replayed, in any segment.
+        let first = segment_path(&d, start.seg);
+        let mut bytes = std::fs::read(&first).unwrap();
+        bytes[RECORD_HEADER + 100] ^= 1;
+        std::fs::write(&first, bytes).unwrap();
+        let (seen, torn) = read(start);
+        assert_eq!(seen, Vec::<u8>::new());
+        assert!(torn.unwrap().contains("checksum"));
+        // An unreadable index record under a valid checksum ends it too.
+        let end = replay(
+            &d,
+            Position {
+                seg: start.seg + 1,
+                offset: 0,
+            },
+            |_| Err("no".into()),
+        )
+        .unwrap();
+        assert!(end.torn.unwrap().contains("unreadable"));
         drop(log);
         let _ = std::fs::remove_dir_all(&d);
     }

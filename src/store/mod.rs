@@ -10,6 +10,7 @@
 //! meanwhile (group commit).
 
 mod blobs;
+mod index;
 mod log;
 mod sled_store;
 

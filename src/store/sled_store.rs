@@ -6,18 +6,21 @@
 //! of the first format, with the body inline, are still read.
 //!
 //! One thread owns every write: callers send requests over a channel and go on.
-//! The thread takes whatever has queued up, applies it in order (message writes
-//! as one batch), and if any waiter asked for a sync, flushes sled, syncs the blob
-//! files sled wrote (see `blobs`) and fdatasyncs its log, then releases them all.
-//! Under load one fdatasync covers thousands of messages; alone, a publisher waits
-//! about one. Reads of paged-out messages go through the same thread, so they see
-//! every write made before them.
+//! The thread takes whatever has queued up and applies it in order: bodies and
+//! then the batch's index changes go to the log, entities to sled. If any waiter
+//! asked for a sync, it fdatasyncs the log (and flushes sled only if entities
+//! changed), then releases them all. Under load one fdatasync covers thousands of
+//! messages; alone, a publisher waits about one. The index changes reach sled at
+//! checkpoints (`index.rs`): sled's flush timer is off, so sled only ever holds
+//! what the log already made durable. Reads of paged-out messages go through the
+//! same thread, so they see every write made before them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use amq_protocol::frame::WriteContext;
 use amq_protocol::types::generation::gen_field_table;
@@ -25,7 +28,8 @@ use amq_protocol::types::FieldTable;
 use bytes::Bytes;
 
 use super::blobs::Blobs;
-use super::log::{segment_path, BodyLog, Location, Segments};
+use super::index::{self, Entry, FoldMap, Index, Key, Known, ENTRY_LEN};
+use super::log::{self as body_log, segment_path, BodyLog, Location, Position, Segments};
 use super::{
     wall_ms, EntryMeta, MessageRecord, ReadBack, ReadDone, Store, StoreError, StoredBinding,
     StoredDestination, StoredEntries, StoredEntry, StoredExchange, StoredMessage, StoredMessages,
@@ -37,11 +41,11 @@ enum Op {
     PutMeta(Vec<u8>, Vec<u8>),
     DeleteMeta(Vec<u8>),
     PutMessage {
-        key: [u8; 16],
+        key: Key,
         stored_at: u64,
         m: MessageRecord,
     },
-    DeleteMessage([u8; 16]),
+    DeleteMessage(Key),
     DeleteQueueMessages(u64),
     Read {
         queue: u64,
@@ -49,6 +53,8 @@ enum Op {
         done: ReadDone,
     },
     Sync(SyncWaiter),
+    /// Answered once sled holds every index change made before it.
+    Checkpoint(mpsc::Sender<()>),
 }
 
 pub struct SledStore {
@@ -70,10 +76,25 @@ const BINDING: u8 = b'b';
 const NOTE: u8 = b'n';
 const NEXT_QUEUE_ID: &[u8] = b"next-queue-id";
 const FORMAT: &[u8] = b"format";
-/// Format 2 adds the body log; a format-1 directory is read as it is (its inline
-/// entries stay until their messages go) and marked format 2.
-const FORMAT_VERSION: &[u8] = b"warrenmq-store-2";
+/// Format 2 added the body log, format 3 the index changes in it (replayed from
+/// `CHECKPOINT`). A format-1 or 2 directory's sled holds its whole index: it is
+/// read as it is (inline entries stay until their messages go) and marked format 3.
+const FORMAT_VERSION: &[u8] = b"warrenmq-store-3";
+const FORMAT_2: &[u8] = b"warrenmq-store-2";
 const FORMAT_1: &[u8] = b"warrenmq-store-1";
+/// The log position up to which sled holds the index: segment (u32) and
+/// offset (u64), big-endian.
+const CHECKPOINT: &[u8] = b"checkpoint";
+/// A write nobody waits for is made durable within this, as sled's own flush
+/// timer did before the index moved to the log.
+const COMMIT_AFTER: Duration = Duration::from_millis(500);
+/// A checkpoint comes once this much log would be replayed at start-up, once
+/// the overlay holds this many entries, or after a second without requests.
+const CHECKPOINT_BYTES: u64 = 32 * 1024 * 1024;
+const CHECKPOINT_ENTRIES: usize = 100_000;
+const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
+/// Dead segments waiting for a checkpoint before one is made for them.
+const CHECKPOINT_DEAD_SEGMENTS: usize = 2;
 /// The body log's segment size: a segment is deleted whole once nothing points
 /// into it, so this bounds what a few old messages can keep on disk per segment.
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -175,7 +196,7 @@ fn binding_key(
     k
 }
 
-fn message_key(queue: u64, seq: u64) -> [u8; 16] {
+fn message_key(queue: u64, seq: u64) -> Key {
     let mut k = [0u8; 16];
     k[..8].copy_from_slice(&queue.to_be_bytes());
     k[8..].copy_from_slice(&seq.to_be_bytes());
@@ -202,7 +223,8 @@ impl SledStore {
         let db = sled::Config::new()
             .path(dir.join("db"))
             .cache_capacity(64 * 1024 * 1024)
-            .flush_every_ms(Some(500))
+            // sled must never persist an index change before the log has it.
+            .flush_every_ms(None)
             .open()
             .map_err(|source| StoreError::Open {
                 dir: dir.to_path_buf(),
@@ -218,11 +240,18 @@ impl SledStore {
         let messages = open("messages")?;
         // sled drops what it cannot read as if it were a torn write. A database that
         // was there but lost even its format record is corrupt, not empty: refuse it.
-        match meta.get(FORMAT)? {
-            Some(v) if v.as_ref() == FORMAT_VERSION => {}
-            Some(v) if v.as_ref() == FORMAT_1 => {
-                meta.insert(FORMAT, FORMAT_VERSION)?;
-            }
+        let replay_from = match meta.get(FORMAT)? {
+            Some(v) if v.as_ref() == FORMAT_VERSION => match meta.get(CHECKPOINT)? {
+                Some(p) => Some(decode_position(&p).ok_or_else(|| StoreError::Corrupt {
+                    dir: dir.to_path_buf(),
+                    key: "checkpoint".into(),
+                    why: format!("it is {} bytes long instead of 12", p.len()),
+                })?),
+                // Written with the format at the first start, before anything
+                // could be logged.
+                None => None,
+            },
+            Some(v) if v.as_ref() == FORMAT_1 || v.as_ref() == FORMAT_2 => None,
             Some(v) => {
                 return Err(StoreError::Corrupt {
                     dir: dir.to_path_buf(),
@@ -244,11 +273,16 @@ impl SledStore {
                     dir: dir.to_path_buf(),
                     source,
                 })?;
+                None
             }
+        };
+        let msgs = dir.join("msgs");
+        if let Some(from) = replay_from {
+            replay_index(dir, &msgs, from, &messages)?;
         }
         let next = next_queue_id(dir, &meta)?;
         // sled syncs none of its blob files nor any directory: the store thread does.
-        let blobs = Blobs::open(dir).map_err(io("cannot sync the database's files"))?;
+        let mut blobs = Blobs::open(dir).map_err(io("cannot sync the database's files"))?;
         // sled keeps its log in one file, `db`; this handle is only for fdatasync.
         let file = match File::open(dir.join("db").join("db")) {
             Ok(f) => Some(f),
@@ -262,7 +296,6 @@ impl SledStore {
         // An entry whose record ends past its segment's end was written by sled
         // before a crash tore the body: never confirmed (a confirm waits for the
         // body's sync), so it goes.
-        let msgs = dir.join("msgs");
         let mut live: HashMap<u32, u64> = HashMap::new();
         let mut sizes: HashMap<u32, u64> = HashMap::new();
         let mut torn = sled::Batch::default();
@@ -287,13 +320,19 @@ impl SledStore {
                 "{n_torn} stored messages were never confirmed: their bodies were torn by a crash; removed"
             );
             messages.apply_batch(torn)?;
-            db.flush().map_err(|source| StoreError::Open {
-                dir: dir.to_path_buf(),
-                source,
-            })?;
         }
-        let log = BodyLog::open(&msgs, SEGMENT_BYTES, live)
+        let mut log = BodyLog::open(&msgs, SEGMENT_BYTES, live)
             .map_err(io("cannot open the message body log"))?;
+        // What was replayed is in sled now: the checkpoint moves to the new
+        // segment, so no later start reads the old ones' index records or a tail
+        // this crash tore, and segments nothing points into can go.
+        let pos = log.position();
+        meta.insert(CHECKPOINT, &encode_position(pos)[..])?;
+        meta.insert(FORMAT, FORMAT_VERSION)?;
+        flush_db(&db, &mut blobs, file.as_ref())
+            .map_err(|why| io("cannot write the checkpoint")(std::io::Error::other(why)))?;
+        log.checkpointed(pos);
+        log.collect();
         let segments = log.segments.clone();
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -303,6 +342,11 @@ impl SledStore {
             file,
             blobs,
             log,
+            index: Index::default(),
+            bodies: Bodies::default(),
+            sled_dirty: false,
+            unsynced: false,
+            last_commit: Instant::now(),
             failed: None,
         };
         let thread = std::thread::Builder::new()
@@ -345,6 +389,15 @@ impl SledStore {
             ),
             _ => {}
         }
+    }
+
+    /// Waits until sled holds every index change requested before: what reads
+    /// sled's index directly (start-up's scans, a vhost made while running)
+    /// must see them. Nothing to do at start-up, when nothing was written yet.
+    fn settle(&self) {
+        let (tx, rx) = mpsc::channel();
+        self.send(Op::Checkpoint(tx));
+        let _ = rx.recv();
     }
 
     /// The store's thread, to wait for: it ends once the store is dropped, after
@@ -530,6 +583,7 @@ impl Store for SledStore {
         queue: u64,
         mut load: Box<dyn FnMut(usize) -> bool + 'a>,
     ) -> StoredEntries<'a> {
+        self.settle();
         Box::new(
             self.messages
                 .scan_prefix(queue.to_be_bytes())
@@ -548,6 +602,7 @@ impl Store for SledStore {
     }
 
     fn messages(&self, queue: u64) -> StoredMessages<'_> {
+        self.settle();
         Box::new(
             self.messages
                 .scan_prefix(queue.to_be_bytes())
@@ -576,39 +631,85 @@ struct Writer {
     file: Option<File>,
     blobs: Blobs,
     log: BodyLog,
+    /// Index changes since the last checkpoint.
+    index: Index,
+    /// The current batch's bodies (kept to reuse its table).
+    bodies: Bodies,
+    /// sled holds changes (entities, dropped queues) that no flush made durable.
+    sled_dirty: bool,
+    /// Something was written since the last commit.
+    unsynced: bool,
+    last_commit: Instant,
     /// The first write that failed. Every sync after it fails too: the broker
     /// cannot tell which waiter's writes it covered, so none is released as done.
     failed: Option<String>,
 }
 
+/// The bodies one batch wrote, by the address of their shared buffers: a fanout
+/// hands every queue the same `Bytes`, which is then written once. The records
+/// are kept until the batch ends, so that no other body can reuse an address
+/// meanwhile.
+type Bodies = FoldMap<(usize, usize, usize, usize), (Location, MessageRecord)>;
+
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
-        while let Ok(first) = rx.recv() {
+        let mut last_request = Instant::now();
+        loop {
+            let first = match rx.recv_timeout(Duration::from_millis(250)) {
+                Ok(op) => op,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.idle(last_request.elapsed());
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            last_request = Instant::now();
             let mut waiters = Vec::new();
-            let mut batch = Batch::default();
+            let mut bodies = std::mem::take(&mut self.bodies);
             for op in std::iter::once(first).chain(rx.try_iter()) {
                 match op {
-                    Op::PutMessage { key, stored_at, m } => self.put(&mut batch, key, stored_at, m),
-                    Op::DeleteMessage(key) => self.delete(&mut batch, key),
-                    Op::Sync(w) => waiters.push(w),
-                    other => {
-                        // Whatever must see the batched writes comes after them.
-                        self.apply(&mut batch);
-                        self.other(other);
+                    Op::PutMessage { key, stored_at, m } => {
+                        self.put(&mut bodies, key, stored_at, m)
                     }
+                    Op::DeleteMessage(key) => self.delete(key),
+                    Op::Sync(w) => waiters.push(w),
+                    other => self.other(other),
                 }
             }
-            self.apply(&mut batch);
-            if !waiters.is_empty() {
+            bodies.clear();
+            self.bodies = bodies;
+            self.write_index();
+            if !waiters.is_empty() || (self.unsynced && self.last_commit.elapsed() >= COMMIT_AFTER)
+            {
                 let result = self.commit();
                 for w in waiters {
                     w(result.clone());
                 }
             }
+            if self.index.len() >= CHECKPOINT_ENTRIES
+                || self.log.since_checkpoint() >= CHECKPOINT_BYTES
+                || self.log.dead_waiting() >= CHECKPOINT_DEAD_SEGMENTS
+            {
+                self.checkpoint();
+            }
         }
-        // Senders are gone: whatever was written goes to disk before the database closes.
-        if let Err(e) = self.commit() {
-            tracing::error!("final flush of the store failed: {e}");
+        // Senders are gone: everything goes to disk, and into sled, so that the
+        // next start has nothing to replay.
+        self.checkpoint();
+    }
+
+    /// No request for a while: what nobody waited for is made durable, and once
+    /// the store has been quiet for `CHECKPOINT_IDLE`, checkpointed.
+    fn idle(&mut self, quiet: Duration) {
+        if self.unsynced && self.last_commit.elapsed() >= COMMIT_AFTER {
+            let _ = self.commit();
+        }
+        if quiet >= CHECKPOINT_IDLE
+            && (!self.index.is_empty()
+                || self.log.since_checkpoint() > 0
+                || self.log.dead_waiting() > 0)
+        {
+            self.checkpoint();
         }
     }
 
@@ -621,7 +722,7 @@ impl Writer {
 
     /// A message's entry, its body appended to the log unless this batch already
     /// wrote the same body for another queue (a fanout: the same `Bytes`).
-    fn put(&mut self, batch: &mut Batch, key: [u8; 16], stored_at: u64, m: MessageRecord) {
+    fn put(&mut self, bodies: &mut Bodies, key: Key, stored_at: u64, m: MessageRecord) {
         let meta = EntryMeta {
             priority: m.priority,
             ttl: m.ttl,
@@ -633,7 +734,7 @@ impl Writer {
             m.header.as_ptr() as usize,
             m.header.len(),
         );
-        let loc = match batch.bodies.get(&same) {
+        let loc = match bodies.get(&same) {
             Some((loc, _)) => {
                 self.log.add_ref(loc.seg);
                 *loc
@@ -645,48 +746,49 @@ impl Writer {
                 names.extend_from_slice(&(m.header.len() as u32).to_be_bytes());
                 match self.log.append(&[&names, &m.header, &m.body]) {
                     Ok(loc) => {
-                        // Kept until the batch is applied, so that no other body
-                        // can reuse the address meanwhile.
-                        batch.bodies.insert(same, (loc, m));
+                        bodies.insert(same, (loc, m));
                         loc
                     }
                     Err(e) => return self.fail(format!("writing the body log: {e}")),
                 }
             }
         };
-        if let Some(Some(old)) = batch.entries.insert(key, Some(loc.seg)) {
-            self.log.release(old);
+        self.unsynced = true;
+        if let Some(old) = self.index.put(key, encode_entry(stored_at, loc, meta)) {
+            if let Some(old) = in_log(&old) {
+                self.log.release(old.seg);
+            }
         }
-        batch
-            .sled
-            .insert(&key[..], encode_entry(stored_at, loc, meta).to_vec());
     }
 
     /// Removes a message's entry; its body segment loses a reference.
-    fn delete(&mut self, batch: &mut Batch, key: [u8; 16]) {
-        match batch.entries.insert(key, None) {
-            Some(Some(seg)) => self.log.release(seg),
-            Some(None) => {}
-            None => match self.messages.get(key) {
-                Ok(Some(v)) => {
-                    if let Some(loc) = in_log(&v) {
-                        self.log.release(loc.seg);
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => self.fail(e),
-            },
+    fn delete(&mut self, key: Key) {
+        let messages = &self.messages;
+        let mut error = None;
+        let removed = self.index.remove(key, || {
+            messages.get(key).unwrap_or_else(|e| {
+                error = Some(e);
+                None
+            })
+        });
+        if let Some(e) = error {
+            self.fail(e);
         }
-        batch.sled.remove(&key[..]);
+        if let Some(loc) = removed.as_ref().and_then(|r| in_log(r.bytes())) {
+            self.log.release(loc.seg);
+        }
+        self.unsynced = true;
     }
 
-    fn apply(&mut self, batch: &mut Batch) {
-        if batch.entries.is_empty() {
-            return;
-        }
-        let b = std::mem::take(batch);
-        if let Err(e) = self.messages.apply_batch(b.sled) {
-            self.fail(e);
+    /// The batch's index changes, as one record after its bodies.
+    fn write_index(&mut self) {
+        if let Some(record) = self.index.pending() {
+            let written = self.log.append_index(record);
+            self.index.clear_pending();
+            if let Err(e) = written {
+                self.fail(format!("writing the body log: {e}"));
+            }
+            self.unsynced = true;
         }
     }
 
@@ -694,108 +796,218 @@ impl Writer {
         let r = match op {
             Op::PutMeta(k, v) => self.meta.insert(k, v).map(|_| ()),
             Op::DeleteMeta(k) => self.meta.remove(k).map(|_| ()),
-            Op::DeleteQueueMessages(id) => {
-                let mut batch = sled::Batch::default();
-                let mut scan = Ok(());
-                for kv in self.messages.scan_prefix(id.to_be_bytes()) {
-                    match kv {
-                        Ok((k, v)) => {
-                            if let Some(loc) = in_log(&v) {
-                                self.log.release(loc.seg);
-                            }
-                            batch.remove(k)
-                        }
-                        Err(e) => {
-                            scan = Err(e);
-                            break;
-                        }
-                    }
-                }
-                scan.and_then(|_| self.messages.apply_batch(batch))
-            }
+            Op::DeleteQueueMessages(id) => self.drop_queue(id),
             Op::Read { queue, seqs, done } => {
                 done(self.read(queue, seqs));
-                Ok(())
+                return;
+            }
+            Op::Checkpoint(done) => {
+                self.write_index();
+                self.checkpoint();
+                let _ = done.send(());
+                return;
             }
             Op::PutMessage { .. } | Op::DeleteMessage(_) | Op::Sync(_) => Ok(()),
         };
+        self.sled_dirty = true;
+        self.unsynced = true;
         if let Err(e) = r {
             self.fail(e);
         }
+    }
+
+    /// Every entry of a queue goes: logged as one change, removed from sled at
+    /// once (its next flush comes after the log's sync), and each entry's
+    /// segment loses its reference.
+    fn drop_queue(&mut self, id: u64) -> sled::Result<()> {
+        let (put, removed) = self.index.drop_queue(id);
+        for e in put {
+            if let Some(loc) = in_log(&e) {
+                self.log.release(loc.seg);
+            }
+        }
+        // Removed since the checkpoint: released then.
+        let removed: HashSet<Key> = removed.into_iter().collect();
+        let mut batch = sled::Batch::default();
+        for kv in self.messages.scan_prefix(id.to_be_bytes()) {
+            let (k, v) = kv?;
+            let released = <Key>::try_from(k.as_ref()).is_ok_and(|k| removed.contains(&k));
+            if !released {
+                if let Some(loc) = in_log(&v) {
+                    self.log.release(loc.seg);
+                }
+            }
+            batch.remove(k);
+        }
+        self.messages.apply_batch(batch)
     }
 
     fn read(&mut self, queue: u64, seqs: Vec<u64>) -> ReadBack {
         seqs.into_iter()
             .map(|seq| {
                 let key = message_key(queue, seq);
-                let got = match self.messages.get(key) {
+                let entry = match self.index.get(&key) {
+                    Known::Entry(e) => Ok(Some(sled::IVec::from(e))),
+                    Known::Removed => Ok(None),
+                    Known::Unknown => self.messages.get(key).map_err(|e| e.to_string()),
+                };
+                let got = match entry {
                     Ok(Some(v)) => parse_entry(&key, v, |loc| self.log.read(loc)).map(Some),
                     Ok(None) => Ok(None),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e),
                 };
                 (seq, got)
             })
             .collect()
     }
 
-    /// One group commit: sled's flush, the blob files, one fdatasync.
-    ///
-    /// sled's flush ends with `sync_file_range`, which neither persists the file's
-    /// growth nor flushes the drive's cache; only its 500 ms timer calls fsync, and
-    /// nothing syncs its blob files. A confirm promises more, so each group commit
-    /// ends with an fsync of every new blob file (and of their directory when it
-    /// gained entries), then an fdatasync of the database file. Blobs go first so
-    /// that, as far as the broker decides it, the log never points at a blob the
-    /// disk does not hold yet.
+    /// One group commit: the log's fdatasync, then, if entities changed, sled's
+    /// flush with its files. The log goes first: sled may then hold a dropped
+    /// queue or a new entity only once the log's changes before it are durable.
     fn commit(&mut self) -> Result<(), String> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        // Bodies first: an entry sled makes durable must find its body on disk.
+        self.write_index();
         let r = self
             .log
             .sync()
             .map_err(|e| format!("syncing the body log failed: {e}"))
-            .and_then(|_| {
-                self.db
-                    .flush()
-                    .map_err(|e| format!("flushing the store failed: {e}"))
-            })
-            .and_then(|_| {
-                self.blobs
-                    .sync()
-                    .map_err(|e| format!("syncing the store's blob files failed: {e}"))
-            })
-            .and_then(|_| match &self.file {
-                Some(f) => f
-                    .sync_data()
-                    .map_err(|e| format!("fdatasync of the store failed: {e}")),
-                None => Ok(()),
+            .and_then(|_| match self.sled_dirty {
+                true => flush_db(&self.db, &mut self.blobs, self.file.as_ref()),
+                false => Ok(()),
             });
         match &r {
-            // The entries that pointed into dead segments are gone on disk too.
-            Ok(()) => self.log.collect(),
+            Ok(()) => {
+                self.sled_dirty = false;
+                self.unsynced = false;
+                self.last_commit = Instant::now();
+                self.log.collect();
+            }
             Err(e) => tracing::error!("{e}"),
         }
         r
     }
+
+    /// Moves the index changes since the last checkpoint into sled: a commit, the
+    /// overlay applied and flushed, then the new checkpoint flushed. The
+    /// checkpoint is written only once what it covers is durable in sled; until
+    /// it is, the replay starts at the previous one, and replaying changes sled
+    /// already holds changes nothing.
+    fn checkpoint(&mut self) {
+        if self.index.is_empty() && self.log.since_checkpoint() == 0 && !self.sled_dirty {
+            self.log.collect();
+            return;
+        }
+        if self.commit().is_err() {
+            return;
+        }
+        let started = Instant::now();
+        let n = self.index.len();
+        let batch = self.index.drain_to_batch();
+        let pos = self.log.position();
+        let r = self
+            .messages
+            .apply_batch(batch)
+            .map_err(|e| e.to_string())
+            .and_then(|_| flush_db(&self.db, &mut self.blobs, self.file.as_ref()))
+            .and_then(|_| {
+                self.meta
+                    .insert(CHECKPOINT, &encode_position(pos)[..])
+                    .map_err(|e| e.to_string())
+            })
+            .and_then(|_| flush_db(&self.db, &mut self.blobs, self.file.as_ref()));
+        match r {
+            Ok(()) => {
+                self.log.checkpointed(pos);
+                self.log.collect();
+                tracing::debug!(
+                    entries = n,
+                    "checkpoint at segment {} offset {} in {:?}",
+                    pos.seg,
+                    pos.offset,
+                    started.elapsed()
+                );
+            }
+            Err(e) => self.fail(format!("checkpoint failed: {e}")),
+        }
+    }
 }
 
-/// One batch of message writes: sled's, the entries it touches (with the body
-/// segment each now points into, None once deleted) and the bodies it wrote.
-#[derive(Default)]
-struct Batch {
-    sled: sled::Batch,
-    entries: HashMap<[u8; 16], Option<u32>>,
-    bodies: HashMap<(usize, usize, usize, usize), (Location, MessageRecord)>,
+/// sled's flush, its blob files, one fdatasync of its file.
+///
+/// sled's flush ends with `sync_file_range`, which neither persists the file's
+/// growth nor flushes the drive's cache, and nothing syncs its blob files. So the
+/// blob files (and their directory when it gained entries) are fsynced, then the
+/// database file fdatasynced. Blobs go first so that, as far as the broker
+/// decides it, sled's log never points at a blob the disk does not hold yet.
+fn flush_db(db: &sled::Db, blobs: &mut Blobs, file: Option<&File>) -> Result<(), String> {
+    db.flush()
+        .map_err(|e| format!("flushing the store failed: {e}"))?;
+    blobs
+        .sync()
+        .map_err(|e| format!("syncing the store's blob files failed: {e}"))?;
+    match file {
+        Some(f) => f
+            .sync_data()
+            .map_err(|e| format!("fdatasync of the store failed: {e}")),
+        None => Ok(()),
+    }
+}
+
+fn encode_position(p: Position) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&p.seg.to_be_bytes());
+    v[4..].copy_from_slice(&p.offset.to_be_bytes());
+    v
+}
+
+fn decode_position(v: &[u8]) -> Option<Position> {
+    let v: [u8; 12] = v.try_into().ok()?;
+    Some(Position {
+        seg: u32::from_be_bytes([v[0], v[1], v[2], v[3]]),
+        offset: u64::from_be_bytes([v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11]]),
+    })
+}
+
+/// Start-up: the index changes logged after the checkpoint go into sled, up to
+/// the end of the log or the first record a crash tore.
+fn replay_index(
+    dir: &Path,
+    msgs: &Path,
+    from: Position,
+    messages: &sled::Tree,
+) -> Result<(), StoreError> {
+    let started = Instant::now();
+    let mut changes = 0usize;
+    let end = body_log::replay(msgs, from, |record| {
+        changes += index::apply_to_sled(messages, record)?;
+        Ok(())
+    })
+    .map_err(|source| StoreError::Io {
+        dir: dir.to_path_buf(),
+        what: "cannot read the message body log",
+        source,
+    })?;
+    if let Some(why) = &end.torn {
+        tracing::warn!(
+            "the body log ends in a record that a crash interrupted ({why}); nothing after it was confirmed"
+        );
+    }
+    if end.records > 0 {
+        tracing::info!(
+            "replayed {changes} message index changes from {} log records in {:.3} s",
+            end.records,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 /// An entry pointing into the body log: version, when it was stored, location,
 /// then priority, per-message TTL (u64::MAX: none) and body size, so that
 /// start-up can leave the body on disk.
-const ENTRY_LEN: usize = 38;
-
-fn encode_entry(stored_at: u64, loc: Location, meta: EntryMeta) -> [u8; ENTRY_LEN] {
+fn encode_entry(stored_at: u64, loc: Location, meta: EntryMeta) -> Entry {
     let mut v = [0u8; ENTRY_LEN];
     v[0] = IN_LOG;
     v[1..9].copy_from_slice(&stored_at.to_be_bytes());
