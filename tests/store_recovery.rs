@@ -117,20 +117,26 @@ async fn unreadable_message_records_are_skipped_and_the_rest_recovered() {
     {
         let db = open_db(&dir);
         let meta = db.open_tree("meta").unwrap();
-        let messages = db.open_tree("messages").unwrap();
+        // The index keeps a queue's entries in chunks of 256 sequence numbers:
+        // key queue id + seq / 256; value version 1, then per entry its
+        // sequence number's low byte and the 38-byte entry.
+        let index = db.open_tree("index").unwrap();
         let id = queue_id(&meta, "damaged");
-        let records: Vec<(sled::IVec, sled::IVec)> = messages
+        let chunks: Vec<(sled::IVec, sled::IVec)> = index
             .scan_prefix(id.to_be_bytes())
             .map(|kv| kv.unwrap())
             .collect();
-        assert_eq!(records.len(), 6);
+        assert_eq!(chunks.len(), 1);
+        let (chunk_key, chunk) = (&chunks[0].0, chunks[0].1.to_vec());
+        assert_eq!((chunk[0], chunk.len()), (1, 1 + 6 * 39));
+        let entry = |i: usize| chunk[1 + i * 39 + 1..1 + (i + 1) * 39].to_vec();
+        let mut changed = chunk.clone();
         // damaged-1: an entry version nobody wrote.
-        let mut v = records[1].1.to_vec();
-        v[0] = 9;
-        messages.insert(&records[1].0, v).unwrap();
+        changed[1 + 39 + 1] = 9;
+        index.insert(chunk_key, changed).unwrap();
         // damaged-2 and damaged-3: their bodies in the body log. An entry is a
         // version, stored-at, then segment, offset and length of the record.
-        let record_of = |v: &sled::IVec| {
+        let record_of = |v: &[u8]| {
             let u = |i: usize| u32::from_be_bytes(v[i..i + 4].try_into().unwrap());
             (
                 dir.join("msgs").join(format!("{:08}.seg", u(9))),
@@ -139,13 +145,13 @@ async fn unreadable_message_records_are_skipped_and_the_rest_recovered() {
             )
         };
         // damaged-2: one flipped byte, which the record's checksum catches.
-        let (path, offset, len) = record_of(&records[2].1);
+        let (path, offset, len) = record_of(&entry(2));
         let mut log = std::fs::read(&path).unwrap();
         log[offset + len - 1] ^= 0x40;
         // damaged-3: property flags that announce a headers table which is not
         // there, under a checksum that matches: only decoding the header finds it.
         // Record: exchange, routing key, header length, header, body.
-        let (path3, offset, len) = record_of(&records[3].1);
+        let (path3, offset, len) = record_of(&entry(3));
         assert_eq!(path3, path, "one segment holds them all");
         let mut at = offset;
         for _ in 0..2 {
@@ -156,10 +162,10 @@ async fn unreadable_message_records_are_skipped_and_the_rest_recovered() {
         let crc = crc32fast::hash(&log[offset..offset + len]);
         log[offset - 4..offset].copy_from_slice(&crc.to_be_bytes());
         std::fs::write(&path, log).unwrap();
-        // A record whose key has no sequence number at all.
+        // A chunk whose key has no sequence number at all.
         let mut k = id.to_be_bytes().to_vec();
         k.extend_from_slice(&[0, 0, 0]);
-        messages.insert(k, &b"junk"[..]).unwrap();
+        index.insert(k, &b"junk"[..]).unwrap();
         db.flush().unwrap();
     }
 
@@ -348,12 +354,86 @@ async fn entries_whose_bodies_were_torn_off_are_dropped_at_start_up() {
     let db = open_db(&dir);
     let meta = db.open_tree("meta").unwrap();
     let id = queue_id(&meta, "torn");
-    let entries = db
-        .open_tree("messages")
+    // One chunk: version, then 39 bytes per entry.
+    let entries: Vec<usize> = db
+        .open_tree("index")
         .unwrap()
         .scan_prefix(id.to_be_bytes())
-        .count();
-    assert_eq!(entries, 2, "the torn message's entry is gone");
+        .map(|kv| (kv.unwrap().1.len() - 1) / 39)
+        .collect();
+    assert_eq!(entries, [2], "the torn message's entry is gone");
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A directory written before the chunked index (format 2: one sled key per
+/// entry in `messages`, and format 1's entries with the body inline) starts with
+/// every message, moved into the chunks once; the old tree is left empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_directory_is_moved_into_the_chunked_index() {
+    let dir = data_dir("upgrade");
+    fill(&dir, &[("old", 3)]).await;
+    {
+        let db = open_db(&dir);
+        let meta = db.open_tree("meta").unwrap();
+        let index = db.open_tree("index").unwrap();
+        let messages = db.open_tree("messages").unwrap();
+        let id = queue_id(&meta, "old");
+        let (_, chunk) = index.scan_prefix(id.to_be_bytes()).next().unwrap().unwrap();
+        let entry = |i: usize| chunk[1 + i * 39 + 1..1 + (i + 1) * 39].to_vec();
+        let key = |seq: u64| {
+            let mut k = id.to_be_bytes().to_vec();
+            k.extend_from_slice(&seq.to_be_bytes());
+            k
+        };
+        // Format 2: the same 38-byte entries, one key each.
+        for i in 0..3 {
+            messages.insert(key(i as u64), entry(i)).unwrap();
+        }
+        // Format 1: version 1, stored-at, then the record as the body log holds
+        // it (exchange, routing key, header length, header, body): old-2's, with
+        // its body made old-3.
+        let e = entry(2);
+        let u = |i: usize| u32::from_be_bytes(e[i..i + 4].try_into().unwrap());
+        let segment = std::fs::read(dir.join("msgs").join(format!("{:08}.seg", u(9)))).unwrap();
+        let mut record = segment[u(13) as usize..(u(13) + u(17)) as usize].to_vec();
+        let n = record.len();
+        record[n - 1] = b'3';
+        let mut inline = vec![1u8];
+        inline.extend_from_slice(&e[1..9]);
+        inline.extend_from_slice(&record);
+        messages.insert(key(3), inline).unwrap();
+        index.clear().unwrap();
+        meta.insert("format", &b"warrenmq-store-2"[..]).unwrap();
+        meta.remove("checkpoint").unwrap();
+        db.flush().unwrap();
+    }
+    for round in 0..2 {
+        let broker = warrenmq::start(config(&dir, BUDGET))
+            .await
+            .expect("an older directory starts");
+        {
+            let conn = connect_url(&url(&broker)).await;
+            let ch = channel(&conn).await;
+            assert_eq!(
+                drain(&ch, "old", false).await,
+                ["old-0", "old-1", "old-2", "old-3"],
+                "start {round}"
+            );
+            let _ = conn.close(200, "bye".into()).await;
+        }
+        broker.shutdown().await;
+    }
+    let db = open_db(&dir);
+    assert!(db.open_tree("messages").unwrap().is_empty());
+    assert_eq!(db.open_tree("index").unwrap().len(), 1);
+    let format = db
+        .open_tree("meta")
+        .unwrap()
+        .get("format")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&format[..], b"warrenmq-store-3");
     drop(db);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,13 +1,19 @@
-//! The message index between checkpoints. Each change to a queue's entries (an
-//! entry put, an entry removed, a queue's entries dropped) is written to the body
-//! log as part of an index record, and kept here, in memory, until a checkpoint
-//! applies them to sled in one batch. A group commit is then one fdatasync of the
-//! log, and a message put and removed between two checkpoints never reaches sled
-//! at all: that is what kept sled's page writes and CPU on every commit before.
+//! The message index. Each change to a queue's entries (an entry put, an entry
+//! removed, a queue's entries dropped) is written to the body log as part of an
+//! index record, and kept here, in memory, until a checkpoint applies them to
+//! sled. A group commit is then one fdatasync of the log, and a message put and
+//! removed between two checkpoints never reaches sled at all: that is what kept
+//! sled's page writes and CPU on every commit before.
+//!
+//! In sled, a queue's entries are grouped by 256 consecutive sequence numbers,
+//! one value per group (a chunk): a key per message cost sled about 200 bytes of
+//! disk and far more memory per entry, and a million-message backlog meant a
+//! million keys to scan at start-up.
 //!
 //! Start-up replays the index records written after the last checkpoint
-//! (`log::replay`) into sled with [`apply_to_sled`]; every change is a plain set
-//! or removal of a key, so replaying one that sled already holds changes nothing.
+//! (`log::replay`) into an `Index` ([`Index::replay`]) and checkpoints it; every
+//! change sets or removes an entry, so replaying one that sled already holds
+//! changes nothing.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -50,19 +56,65 @@ pub(super) type Key = [u8; 16];
 pub(super) const ENTRY_LEN: usize = 38;
 pub(super) type Entry = [u8; ENTRY_LEN];
 
-/// An entry that a removal took away: from the overlay, or sled's.
-pub(super) enum Removed {
-    Overlay(Entry),
-    Sled(sled::IVec),
+/// Sequence numbers per chunk: 2^CHUNK_BITS.
+const CHUNK_BITS: u32 = 8;
+/// A chunk's value: version, then (sequence number's low byte, entry) pairs in
+/// order.
+const CHUNK_VERSION: u8 = 1;
+const CHUNK_ITEM: usize = 1 + ENTRY_LEN;
+
+/// The sled key of the chunk holding `key`'s entry: queue id, then the
+/// sequence number shifted right, big-endian, so a prefix scan reads a queue's
+/// chunks in order.
+pub(super) fn chunk_key(key: &Key) -> [u8; 16] {
+    let seq = u64::from_be_bytes(key[8..].try_into().unwrap_or_default());
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&key[..8]);
+    k[8..].copy_from_slice(&(seq >> CHUNK_BITS).to_be_bytes());
+    k
 }
 
-impl Removed {
-    pub fn bytes(&self) -> &[u8] {
-        match self {
-            Removed::Overlay(e) => e,
-            Removed::Sled(v) => v,
-        }
+/// A chunk's entries, each with its sequence number, in order; a value from
+/// disk is checked before it is used.
+pub(super) fn chunk_entries(ck: &[u8], v: &[u8]) -> Result<Vec<(u64, Entry)>, String> {
+    let base = ck
+        .get(8..16)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or("bad index chunk key")?;
+    let Some((&CHUNK_VERSION, items)) = v.split_first() else {
+        return Err("unknown index chunk version".into());
+    };
+    if items.len() % CHUNK_ITEM != 0 {
+        return Err("index chunk is truncated".into());
     }
+    let mut out = Vec::with_capacity(items.len() / CHUNK_ITEM);
+    for item in items.chunks_exact(CHUNK_ITEM) {
+        let seq = (base << CHUNK_BITS) | u64::from(item[0]);
+        let entry: Entry = item[1..].try_into().map_err(|_| "bad index entry")?;
+        out.push((seq, entry));
+    }
+    Ok(out)
+}
+
+/// One entry out of a chunk's value.
+pub(super) fn chunk_lookup(v: &[u8], key: &Key) -> Option<Entry> {
+    let low = key[15];
+    let items = v.strip_prefix(&[CHUNK_VERSION])?;
+    items
+        .chunks_exact(CHUNK_ITEM)
+        .find(|item| item[0] == low)
+        .and_then(|item| item[1..].try_into().ok())
+}
+
+fn encode_chunk(items: &std::collections::BTreeMap<u8, Entry>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + items.len() * CHUNK_ITEM);
+    v.push(CHUNK_VERSION);
+    for (low, entry) in items {
+        v.push(*low);
+        v.extend_from_slice(entry);
+    }
+    v
 }
 
 const PUT: u8 = 1;
@@ -83,6 +135,8 @@ enum Slot {
 #[derive(Default)]
 pub(super) struct Index {
     overlay: FoldMap<Key, Slot>,
+    /// Queues whose entries sled still holds, to go at the next checkpoint.
+    dropped: Vec<u64>,
     /// The next index record's payload.
     pending: Vec<u8>,
 }
@@ -130,19 +184,15 @@ impl Index {
 
     /// Removes an entry: `in_sled` is sled's entry for the key, asked only when
     /// the overlay does not know it. Returns the entry removed, if there was one.
-    pub fn remove(
-        &mut self,
-        key: Key,
-        in_sled: impl FnOnce() -> Option<sled::IVec>,
-    ) -> Option<Removed> {
+    pub fn remove(&mut self, key: Key, in_sled: impl FnOnce() -> Option<Entry>) -> Option<Entry> {
         let removed = match self.overlay.remove(&key) {
-            Some(Slot::Put { entry, fresh: true }) => Some(Removed::Overlay(entry)),
+            Some(Slot::Put { entry, fresh: true }) => Some(entry),
             Some(Slot::Put {
                 entry,
                 fresh: false,
             }) => {
                 self.overlay.insert(key, Slot::Removed);
-                Some(Removed::Overlay(entry))
+                Some(entry)
             }
             Some(Slot::Removed) => {
                 self.overlay.insert(key, Slot::Removed);
@@ -153,7 +203,7 @@ impl Index {
                 if old.is_some() {
                     self.overlay.insert(key, Slot::Removed);
                 }
-                old.map(Removed::Sled)
+                old
             }
         };
         if removed.is_some() {
@@ -163,12 +213,14 @@ impl Index {
         removed
     }
 
-    /// Drops every entry of a queue from the overlay: returns the entries put
-    /// since the checkpoint, and the keys already removed there (which sled
-    /// still holds, and which were released when they were removed).
+    /// Drops every entry of a queue: the overlay's now, sled's at the next
+    /// checkpoint. Returns the entries put since the checkpoint, and the keys
+    /// already removed there (which sled still holds, and which were released
+    /// when they were removed).
     pub fn drop_queue(&mut self, queue: u64) -> (Vec<Entry>, Vec<Key>) {
         self.pending.push(DROP);
         self.pending.extend_from_slice(&queue.to_be_bytes());
+        self.dropped.push(queue);
         let prefix = queue.to_be_bytes();
         let keys: Vec<Key> = self
             .overlay
@@ -203,64 +255,108 @@ impl Index {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.overlay.is_empty()
+        self.overlay.is_empty() && self.dropped.is_empty()
     }
 
-    /// Everything since the checkpoint, as one sled batch; the overlay empties.
-    pub fn drain_to_batch(&mut self) -> sled::Batch {
+    /// Applies everything since the checkpoint to sled's chunks; the overlay
+    /// empties. Dropped queues go first (their ids are never used again), then
+    /// each touched chunk is read, changed and written back once.
+    pub fn drain_into(&mut self, tree: &sled::Tree) -> Result<(), String> {
+        let e = |e: sled::Error| e.to_string();
+        for queue in std::mem::take(&mut self.dropped) {
+            let mut batch = sled::Batch::default();
+            for kv in tree.scan_prefix(queue.to_be_bytes()) {
+                batch.remove(kv.map_err(e)?.0);
+            }
+            tree.apply_batch(batch).map_err(e)?;
+        }
+        let mut slots: Vec<(Key, Slot)> = self.overlay.drain().collect();
+        slots.sort_unstable_by_key(|(k, _)| *k);
         let mut batch = sled::Batch::default();
-        for (k, slot) in self.overlay.drain() {
-            match slot {
-                Slot::Put { entry, .. } => batch.insert(&k[..], &entry[..]),
-                Slot::Removed => batch.remove(&k[..]),
-            }
-        }
-        batch
-    }
-}
-
-/// Applies one index record, read back at start-up, to sled's `messages` tree.
-/// Returns how many changes it held.
-pub(super) fn apply_to_sled(messages: &sled::Tree, mut record: &[u8]) -> Result<usize, String> {
-    let mut batch = sled::Batch::default();
-    let mut n = 0usize;
-    let take = |r: &mut &[u8], len: usize| -> Result<Vec<u8>, String> {
-        if r.len() < len {
-            return Err("an index change is cut short".into());
-        }
-        let (h, t) = r.split_at(len);
-        *r = t;
-        Ok(h.to_vec())
-    };
-    while let Some((&tag, rest)) = record.split_first() {
-        record = rest;
-        match tag {
-            PUT => {
-                let key = take(&mut record, 16)?;
-                let len = take(&mut record, 1)?[0] as usize;
-                let entry = take(&mut record, len)?;
-                batch.insert(key, entry);
-            }
-            REMOVE => batch.remove(take(&mut record, 16)?),
-            DROP => {
-                let queue = take(&mut record, 8)?;
-                // What came before the drop in this record goes first.
-                messages
-                    .apply_batch(std::mem::take(&mut batch))
-                    .map_err(|e| e.to_string())?;
-                let mut drop = sled::Batch::default();
-                for kv in messages.scan_prefix(&queue) {
-                    let (k, _) = kv.map_err(|e| e.to_string())?;
-                    drop.remove(k);
+        let mut in_batch = 0usize;
+        let mut i = 0;
+        while i < slots.len() {
+            let ck = chunk_key(&slots[i].0);
+            let mut items: std::collections::BTreeMap<u8, Entry> = match tree.get(ck).map_err(e)? {
+                Some(v) => chunk_entries(&ck, &v)?
+                    .into_iter()
+                    .map(|(seq, entry)| (seq as u8, entry))
+                    .collect(),
+                None => Default::default(),
+            };
+            while i < slots.len() && chunk_key(&slots[i].0) == ck {
+                let low = slots[i].0[15];
+                match &slots[i].1 {
+                    Slot::Put { entry, .. } => {
+                        items.insert(low, *entry);
+                    }
+                    Slot::Removed => {
+                        items.remove(&low);
+                    }
                 }
-                messages.apply_batch(drop).map_err(|e| e.to_string())?;
+                i += 1;
             }
-            other => return Err(format!("unknown index change {other}")),
+            if items.is_empty() {
+                batch.remove(&ck[..]);
+            } else {
+                batch.insert(&ck[..], encode_chunk(&items));
+            }
+            in_batch += 1;
+            if in_batch == 256 {
+                tree.apply_batch(std::mem::take(&mut batch)).map_err(e)?;
+                in_batch = 0;
+            }
         }
-        n += 1;
+        tree.apply_batch(batch).map_err(e)?;
+        Ok(())
     }
-    messages.apply_batch(batch).map_err(|e| e.to_string())?;
-    Ok(n)
+
+    /// Start-up: one index record read back from the log, applied to the
+    /// overlay as it was when written (a removal marks the key whether or not
+    /// sled holds it; nothing is released, the counts come later from sled).
+    pub fn replay(&mut self, mut record: &[u8]) -> Result<usize, String> {
+        let mut n = 0usize;
+        let take = |r: &mut &[u8], len: usize| -> Result<Vec<u8>, String> {
+            if r.len() < len {
+                return Err("an index change is cut short".into());
+            }
+            let (h, t) = r.split_at(len);
+            *r = t;
+            Ok(h.to_vec())
+        };
+        let key = |b: Vec<u8>| -> Result<Key, String> {
+            b.try_into().map_err(|_| "bad index key".to_string())
+        };
+        while let Some((&tag, rest)) = record.split_first() {
+            record = rest;
+            match tag {
+                PUT => {
+                    let k = key(take(&mut record, 16)?)?;
+                    let len = take(&mut record, 1)?[0] as usize;
+                    let entry: Entry = take(&mut record, len)?
+                        .try_into()
+                        .map_err(|_| "bad index entry length".to_string())?;
+                    let fresh = !matches!(self.overlay.get(&k), Some(Slot::Removed));
+                    self.overlay.insert(k, Slot::Put { entry, fresh });
+                }
+                REMOVE => {
+                    let k = key(take(&mut record, 16)?)?;
+                    self.overlay.insert(k, Slot::Removed);
+                }
+                DROP => {
+                    let queue = take(&mut record, 8)?;
+                    let queue = u64::from_be_bytes(
+                        queue.try_into().map_err(|_| "bad queue id".to_string())?,
+                    );
+                    self.drop_queue(queue);
+                }
+                other => return Err(format!("unknown index change {other}")),
+            }
+            n += 1;
+        }
+        self.pending.clear();
+        Ok(n)
+    }
 }
 
 #[cfg(test)]
@@ -278,54 +374,76 @@ mod tests {
         [n; ENTRY_LEN]
     }
 
+    fn all(t: &sled::Tree) -> Vec<(u64, Entry)> {
+        t.iter()
+            .map(|kv| kv.unwrap())
+            .flat_map(|(k, v)| chunk_entries(&k, &v).unwrap())
+            .collect()
+    }
+
     #[test]
     fn the_log_replayed_into_sled_gives_what_the_overlay_would_have() {
         let db = sled::Config::new().temporary(true).open().unwrap();
-        let messages = db.open_tree("messages").unwrap();
-        // sled holds (1,1) and (2,1) from the last checkpoint.
-        messages.insert(key(1, 1), b"old-1".to_vec()).unwrap();
-        messages.insert(key(2, 1), b"old-2".to_vec()).unwrap();
+        let tree = db.open_tree("index").unwrap();
+        let replayed_db = sled::Config::new().temporary(true).open().unwrap();
+        let replayed = replayed_db.open_tree("index").unwrap();
+        // The last checkpoint left (1,1), (1,300) in another chunk, and (2,1).
         let mut index = Index::default();
-        let in_sled = |k: Key| messages.get(k).unwrap();
-        let removed = |r: Option<Removed>| r.map(|r| r.bytes().to_vec());
+        for (q, s) in [(1, 1), (1, 300), (2, 1)] {
+            index.put(key(q, s), entry(s as u8));
+        }
+        index.clear_pending();
+        index.drain_into(&tree).unwrap();
+        let mut setup = Index::default();
+        for (q, s) in [(1, 1), (1, 300), (2, 1)] {
+            setup.put(key(q, s), entry(s as u8));
+        }
+        setup.drain_into(&replayed).unwrap();
+        assert_eq!(tree.len(), 3, "three chunks");
+
+        let in_sled = |k: Key| {
+            let v = tree.get(chunk_key(&k)).unwrap()?;
+            chunk_lookup(&v, &k)
+        };
         index.put(key(1, 2), entry(2));
         index.put(key(1, 3), entry(3));
-        let gone = index.remove(key(1, 2), || in_sled(key(1, 2)));
-        assert_eq!(removed(gone), Some(entry(2).to_vec()));
-        let gone = index.remove(key(1, 1), || in_sled(key(1, 1)));
-        assert_eq!(removed(gone), Some(b"old-1".to_vec()));
-        let gone = index.remove(key(1, 1), || in_sled(key(1, 1)));
-        assert!(gone.is_none(), "once");
-        assert!(index.remove(key(1, 9), || in_sled(key(1, 9))).is_none());
+        assert_eq!(
+            index.remove(key(1, 2), || in_sled(key(1, 2))),
+            Some(entry(2))
+        );
+        assert_eq!(
+            index.remove(key(1, 1), || in_sled(key(1, 1))),
+            Some(entry(1))
+        );
+        assert_eq!(index.remove(key(1, 1), || in_sled(key(1, 1))), None, "once");
+        assert_eq!(index.remove(key(1, 9), || in_sled(key(1, 9))), None);
+        assert_eq!(
+            index.remove(key(1, 300), || in_sled(key(1, 300))),
+            Some(entry(44))
+        );
         index.put(key(2, 2), entry(22));
         let (put, removed) = index.drop_queue(2);
         assert_eq!((put, removed), (vec![entry(22)], vec![]));
         let record = index.pending().unwrap().to_vec();
         index.clear_pending();
         // The fresh put and removed (1,2) never reaches sled through the overlay.
-        assert_eq!(index.len(), 2);
+        assert!(!matches!(index.get(&key(1, 2)), Known::Entry(_)));
+        index.drain_into(&tree).unwrap();
+        assert_eq!(all(&tree), vec![(3, entry(3))]);
+        assert_eq!(tree.len(), 1, "emptied chunks are removed");
 
-        // Replayed: twice, as a crash after a checkpoint's flush would.
-        let replayed = sled::Config::new().temporary(true).open().unwrap();
-        let r = replayed.open_tree("messages").unwrap();
-        r.insert(key(1, 1), b"old-1".to_vec()).unwrap();
-        r.insert(key(2, 1), b"old-2".to_vec()).unwrap();
+        // Replayed, twice, as a crash after a checkpoint's flush would.
         for _ in 0..2 {
-            assert_eq!(apply_to_sled(&r, &record).unwrap(), 6);
+            let mut again = Index::default();
+            assert_eq!(again.replay(&record).unwrap(), 7);
+            again.drain_into(&replayed).unwrap();
+            assert_eq!(all(&replayed), all(&tree));
         }
-        // The overlay's checkpoint on the original, with queue 2 dropped there as
-        // the store's thread does.
-        messages.remove(key(2, 1)).unwrap();
-        messages.apply_batch(index.drain_to_batch()).unwrap();
-        let all = |t: &sled::Tree| -> Vec<(Vec<u8>, Vec<u8>)> {
-            t.iter()
-                .map(|kv| kv.unwrap())
-                .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                .collect()
-        };
-        assert_eq!(all(&r), all(&messages));
-        assert_eq!(all(&r), vec![(key(1, 3).to_vec(), entry(3).to_vec())]);
-        assert!(apply_to_sled(&r, &[PUT, 0, 1]).is_err());
-        assert!(apply_to_sled(&r, &[9]).is_err());
+        assert!(Index::default().replay(&[PUT, 0, 1]).is_err());
+        assert!(Index::default().replay(&[9]).is_err());
+        // Damaged chunks are errors, not panics.
+        assert!(chunk_entries(&[0; 16], &[CHUNK_VERSION, 1, 2]).is_err());
+        assert!(chunk_entries(&[0; 3], &[CHUNK_VERSION]).is_err());
+        assert!(chunk_entries(&[0; 16], &[7]).is_err());
     }
 }

@@ -159,10 +159,9 @@ pub(super) struct BodyLog {
 
 impl BodyLog {
     /// Opens `dir` (created if missing) and starts a new active segment after
-    /// the ones there. `live` counts the index entries into each existing
-    /// segment (from sled's index); segments without any are deleted once the
-    /// caller has checkpointed past them (`checkpointed`, then `collect`).
-    pub fn open(dir: &Path, segment_bytes: u64, live: HashMap<u32, u64>) -> std::io::Result<Self> {
+    /// the ones there. Until `count_live` says how many index entries point into
+    /// each, the old segments are all kept.
+    pub fn open(dir: &Path, segment_bytes: u64) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut existing = Vec::new();
         for entry in std::fs::read_dir(dir)? {
@@ -181,11 +180,6 @@ impl BodyLog {
             dir: dir.to_path_buf(),
             files: Mutex::default(),
         });
-        let dead = existing
-            .iter()
-            .copied()
-            .filter(|id| live.get(id).copied().unwrap_or(0) == 0)
-            .collect();
         let active = existing.last().map_or(1, |last| last + 1);
         let active_file = std::fs::OpenOptions::new()
             .create_new(true)
@@ -198,14 +192,21 @@ impl BodyLog {
             active_file,
             written: 0,
             buf: Vec::new(),
-            live,
+            live: HashMap::new(),
             unsynced: Vec::new(),
             active_dirty: false,
             dir_dirty: true,
-            dead,
+            dead: existing,
             checkpoint_seg: 0,
             since_checkpoint: 0,
         })
+    }
+
+    /// Start-up: how many index entries point into each segment (from sled's
+    /// index). Segments without any are deleted once the caller has
+    /// checkpointed past them (`checkpointed`, then `collect`).
+    pub fn count_live(&mut self, live: HashMap<u32, u64>) {
+        self.live = live;
     }
 
     /// Where the next record goes.
@@ -480,7 +481,7 @@ mod tests {
     #[test]
     fn records_read_back_and_a_flipped_byte_is_caught() {
         let d = dir("read");
-        let mut log = BodyLog::open(&d, 1 << 20, HashMap::new()).unwrap();
+        let mut log = BodyLog::open(&d, 1 << 20).unwrap();
         let a = log.append(&[b"hello ", b"world"]).unwrap();
         let b = log.append(&[b"second"]).unwrap();
         assert_eq!(&log.read(a).unwrap()[..], b"hello world");
@@ -520,7 +521,7 @@ mod tests {
     #[test]
     fn a_segment_goes_once_nothing_points_into_it_and_a_checkpoint_is_past_it() {
         let d = dir("gc");
-        let mut log = BodyLog::open(&d, 1 << 16, HashMap::new()).unwrap();
+        let mut log = BodyLog::open(&d, 1 << 16).unwrap();
         let big = vec![7u8; 40_000];
         let first = log.append(&[&big]).unwrap();
         let second = log.append(&[&big]).unwrap();
@@ -551,7 +552,7 @@ mod tests {
         drop(log);
         // At start-up, a segment that no index entry counts goes after the
         // first checkpoint.
-        let mut log = BodyLog::open(&d, 1 << 16, HashMap::new()).unwrap();
+        let mut log = BodyLog::open(&d, 1 << 16).unwrap();
         assert_eq!(files(&d), ["00000003.seg", "00000004.seg"]);
         log.checkpointed(log.position());
         log.collect();
@@ -563,7 +564,7 @@ mod tests {
     #[test]
     fn the_replay_reads_index_records_in_order_and_stops_at_a_torn_one() {
         let d = dir("replay");
-        let mut log = BodyLog::open(&d, 1 << 16, HashMap::new()).unwrap();
+        let mut log = BodyLog::open(&d, 1 << 16).unwrap();
         let start = log.position();
         let body = vec![1u8; 30_000];
         for i in 0..5u8 {

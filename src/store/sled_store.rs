@@ -60,7 +60,7 @@ enum Op {
 pub struct SledStore {
     dir: PathBuf,
     meta: sled::Tree,
-    messages: sled::Tree,
+    chunks: sled::Tree,
     segments: Arc<Segments>,
     ops: Mutex<Option<mpsc::Sender<Op>>>,
     /// Held across the allocation and its record's request, so that the record
@@ -101,6 +101,9 @@ const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Entry versions in the `messages` tree.
 const INLINE: u8 = 1;
 const IN_LOG: u8 = 2;
+/// In the log, moved from an inline entry whose priority and TTL were never
+/// recorded: start-up reads such a message to learn them.
+const IN_LOG_NO_META: u8 = 3;
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
     let b = s.as_bytes();
@@ -237,7 +240,9 @@ impl SledStore {
             })
         };
         let meta = open("meta")?;
+        // Formats 1 and 2 kept a key per entry here; emptied into `index` at once.
         let messages = open("messages")?;
+        let chunks = open("index")?;
         // sled drops what it cannot read as if it were a torn write. A database that
         // was there but lost even its format record is corrupt, not empty: refuse it.
         let replay_from = match meta.get(FORMAT)? {
@@ -277,9 +282,6 @@ impl SledStore {
             }
         };
         let msgs = dir.join("msgs");
-        if let Some(from) = replay_from {
-            replay_index(dir, &msgs, from, &messages)?;
-        }
         let next = next_queue_id(dir, &meta)?;
         // sled syncs none of its blob files nor any directory: the store thread does.
         let mut blobs = Blobs::open(dir).map_err(io("cannot sync the database's files"))?;
@@ -291,38 +293,67 @@ impl SledStore {
                 None
             }
         };
+        let mut log =
+            BodyLog::open(&msgs, SEGMENT_BYTES).map_err(io("cannot open the message body log"))?;
+        if let Some(from) = replay_from {
+            replay_index(dir, &msgs, from, &chunks)?;
+        }
+        if !messages.is_empty() {
+            let started = Instant::now();
+            let n = migrate(&messages, &chunks, &mut log).map_err(|why| {
+                io("cannot move the message index into chunks")(std::io::Error::other(why))
+            })?;
+            tracing::info!(
+                "moved {n} stored message entries into the chunked index in {:.3} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
         // How many entries point into each body segment: the ones nothing points
-        // into are deleted as the log opens.
-        // An entry whose record ends past its segment's end was written by sled
-        // before a crash tore the body: never confirmed (a confirm waits for the
-        // body's sync), so it goes.
+        // into are deleted after the checkpoint below. An entry whose record ends
+        // past its segment's end lost its body (a disk that dropped written data:
+        // the store gives sled an entry only after its body's sync), so it goes.
         let mut live: HashMap<u32, u64> = HashMap::new();
         let mut sizes: HashMap<u32, u64> = HashMap::new();
-        let mut torn = sled::Batch::default();
+        let mut torn = Index::default();
         let mut n_torn = 0usize;
-        for kv in messages.iter() {
-            let (k, v) = kv?;
-            let Some(loc) = in_log(&v) else { continue };
-            let size = *sizes.entry(loc.seg).or_insert_with(|| {
-                std::fs::metadata(segment_path(&msgs, loc.seg))
-                    .map(|m| m.len())
-                    .unwrap_or(0)
-            });
-            if u64::from(loc.offset) + u64::from(loc.len) > size {
-                torn.remove(k);
-                n_torn += 1;
-                continue;
+        for kv in chunks.iter() {
+            let (ck, v) = kv?;
+            let entries = match index::chunk_entries(&ck, &v) {
+                Ok(entries) => entries,
+                Err(why) => {
+                    tracing::error!(
+                        "an unreadable chunk of the message index ({why}, key {ck:?}): its messages are skipped; it stays on disk"
+                    );
+                    continue;
+                }
+            };
+            for (seq, entry) in entries {
+                let Some(loc) = in_log(&entry) else { continue };
+                let size = *sizes.entry(loc.seg).or_insert_with(|| {
+                    std::fs::metadata(segment_path(&msgs, loc.seg))
+                        .map(|m| m.len())
+                        .unwrap_or(0)
+                });
+                if u64::from(loc.offset) + u64::from(loc.len) > size {
+                    let mut key = [0u8; 16];
+                    key[..8].copy_from_slice(&ck[..8]);
+                    key[8..].copy_from_slice(&seq.to_be_bytes());
+                    torn.remove(key, || Some(entry));
+                    n_torn += 1;
+                    continue;
+                }
+                *live.entry(loc.seg).or_default() += 1;
             }
-            *live.entry(loc.seg).or_default() += 1;
         }
         if n_torn > 0 {
             tracing::warn!(
-                "{n_torn} stored messages were never confirmed: their bodies were torn by a crash; removed"
+                "{n_torn} stored messages lost their bodies (the body log is shorter than their entries say); removed"
             );
-            messages.apply_batch(torn)?;
+            torn.clear_pending();
+            torn.drain_into(&chunks)
+                .map_err(|why| io("cannot remove entries")(std::io::Error::other(why)))?;
         }
-        let mut log = BodyLog::open(&msgs, SEGMENT_BYTES, live)
-            .map_err(io("cannot open the message body log"))?;
+        log.count_live(live);
         // What was replayed is in sled now: the checkpoint moves to the new
         // segment, so no later start reads the old ones' index records or a tail
         // this crash tore, and segments nothing points into can go.
@@ -338,7 +369,7 @@ impl SledStore {
         let writer = Writer {
             db,
             meta: meta.clone(),
-            messages: messages.clone(),
+            chunks: chunks.clone(),
             file,
             blobs,
             log,
@@ -356,7 +387,7 @@ impl SledStore {
         Ok(Arc::new(SledStore {
             dir: dir.to_path_buf(),
             meta,
-            messages,
+            chunks,
             segments,
             ops: Mutex::new(Some(tx)),
             next_queue_id: Mutex::new(next),
@@ -584,42 +615,54 @@ impl Store for SledStore {
         mut load: Box<dyn FnMut(usize) -> bool + 'a>,
     ) -> StoredEntries<'a> {
         self.settle();
-        Box::new(
-            self.messages
-                .scan_prefix(queue.to_be_bytes())
-                .map(move |kv| {
-                    let (k, v) = kv?;
-                    Ok(
-                        parse_start_entry(&k, v, &self.segments, &mut *load).map_err(|why| {
-                            UnreadableMessage {
-                                seq: key_seq(&k),
-                                why,
-                            }
-                        }),
-                    )
-                }),
-        )
+        Box::new(self.scan_chunks(queue).map(move |e| {
+            Ok(e?.and_then(|(seq, entry)| {
+                parse_start_entry(seq, &entry, &self.segments, &mut *load).map_err(|why| {
+                    UnreadableMessage {
+                        seq: Some(seq),
+                        why,
+                    }
+                })
+            }))
+        }))
     }
 
     fn messages(&self, queue: u64) -> StoredMessages<'_> {
         self.settle();
-        Box::new(
-            self.messages
-                .scan_prefix(queue.to_be_bytes())
-                .map(move |kv| {
-                    let (k, v) = kv?;
-                    Ok(
-                        parse_entry(&k, v, |loc| self.segments.read(loc)).map_err(|why| {
-                            UnreadableMessage {
-                                seq: <[u8; 8]>::try_from(k.get(8..).unwrap_or_default())
-                                    .ok()
-                                    .map(u64::from_be_bytes),
-                                why,
-                            }
-                        }),
-                    )
-                }),
-        )
+        Box::new(self.scan_chunks(queue).map(move |e| {
+            Ok(e?.and_then(|(seq, entry)| {
+                parse_entry(seq, &entry, |loc| self.segments.read(loc)).map_err(|why| {
+                    UnreadableMessage {
+                        seq: Some(seq),
+                        why,
+                    }
+                })
+            }))
+        }))
+    }
+}
+
+/// An entry with its sequence number as a chunk scan yields it.
+type ScannedEntry = Result<Result<(u64, Entry), UnreadableMessage>, StoreError>;
+
+impl SledStore {
+    /// A queue's entries from its chunks, in order; an unreadable chunk is one
+    /// unreadable item (its messages cannot be told apart).
+    fn scan_chunks(&self, queue: u64) -> impl Iterator<Item = ScannedEntry> + '_ {
+        self.chunks
+            .scan_prefix(queue.to_be_bytes())
+            .flat_map(|kv| -> Vec<ScannedEntry> {
+                match kv {
+                    Err(e) => vec![Err(e.into())],
+                    Ok((ck, v)) => match index::chunk_entries(&ck, &v) {
+                        Ok(entries) => entries.into_iter().map(|e| Ok(Ok(e))).collect(),
+                        Err(why) => vec![Ok(Err(UnreadableMessage {
+                            seq: None,
+                            why: format!("a chunk of the message index is unreadable: {why}"),
+                        }))],
+                    },
+                }
+            })
     }
 }
 
@@ -627,7 +670,8 @@ impl Store for SledStore {
 struct Writer {
     db: sled::Db,
     meta: sled::Tree,
-    messages: sled::Tree,
+    /// The message index's chunks (`index.rs`).
+    chunks: sled::Tree,
     file: Option<File>,
     blobs: Blobs,
     log: BodyLog,
@@ -763,18 +807,21 @@ impl Writer {
 
     /// Removes a message's entry; its body segment loses a reference.
     fn delete(&mut self, key: Key) {
-        let messages = &self.messages;
+        let chunks = &self.chunks;
         let mut error = None;
-        let removed = self.index.remove(key, || {
-            messages.get(key).unwrap_or_else(|e| {
-                error = Some(e);
-                None
-            })
-        });
+        let removed = self
+            .index
+            .remove(key, || match chunks.get(index::chunk_key(&key)) {
+                Ok(chunk) => chunk.and_then(|v| index::chunk_lookup(&v, &key)),
+                Err(e) => {
+                    error = Some(e);
+                    None
+                }
+            });
         if let Some(e) = error {
             self.fail(e);
         }
-        if let Some(loc) = removed.as_ref().and_then(|r| in_log(r.bytes())) {
+        if let Some(loc) = removed.as_ref().and_then(|e| in_log(e)) {
             self.log.release(loc.seg);
         }
         self.unsynced = true;
@@ -817,8 +864,7 @@ impl Writer {
     }
 
     /// Every entry of a queue goes: logged as one change, removed from sled at
-    /// once (its next flush comes after the log's sync), and each entry's
-    /// segment loses its reference.
+    /// the next checkpoint, and each entry's segment loses its reference now.
     fn drop_queue(&mut self, id: u64) -> sled::Result<()> {
         let (put, removed) = self.index.drop_queue(id);
         for e in put {
@@ -828,31 +874,37 @@ impl Writer {
         }
         // Removed since the checkpoint: released then.
         let removed: HashSet<Key> = removed.into_iter().collect();
-        let mut batch = sled::Batch::default();
-        for kv in self.messages.scan_prefix(id.to_be_bytes()) {
-            let (k, v) = kv?;
-            let released = <Key>::try_from(k.as_ref()).is_ok_and(|k| removed.contains(&k));
-            if !released {
-                if let Some(loc) = in_log(&v) {
-                    self.log.release(loc.seg);
+        for kv in self.chunks.scan_prefix(id.to_be_bytes()) {
+            let (ck, v) = kv?;
+            let Ok(entries) = index::chunk_entries(&ck, &v) else {
+                continue;
+            };
+            for (seq, entry) in entries {
+                if !removed.contains(&message_key(id, seq)) {
+                    if let Some(loc) = in_log(&entry) {
+                        self.log.release(loc.seg);
+                    }
                 }
             }
-            batch.remove(k);
         }
-        self.messages.apply_batch(batch)
+        Ok(())
     }
 
     fn read(&mut self, queue: u64, seqs: Vec<u64>) -> ReadBack {
         seqs.into_iter()
             .map(|seq| {
                 let key = message_key(queue, seq);
-                let entry = match self.index.get(&key) {
-                    Known::Entry(e) => Ok(Some(sled::IVec::from(e))),
+                let entry: Result<Option<Entry>, String> = match self.index.get(&key) {
+                    Known::Entry(e) => e.try_into().map(Some).map_err(|_| "bad entry".into()),
                     Known::Removed => Ok(None),
-                    Known::Unknown => self.messages.get(key).map_err(|e| e.to_string()),
+                    Known::Unknown => self
+                        .chunks
+                        .get(index::chunk_key(&key))
+                        .map(|c| c.and_then(|v| index::chunk_lookup(&v, &key)))
+                        .map_err(|e| e.to_string()),
                 };
                 let got = match entry {
-                    Ok(Some(v)) => parse_entry(&key, v, |loc| self.log.read(loc)).map(Some),
+                    Ok(Some(e)) => parse_entry(seq, &e, |loc| self.log.read(loc)).map(Some),
                     Ok(None) => Ok(None),
                     Err(e) => Err(e),
                 };
@@ -904,12 +956,10 @@ impl Writer {
         }
         let started = Instant::now();
         let n = self.index.len();
-        let batch = self.index.drain_to_batch();
         let pos = self.log.position();
         let r = self
-            .messages
-            .apply_batch(batch)
-            .map_err(|e| e.to_string())
+            .index
+            .drain_into(&self.chunks)
             .and_then(|_| flush_db(&self.db, &mut self.blobs, self.file.as_ref()))
             .and_then(|_| {
                 self.meta
@@ -976,18 +1026,24 @@ fn replay_index(
     dir: &Path,
     msgs: &Path,
     from: Position,
-    messages: &sled::Tree,
+    chunks: &sled::Tree,
 ) -> Result<(), StoreError> {
     let started = Instant::now();
     let mut changes = 0usize;
+    let mut replayed = Index::default();
     let end = body_log::replay(msgs, from, |record| {
-        changes += index::apply_to_sled(messages, record)?;
+        changes += replayed.replay(record)?;
         Ok(())
     })
     .map_err(|source| StoreError::Io {
         dir: dir.to_path_buf(),
         what: "cannot read the message body log",
         source,
+    })?;
+    replayed.drain_into(chunks).map_err(|why| StoreError::Io {
+        dir: dir.to_path_buf(),
+        what: "cannot apply the replayed message index",
+        source: std::io::Error::other(why),
     })?;
     if let Some(why) = &end.torn {
         tracing::warn!(
@@ -1022,7 +1078,7 @@ fn encode_entry(stored_at: u64, loc: Location, meta: EntryMeta) -> Entry {
 
 /// Where an entry's body is, if it is in the log.
 fn in_log(v: &[u8]) -> Option<Location> {
-    if v.len() != ENTRY_LEN || v[0] != IN_LOG {
+    if v.len() != ENTRY_LEN || !matches!(v[0], IN_LOG | IN_LOG_NO_META) {
         return None;
     }
     let u = |i: usize| u32::from_be_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
@@ -1034,6 +1090,9 @@ fn in_log(v: &[u8]) -> Option<Location> {
 }
 
 fn entry_meta(v: &[u8]) -> Option<EntryMeta> {
+    if v.first() != Some(&IN_LOG) {
+        return None;
+    }
     in_log(v)?;
     let u64_at = |i: usize| u64::from_be_bytes(v[i..i + 8].try_into().unwrap_or([0; 8]));
     let ttl = u64_at(22);
@@ -1044,64 +1103,106 @@ fn entry_meta(v: &[u8]) -> Option<EntryMeta> {
     })
 }
 
-fn key_seq(k: &[u8]) -> Option<u64> {
-    k.get(8..16)
-        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+fn stored_at(entry: &[u8]) -> u64 {
+    entry
+        .get(1..9)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(u64::from_be_bytes)
+        .unwrap_or(0)
 }
 
 /// An entry for start-up: the message itself only if `load` wants it, or if the
-/// entry is of the inline format (which has no meta).
+/// entry does not say what ordering and expiry need.
 fn parse_start_entry(
-    k: &[u8],
-    v: sled::IVec,
+    seq: u64,
+    entry: &[u8],
     segments: &Segments,
     load: &mut dyn FnMut(usize) -> bool,
 ) -> Result<StoredEntry, String> {
-    let seq = key_seq(k).ok_or("bad message key")?;
-    match entry_meta(&v) {
-        Some(meta) => {
-            let stored_at = u64::from_be_bytes(v[1..9].try_into().map_err(|_| "bad entry")?);
-            let message = if load(meta.size) {
-                Some(parse_entry(k, v, |loc| segments.read(loc))?)
-            } else {
-                None
-            };
-            Ok(StoredEntry {
-                seq,
-                stored_at,
-                meta: Some(meta),
-                message,
-            })
-        }
-        None => {
-            let m = parse_entry(k, v, |loc| segments.read(loc))?;
-            Ok(StoredEntry {
-                seq,
-                stored_at: m.stored_at,
-                meta: None,
-                message: Some(m),
-            })
-        }
-    }
+    let meta = entry_meta(entry);
+    let message = match meta {
+        Some(m) if !load(m.size) => None,
+        _ => Some(parse_entry(seq, entry, |loc| segments.read(loc))?),
+    };
+    Ok(StoredEntry {
+        seq,
+        stored_at: stored_at(entry),
+        meta,
+        message,
+    })
 }
 
-/// A message from its entry: inline (format 1) or read from the body log.
+/// A message from its entry, its body read from the body log.
 fn parse_entry(
-    k: &[u8],
-    v: sled::IVec,
+    seq: u64,
+    entry: &[u8],
     read: impl FnOnce(Location) -> Result<Bytes, String>,
 ) -> Result<StoredMessage, String> {
-    match v.first() {
-        Some(&INLINE) => parse_message(k, v),
-        Some(&IN_LOG) => {
-            let loc = in_log(&v).ok_or("entry is truncated")?;
-            let stored_at = u64::from_be_bytes(v[1..9].try_into().map_err(|_| "bad entry")?);
-            let seq = key_seq(k).ok_or("bad message key")?;
-            parse_body(seq, stored_at, read(loc)?)
+    let loc = in_log(entry).ok_or("unknown entry version")?;
+    parse_body(seq, stored_at(entry), read(loc)?)
+}
+
+/// Formats 1 and 2 kept one sled key per entry in `messages`; they move into
+/// chunks, format 1's bodies (inline in sled) appended to the body log first.
+/// Until the checkpoint after it is flushed, the directory stays format 2 and
+/// the old tree is read again on the next start (moving an entry twice is
+/// harmless).
+fn migrate(messages: &sled::Tree, chunks: &sled::Tree, log: &mut BodyLog) -> Result<usize, String> {
+    let mut moved = Index::default();
+    let mut n = 0usize;
+    let flush = |moved: &mut Index, log: &mut BodyLog| -> Result<(), String> {
+        // Bodies first, as for any entry that sled holds.
+        log.sync().map_err(|e| e.to_string())?;
+        moved.clear_pending();
+        moved.drain_into(chunks)
+    };
+    for kv in messages.iter() {
+        let (k, v) = kv.map_err(|e| e.to_string())?;
+        let Ok(key) = <Key>::try_from(k.as_ref()) else {
+            tracing::error!("skipping a stored message with a malformed key {k:?}");
+            continue;
+        };
+        let entry = match v.first() {
+            Some(&IN_LOG) if v.len() == ENTRY_LEN => v.as_ref().try_into().ok(),
+            Some(&INLINE) => match parse_message(&k, v.clone()) {
+                Ok(m) => {
+                    let mut names = Vec::new();
+                    put_str(&mut names, &m.exchange);
+                    put_str(&mut names, &m.routing_key);
+                    names.extend_from_slice(&(m.header.len() as u32).to_be_bytes());
+                    let loc = log
+                        .append(&[&names, &m.header, &m.body])
+                        .map_err(|e| e.to_string())?;
+                    let meta = EntryMeta {
+                        priority: 0,
+                        ttl: None,
+                        size: m.body.len(),
+                    };
+                    let mut e = encode_entry(m.stored_at, loc, meta);
+                    e[0] = IN_LOG_NO_META;
+                    Some(e)
+                }
+                Err(why) => {
+                    tracing::error!(key = ?k, "skipping an unreadable stored message: {why}");
+                    None
+                }
+            },
+            _ => {
+                tracing::error!(key = ?k, "skipping a stored message of an unknown version");
+                None
+            }
+        };
+        if let Some(entry) = entry {
+            moved.put(key, entry);
+            n += 1;
         }
-        _ => Err("unknown record version".to_string()),
+        if moved.len() >= CHECKPOINT_ENTRIES {
+            flush(&mut moved, log)?;
+        }
     }
+    flush(&mut moved, log)?;
+    messages.clear().map_err(|e| e.to_string())?;
+    Ok(n)
 }
 
 /// Header and body are slices of sled's own buffer: reading back copies nothing.
