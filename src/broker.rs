@@ -254,6 +254,10 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
         config.data_dir.display(),
         started.elapsed().as_secs_f64()
     );
+    if nm > 0 {
+        // What the backlog's scan read and dropped goes back at once.
+        crate::memory::trim();
+    }
     if skipped > 0 {
         error!(
             "{skipped} stored messages could not be read and were left out (logged above); their records stay in {}",

@@ -90,8 +90,9 @@ pub fn effective_watermark(absolute: u64, relative: f64, available: Option<u64>)
 }
 
 /// Gives freed heap back to the kernel, so that resident memory falls once the
-/// messages that raised it are gone (glibc keeps freed pages otherwise).
-fn trim() {
+/// messages that raised it are gone (glibc keeps freed pages otherwise). Also
+/// called once after start-up, whose scans of a backlog leave freed buffers.
+pub(crate) fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {

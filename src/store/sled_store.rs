@@ -225,7 +225,9 @@ impl SledStore {
         let existed = dir.join("db").join("db").exists();
         let db = sled::Config::new()
             .path(dir.join("db"))
-            .cache_capacity(64 * 1024 * 1024)
+            // Entities and the index's chunks, written at checkpoints and read
+            // back by acks of messages already checkpointed: a small cache does.
+            .cache_capacity(16 * 1024 * 1024)
             // sled must never persist an index change before the log has it.
             .flush_every_ms(None)
             .open()
