@@ -8,7 +8,8 @@
 #   2. disk use after MESSAGES publish+ack cycles, and after a MESSAGES backlog is
 #      built (no consumer) and then drained; WarrenMQ and RabbitMQ.
 #   3. WarrenMQ start-up time and RSS with a MESSAGES backlog on disk, after SIGTERM
-#      and after kill -9; RabbitMQ's stop_app/start_app time with the same backlog.
+#      and after kill -9, in one queue and spread over 1,000 queues (a fanout);
+#      RabbitMQ's stop_app/start_app time with the same backlog.
 #   4. sync system calls (fsync, fdatasync, sync_file_range) counted by strace while
 #      1000 persistent messages are confirmed one at a time (window 1), against
 #      window 256. sled 0.34 on Linux makes a flush durable with sync_file_range on
@@ -267,6 +268,26 @@ if want 3; then
   line=$("$P" --port $WPORT --drain --persistent --queue dur-restart --no-delete)
   note warren.kill9.drain_run "$line"
   note warren.kill9.rss_after_drain_kib "$(rss_kib "$BPID")"
+  stop_warren TERM
+  rm -rf "$dir"
+
+  # The same number of entries over 1,000 durable queues: N/1000 messages fanned
+  # out to all of them (each body is written once; each queue has N/1000 entries).
+  dir=$WORK/s3q
+  rm -rf "$dir" "$dir.log"
+  start_warren "$dir"
+  line=$("$P" --port $WPORT --count $((N / 1000)) --consumers 0 --confirm 256 --persistent --fanout 1000 --queue dur-q1k --no-delete)
+  note warren.q1000.backlog_run "$line"
+  stop_warren TERM
+  start_warren "$dir"
+  note warren.q1000.sigterm.start_s "$START_S"
+  note warren.q1000.sigterm.log "$(recovered_line "$dir.log")"
+  note warren.q1000.sigterm.rss_kib "$(rss_kib "$BPID")"
+  stop_warren 9
+  start_warren "$dir"
+  note warren.q1000.kill9.start_s "$START_S"
+  note warren.q1000.kill9.log "$(recovered_line "$dir.log")"
+  note warren.q1000.kill9.rss_kib "$(rss_kib "$BPID")"
   stop_warren TERM
   rm -rf "$dir"
 
