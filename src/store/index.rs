@@ -142,17 +142,17 @@ pub(super) struct Index {
 }
 
 /// What the index knows of a key without asking sled.
-pub(super) enum Known<'a> {
-    Entry(&'a [u8]),
+pub(super) enum Known {
+    Entry(Entry),
     Removed,
     /// Ask sled.
     Unknown,
 }
 
 impl Index {
-    pub fn get(&self, key: &Key) -> Known<'_> {
+    pub fn get(&self, key: &Key) -> Known {
         match self.overlay.get(key) {
-            Some(Slot::Put { entry, .. }) => Known::Entry(entry),
+            Some(Slot::Put { entry, .. }) => Known::Entry(*entry),
             Some(Slot::Removed) => Known::Removed,
             None => Known::Unknown,
         }

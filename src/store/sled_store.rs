@@ -1,9 +1,11 @@
-//! The store on sled. Two trees: `meta` holds one key per entity; `messages` one
-//! key per (queue id, sequence number), both big-endian so a prefix scan reads a
-//! queue in order. Few trees, because many trees inflate sled's disk use. A
-//! message's entry is small: when it was stored and where its body is in the body
-//! log (`log.rs`), which holds each body once however many queues hold it. Entries
-//! of the first format, with the body inline, are still read.
+//! The store on sled. Two trees: `meta` holds one key per entity; `index` a
+//! queue's message entries in chunks of 256 sequence numbers (`index.rs`), keyed
+//! big-endian so a prefix scan reads a queue in order. Few trees, because many
+//! trees inflate sled's disk use. A message's entry is small: when it was stored
+//! and where its body is in the body log (`log.rs`), which holds each body once
+//! however many queues hold it. Older directories, with a key per entry in
+//! `messages` (and, in the first format, the body inline), are moved into chunks
+//! at start-up.
 //!
 //! One thread owns every write: callers send requests over a channel and go on.
 //! The thread takes whatever has queued up and applies it in order: bodies and
@@ -77,8 +79,9 @@ const NOTE: u8 = b'n';
 const NEXT_QUEUE_ID: &[u8] = b"next-queue-id";
 const FORMAT: &[u8] = b"format";
 /// Format 2 added the body log, format 3 the index changes in it (replayed from
-/// `CHECKPOINT`). A format-1 or 2 directory's sled holds its whole index: it is
-/// read as it is (inline entries stay until their messages go) and marked format 3.
+/// `CHECKPOINT`) and the chunked index. A format-1 or 2 directory's sled holds
+/// its whole index, a key per entry: it is moved into chunks (`migrate`) and
+/// marked format 3.
 const FORMAT_VERSION: &[u8] = b"warrenmq-store-3";
 const FORMAT_2: &[u8] = b"warrenmq-store-2";
 const FORMAT_1: &[u8] = b"warrenmq-store-1";
@@ -337,10 +340,8 @@ impl SledStore {
                         .unwrap_or(0)
                 });
                 if u64::from(loc.offset) + u64::from(loc.len) > size {
-                    let mut key = [0u8; 16];
-                    key[..8].copy_from_slice(&ck[..8]);
-                    key[8..].copy_from_slice(&seq.to_be_bytes());
-                    torn.remove(key, || Some(entry));
+                    let queue = u64::from_be_bytes(ck[..8].try_into().unwrap_or_default());
+                    torn.remove(message_key(queue, seq), || Some(entry));
                     n_torn += 1;
                     continue;
                 }
@@ -897,7 +898,7 @@ impl Writer {
             .map(|seq| {
                 let key = message_key(queue, seq);
                 let entry: Result<Option<Entry>, String> = match self.index.get(&key) {
-                    Known::Entry(e) => e.try_into().map(Some).map_err(|_| "bad entry".into()),
+                    Known::Entry(e) => Ok(Some(e)),
                     Known::Removed => Ok(None),
                     Known::Unknown => self
                         .chunks
