@@ -682,7 +682,7 @@ struct Writer {
     index: Index,
     /// The current batch's bodies (kept to reuse its table).
     bodies: Bodies,
-    /// sled holds changes (entities, dropped queues) that no flush made durable.
+    /// sled holds entity changes that no flush made durable.
     sled_dirty: bool,
     /// Something was written since the last commit.
     unsynced: bool,
@@ -787,11 +787,13 @@ impl Writer {
                 *loc
             }
             None => {
-                let mut names = Vec::with_capacity(8 + m.exchange.len() + m.routing_key.len());
-                put_str(&mut names, &m.exchange);
-                put_str(&mut names, &m.routing_key);
-                names.extend_from_slice(&(m.header.len() as u32).to_be_bytes());
-                match self.log.append(&[&names, &m.header, &m.body]) {
+                match append_message(
+                    &mut self.log,
+                    &m.exchange,
+                    &m.routing_key,
+                    &m.header,
+                    &m.body,
+                ) {
                     Ok(loc) => {
                         bodies.insert(same, (loc, m));
                         loc
@@ -846,7 +848,15 @@ impl Writer {
         let r = match op {
             Op::PutMeta(k, v) => self.meta.insert(k, v).map(|_| ()),
             Op::DeleteMeta(k) => self.meta.remove(k).map(|_| ()),
-            Op::DeleteQueueMessages(id) => self.drop_queue(id),
+            Op::DeleteQueueMessages(id) => {
+                // Logged; sled's chunks change at the next checkpoint.
+                let r = self.drop_queue(id);
+                self.unsynced = true;
+                if let Err(e) = r {
+                    self.fail(e);
+                }
+                return;
+            }
             Op::Read { queue, seqs, done } => {
                 done(self.read(queue, seqs));
                 return;
@@ -1169,12 +1179,7 @@ fn migrate(messages: &sled::Tree, chunks: &sled::Tree, log: &mut BodyLog) -> Res
             Some(&IN_LOG) if v.len() == ENTRY_LEN => v.as_ref().try_into().ok(),
             Some(&INLINE) => match parse_message(&k, v.clone()) {
                 Ok(m) => {
-                    let mut names = Vec::new();
-                    put_str(&mut names, &m.exchange);
-                    put_str(&mut names, &m.routing_key);
-                    names.extend_from_slice(&(m.header.len() as u32).to_be_bytes());
-                    let loc = log
-                        .append(&[&names, &m.header, &m.body])
+                    let loc = append_message(log, &m.exchange, &m.routing_key, &m.header, &m.body)
                         .map_err(|e| e.to_string())?;
                     let meta = EntryMeta {
                         priority: 0,
@@ -1220,6 +1225,22 @@ fn parse_message(k: &[u8], v: sled::IVec) -> Result<StoredMessage, String> {
     }
     let stored_at = u64::from_be_bytes(all[1..9].try_into().map_err(|_| "bad record")?);
     parse_body(seq, stored_at, all.slice(9..))
+}
+
+/// A message's record in the body log: exchange, routing key, header length,
+/// header, body (`parse_body` reads it back).
+fn append_message(
+    log: &mut BodyLog,
+    exchange: &str,
+    routing_key: &str,
+    header: &[u8],
+    body: &[u8],
+) -> std::io::Result<Location> {
+    let mut names = Vec::with_capacity(8 + exchange.len() + routing_key.len());
+    put_str(&mut names, exchange);
+    put_str(&mut names, routing_key);
+    names.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    log.append(&[&names, header, body])
 }
 
 /// Exchange, routing key, header and body, as both formats keep them.
