@@ -466,7 +466,7 @@ pub(crate) fn vhost_limits(
 
 /// Opens the store and rebuilds every configured vhost from it.
 fn recover(config: &Config, gauge: &Arc<MemoryGauge>) -> Result<Recovery, StoreError> {
-    let sled = SledStore::open(&config.data_dir)?;
+    let sled = SledStore::open_with(&config.data_dir, config.limits.segment_size)?;
     let thread = sled.take_thread();
     let store: Arc<dyn Store> = sled;
     let (exchanges, queues, bindings) = (store.exchanges()?, store.queues()?, store.bindings()?);

@@ -360,6 +360,10 @@ pub struct Limits {
     /// are blocked (RabbitMQ's disk_free_limit, 50 MB by default); 0 = no check.
     pub disk_free_limit: u64,
     pub queue_memory_budget: u64,
+    /// Bytes per segment of the message body log (LavinMQ's segment_size). A
+    /// segment is deleted whole once no queue points into it, so this bounds what
+    /// a few long-lived messages keep on disk.
+    pub segment_size: u64,
     /// Client connections open at once, broker-wide; 0 = unlimited.
     pub max_connections: u32,
     /// Connections open at once per user; 0 = unlimited.
@@ -397,6 +401,7 @@ impl Default for Limits {
             memory_calculation_strategy: MemoryStrategy::Rss,
             disk_free_limit: 50_000_000,
             queue_memory_budget: 64 * MIB,
+            segment_size: 64 * MIB,
             max_connections: 65536,
             max_connections_per_user: 0,
             max_consumers_per_channel: 65535,
@@ -430,6 +435,11 @@ pub const FRAME_MAX_MIN: u32 = 4096;
 pub const FRAME_MAX_MAX: u32 = 16 * 1024 * 1024;
 /// RabbitMQ refuses max_message_size above 512 MiB.
 pub const MAX_MESSAGE_SIZE_MAX: u64 = 512 * MIB;
+/// Message body log segments: at least 64 KiB (smaller ones only multiply files),
+/// at most 1 GiB (offsets within a segment are 32-bit, and a whole segment is what a
+/// few old messages can pin on disk).
+pub const SEGMENT_SIZE_MIN: u64 = 64 * 1024;
+pub const SEGMENT_SIZE_MAX: u64 = 1024 * MIB;
 /// Beyond an hour a "timeout" protects nothing, and seconds this large would overflow
 /// the clock arithmetic of deadlines.
 pub const TIMEOUT_MAX_SECS: u64 = 3600;
@@ -974,6 +984,15 @@ impl Config {
                 ),
             ));
         }
+        if !(SEGMENT_SIZE_MIN..=SEGMENT_SIZE_MAX).contains(&l.segment_size) {
+            return Err(limit(
+                "segment_size",
+                format!(
+                    "{} is outside {SEGMENT_SIZE_MIN}..={SEGMENT_SIZE_MAX} bytes (64 KiB to 1 GiB)",
+                    l.segment_size
+                ),
+            ));
+        }
         if l.memory_high_watermark < MIB {
             return Err(limit(
                 "memory_high_watermark",
@@ -1431,6 +1450,8 @@ mod tests {
             ("max_message_size", "536870913"),
             ("memory_high_watermark", "1048575"),
             ("queue_memory_budget", "1073741825"),
+            ("segment_size", "65535"),
+            ("segment_size", "1073741825"),
             ("max_header_depth", "0"),
             ("max_header_depth", "129"),
             ("max_table_fields", "0"),

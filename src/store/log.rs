@@ -162,7 +162,14 @@ impl BodyLog {
     /// the ones there. Until `count_live` says how many index entries point into
     /// each, the old segments are all kept.
     pub fn open(dir: &Path, segment_bytes: u64) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            // The directory's own name must be durable before anything synced in
+            // it can be: a power cut could otherwise lose every segment at once.
+            if let Some(parent) = dir.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+        }
         let mut existing = Vec::new();
         for entry in std::fs::read_dir(dir)? {
             let name = entry?.file_name();

@@ -211,6 +211,11 @@ fn message_key(queue: u64, seq: u64) -> Key {
 
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Arc<SledStore>, StoreError> {
+        Self::open_with(dir, SEGMENT_BYTES)
+    }
+
+    /// `open` with message body log segments of `segment_bytes` (`limits.segment_size`).
+    pub fn open_with(dir: &Path, segment_bytes: u64) -> Result<Arc<SledStore>, StoreError> {
         let io = |what: &'static str| {
             let dir = dir.to_path_buf();
             move |source| StoreError::Io { dir, what, source }
@@ -226,6 +231,9 @@ impl SledStore {
             Err(std::fs::TryLockError::Error(e)) => return Err(io("cannot lock the lock file")(e)),
         }
         let existed = dir.join("db").join("db").exists();
+        if !existed {
+            create_database(dir).map_err(io("cannot create the database"))?;
+        }
         let db = sled::Config::new()
             .path(dir.join("db"))
             // Entities and the index's chunks, written at checkpoints and read
@@ -299,7 +307,7 @@ impl SledStore {
             }
         };
         let mut log =
-            BodyLog::open(&msgs, SEGMENT_BYTES).map_err(io("cannot open the message body log"))?;
+            BodyLog::open(&msgs, segment_bytes).map_err(io("cannot open the message body log"))?;
         if let Some(from) = replay_from {
             replay_index(dir, &msgs, from, &chunks)?;
         }
@@ -995,6 +1003,34 @@ impl Writer {
             Err(e) => self.fail(format!("checkpoint failed: {e}")),
         }
     }
+}
+
+/// Makes an empty sled database under a temporary name, syncs it and renames it
+/// to `db`. sled writes its `conf` file without syncing it, and a power cut that
+/// tore it would make every later start refuse the directory; `db` appears only
+/// once everything in it is durable. A directory left by an attempt cut short
+/// (`db.new`, or a `db` without its log file, which holds nothing) is replaced.
+fn create_database(dir: &Path) -> std::io::Result<()> {
+    let fresh = dir.join("db.new");
+    if fresh.exists() {
+        std::fs::remove_dir_all(&fresh)?;
+    }
+    let db = sled::Config::new()
+        .path(&fresh)
+        .flush_every_ms(None)
+        .open()
+        .map_err(std::io::Error::other)?;
+    db.flush().map_err(std::io::Error::other)?;
+    drop(db);
+    for name in ["conf", "db", "blobs", ""] {
+        File::open(fresh.join(name))?.sync_all()?;
+    }
+    let target = dir.join("db");
+    if target.exists() {
+        std::fs::remove_dir_all(&target)?;
+    }
+    std::fs::rename(&fresh, &target)?;
+    File::open(dir)?.sync_all()
 }
 
 /// sled's flush, its blob files, one fdatasync of its file.
