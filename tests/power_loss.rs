@@ -60,6 +60,7 @@ fn now_ns() -> u64 {
 }
 
 /// xorshift64*: the moments and tears are chosen from a seed the test prints.
+#[derive(Clone)]
 struct Rng(u64);
 
 impl Rng {
@@ -775,17 +776,15 @@ async fn exchange_exists(conn: &lapin::Connection, exchange: &str) -> bool {
     r.is_ok()
 }
 
-/// The `count` messages in `queue`, consumed without acks.
+/// The `count` messages in `queue`, consumed with acks, 256 unacked at most.
 async fn drain(ch: &Channel, queue: &str, count: u32) -> Vec<u64> {
+    ok("basic.qos", ch.basic_qos(256, BasicQosOptions::default())).await;
     let mut consumer = ok(
         "basic.consume",
         ch.basic_consume(
             queue.into(),
             "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
+            BasicConsumeOptions::default(),
             FieldTable::default(),
         ),
     )
@@ -802,6 +801,9 @@ async fn drain(ch: &Channel, queue: &str, count: u32) -> Vec<u64> {
                 "{queue} returned a damaged or foreign body of {} bytes",
                 d.data.len()
             ),
+        }
+        if ids.len() % 128 == 0 || ids.len() == count as usize {
+            ok("basic.ack", d.acker.ack(BasicAckOptions { multiple: true })).await;
         }
     }
     ids
@@ -967,7 +969,7 @@ async fn acknowledged_state_survives_power_cuts_at_random_moments() {
     for t in tasks {
         let _ = t.await;
     }
-    let h = Arc::into_inner(h).unwrap().into_inner().unwrap();
+    let h = Arc::new(Arc::into_inner(h).unwrap().into_inner().unwrap());
     let records = read_journal(&journal);
     let confirmed = h.messages.values().filter(|m| m.2.is_some()).count();
     println!(
@@ -1010,10 +1012,28 @@ async fn acknowledged_state_survives_power_cuts_at_random_moments() {
             (cut - started) as f64 / 1e9
         );
         let dir = root.join(format!("cut{i}"));
+        let tears = rng.clone();
         rebuild(&records, upto, model, &mut rng, &dir);
         let broker = Broker::start(&config, &dir, None);
-        let (recovered, promised) = check(&broker.url(), &h, cut, &label).await;
+        let checked = tokio::spawn({
+            let (url, h, label) = (broker.url(), h.clone(), label.clone());
+            async move { check(&url, &h, cut, &label).await }
+        })
+        .await;
         drop(broker);
+        let (recovered, promised) = match checked {
+            Ok(counts) => counts,
+            Err(e) => {
+                // The check changed the directory; keep it as the cut left it.
+                let kept = root.join(format!("cut{i}-as-rebuilt"));
+                rebuild(&records, upto, model, &mut tears.clone(), &kept);
+                eprintln!(
+                    "{label} failed; the directory it started from: {}",
+                    kept.display()
+                );
+                std::panic::resume_unwind(e.into_panic());
+            }
+        };
         println!("{label}: started; {recovered} messages recovered, all {promised} promised ones among them");
         let e = by_model
             .entry(if model == Model::Strict {

@@ -137,15 +137,23 @@ pub(super) struct BodyLog {
     segment_bytes: u64,
     active: u32,
     active_file: File,
-    /// Bytes of the active segment on file, and appended but still in `buf`.
+    /// Bytes of the active segment, synced, written or still in `buf`.
     written: u64,
+    /// Where the last successful sync of the active segment ended.
+    synced: u64,
+    /// Everything appended to the active segment since `synced`. Kept until a
+    /// sync covers it: a write or fdatasync that fails (a full disk) is done
+    /// again from here, at the same offsets, so that nothing appended is ever
+    /// dropped while a later sync succeeds. Bounded by what the publishers send
+    /// between two commits, or, while the disk is full, by the memory alarm.
     buf: Vec<u8>,
+    /// How much of `buf` is in the file.
+    on_file: usize,
+    /// A failed write may have left part of `buf` in the file past `on_file`:
+    /// it is cut off before anything else is written.
+    trim: bool,
     /// Index entries pointing into each segment.
     live: HashMap<u32, u64>,
-    /// Full segments written to since the last sync.
-    unsynced: Vec<u32>,
-    /// The active segment was written to since the last sync.
-    active_dirty: bool,
     /// A segment was created since the directory was last synced.
     dir_dirty: bool,
     /// Segments no index entry points into any more: deleted once a
@@ -198,10 +206,11 @@ impl BodyLog {
             active,
             active_file,
             written: 0,
+            synced: 0,
             buf: Vec::new(),
+            on_file: 0,
+            trim: false,
             live: HashMap::new(),
-            unsynced: Vec::new(),
-            active_dirty: false,
             dir_dirty: true,
             dead: existing,
             checkpoint_seg: 0,
@@ -257,7 +266,7 @@ impl BodyLog {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let size = (RECORD_HEADER + len) as u64;
         if self.written > 0 && self.written + size > self.segment_bytes {
-            self.roll()?;
+            self.roll();
         }
         let mut crc = crc32fast::Hasher::new();
         for p in parts {
@@ -275,7 +284,6 @@ impl BodyLog {
         };
         self.written += size;
         self.since_checkpoint += size;
-        self.active_dirty = true;
         Ok(loc)
     }
 
@@ -297,58 +305,105 @@ impl BodyLog {
         }
     }
 
-    /// Reads a record, also one still in the write buffer.
+    /// Reads a record, also one not yet synced (from memory).
     pub fn read(&mut self, loc: Location) -> Result<Bytes, String> {
         if loc.seg == self.active {
-            self.write_out().map_err(|e| e.to_string())?;
+            if let Some(start) =
+                (u64::from(loc.offset)).checked_sub(self.synced + RECORD_HEADER as u64)
+            {
+                let start = start as usize;
+                let record = self
+                    .buf
+                    .get(start..start + RECORD_HEADER + loc.len as usize)
+                    .ok_or_else(|| {
+                        format!(
+                            "segment {} at {}: past what was appended",
+                            loc.seg, loc.offset
+                        )
+                    })?;
+                check(loc, record)?;
+                return Ok(Bytes::copy_from_slice(&record[RECORD_HEADER..]));
+            }
         }
         self.segments.read(loc)
     }
 
+    /// Writes what of `buf` is not in the file yet. On failure, cuts off what
+    /// part of it reached the file (that needs no space), so that the next
+    /// attempt writes it again at the same offsets.
     fn write_out(&mut self) -> std::io::Result<()> {
-        if !self.buf.is_empty() {
-            self.active_file.write_all(&self.buf)?;
-            self.buf.clear();
+        if self.trim {
+            self.write_out_trim()?;
+        }
+        if self.on_file < self.buf.len() {
+            if let Err(e) = self.active_file.write_all(&self.buf[self.on_file..]) {
+                self.trim = true;
+                let _ = self.write_out_trim();
+                return Err(e);
+            }
+            self.on_file = self.buf.len();
         }
         Ok(())
     }
 
-    /// The active segment is full: the next one starts.
-    fn roll(&mut self) -> std::io::Result<()> {
-        self.write_out()?;
+    fn write_out_trim(&mut self) -> std::io::Result<()> {
+        self.active_file
+            .set_len(self.synced + self.on_file as u64)?;
+        self.trim = false;
+        Ok(())
+    }
+
+    /// The active segment is full: it is synced whole, and the next one starts.
+    /// If either fails (a full disk), the active segment grows past its size
+    /// and the next append tries again.
+    fn roll(&mut self) {
+        if let Err(e) = self.sync() {
+            tracing::debug!("cannot finish message segment {}: {e}", self.active);
+            return;
+        }
         let next = self.active + 1;
-        let file = std::fs::OpenOptions::new()
+        let file = match std::fs::OpenOptions::new()
             .create_new(true)
             .append(true)
-            .open(self.segments.path(next))?;
+            .open(self.segments.path(next))
+        {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!("cannot start message segment {next}: {e}");
+                return;
+            }
+        };
         drop(std::mem::replace(&mut self.active_file, file));
         let old = std::mem::replace(&mut self.active, next);
-        if std::mem::take(&mut self.active_dirty) {
-            self.unsynced.push(old);
-        }
         self.written = 0;
+        self.synced = 0;
         self.dir_dirty = true;
         if !self.live.contains_key(&old) {
             self.dead.push(old);
         }
-        Ok(())
     }
 
-    /// Writes out and fdatasyncs what was appended since the last sync.
+    /// Writes out and fdatasyncs what was appended since the last sync. On
+    /// failure nothing is dropped: the next sync writes it again.
     pub fn sync(&mut self) -> std::io::Result<()> {
         self.write_out()?;
-        for seg in std::mem::take(&mut self.unsynced) {
-            // A full segment, synced through its reading handle (the same file).
-            if let Ok(f) = self.segments.file(seg) {
-                f.sync_data()?;
+        if !self.buf.is_empty() {
+            if let Err(e) = self.active_file.sync_data() {
+                // The kernel may drop pages it failed to write back, and clean
+                // them: all of `buf` is written again next time.
+                self.on_file = 0;
+                self.trim = true;
+                let _ = self.write_out_trim();
+                return Err(e);
             }
         }
-        if std::mem::take(&mut self.active_dirty) {
-            self.active_file.sync_data()?;
-        }
-        if std::mem::take(&mut self.dir_dirty) {
+        if self.dir_dirty {
             File::open(&self.segments.dir)?.sync_all()?;
+            self.dir_dirty = false;
         }
+        self.synced = self.written;
+        self.buf.clear();
+        self.on_file = 0;
         Ok(())
     }
 
@@ -360,9 +415,7 @@ impl BodyLog {
     pub fn collect(&mut self) {
         let restart_after = RESTART_AFTER.min(self.segment_bytes / 2);
         if self.written >= restart_after && !self.live.contains_key(&self.active) {
-            if let Err(e) = self.roll() {
-                tracing::warn!("cannot start a new message segment: {e}");
-            }
+            self.roll();
         }
         let checkpoint = self.checkpoint_seg;
         let mut waiting = Vec::new();

@@ -101,6 +101,10 @@ const CHECKPOINT_DEAD_SEGMENTS: usize = 2;
 /// The body log's segment size: a segment is deleted whole once nothing points
 /// into it, so this bounds what a few old messages can keep on disk per segment.
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Free bytes the data directory's file system must have before sled writes
+/// (a checkpoint, or entities): sled cannot recover from a failed write until
+/// the next start, so it never gets near one.
+const SLED_HEADROOM: u64 = 8 * 1024 * 1024;
 /// Entry versions in the `messages` tree.
 const INLINE: u8 = 1;
 const IN_LOG: u8 = 2;
@@ -390,6 +394,8 @@ impl SledStore {
             unsynced: false,
             last_commit: Instant::now(),
             failed: None,
+            complained: None,
+            dir: dir.to_path_buf(),
         };
         let thread = std::thread::Builder::new()
             .name("warrenmq-store".into())
@@ -695,9 +701,17 @@ struct Writer {
     /// Something was written since the last commit.
     unsynced: bool,
     last_commit: Instant,
-    /// The first write that failed. Every sync after it fails too: the broker
-    /// cannot tell which waiter's writes it covered, so none is released as done.
+    /// A request that failed since the last commit (sled refused it): that
+    /// commit fails, and none of its waiters is released as done, as the broker
+    /// cannot tell whose request it was. (A failed log write needs no note
+    /// here: the log keeps what it could not write and fails its syncs until
+    /// the write succeeds.)
     failed: Option<String>,
+    /// When the store last logged a failed commit or a put-off checkpoint:
+    /// a full disk fails every commit, and one line every few seconds says so.
+    complained: Option<Instant>,
+    /// The data directory, for the free space sled needs before it writes.
+    dir: PathBuf,
 }
 
 /// The bodies one batch wrote, by the address of their shared buffers: a fanout
@@ -938,18 +952,18 @@ impl Writer {
     /// flush with its files. The log goes first: sled may then hold a dropped
     /// queue or a new entity only once the log's changes before it are durable.
     fn commit(&mut self) -> Result<(), String> {
-        if let Some(e) = &self.failed {
-            return Err(e.clone());
-        }
         self.write_index();
-        let r = self
-            .log
-            .sync()
-            .map_err(|e| format!("syncing the body log failed: {e}"))
-            .and_then(|_| match self.sled_dirty {
-                true => flush_db(&self.db, &mut self.blobs, self.file.as_ref()),
-                false => Ok(()),
-            });
+        let r = match self.failed.take() {
+            Some(e) => Err(e),
+            None => self
+                .log
+                .sync()
+                .map_err(|e| format!("syncing the body log failed: {e}"))
+                .and_then(|_| match self.sled_dirty {
+                    true => self.flush_sled(),
+                    false => Ok(()),
+                }),
+        };
         match &r {
             Ok(()) => {
                 self.sled_dirty = false;
@@ -957,9 +971,43 @@ impl Writer {
                 self.last_commit = Instant::now();
                 self.log.collect();
             }
-            Err(e) => tracing::error!("{e}"),
+            Err(e) => {
+                // Nothing written is dropped: the next commit writes and syncs
+                // it again, and only then releases its own waiters.
+                if self.complain() {
+                    tracing::error!("{e}; the commit's publishes are nacked, and its writes tried again at the next commit");
+                }
+                self.last_commit = Instant::now();
+            }
         }
         r
+    }
+
+    /// Whether a failure should be logged now: at most one line per 5 s.
+    fn complain(&mut self) -> bool {
+        let now = Instant::now();
+        let due = self
+            .complained
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5));
+        if due {
+            self.complained = Some(now);
+        }
+        due
+    }
+
+    /// sled's flush with its files, refused while the file system has less than
+    /// `SLED_HEADROOM` free: sled treats a failed write as fatal until the next
+    /// start, while the log recovers from one.
+    fn flush_sled(&mut self) -> Result<(), String> {
+        if let Ok(free) = crate::disk::free_bytes(&self.dir) {
+            if free < SLED_HEADROOM {
+                self.sled_dirty = true;
+                return Err(format!(
+                    "only {free} bytes are free on the data directory's file system: entities are not written below {SLED_HEADROOM}"
+                ));
+            }
+        }
+        flush_db(&self.db, &mut self.blobs, self.file.as_ref())
     }
 
     /// Moves the index changes since the last checkpoint into sled: a commit, the
@@ -975,19 +1023,30 @@ impl Writer {
         if self.commit().is_err() {
             return;
         }
+        // A checkpoint can wait; sled cannot take a failed write.
+        if let Ok(free) = crate::disk::free_bytes(&self.dir) {
+            if free < SLED_HEADROOM {
+                if self.complain() {
+                    tracing::warn!(
+                        "checkpoint put off: only {free} bytes are free on the data directory's file system"
+                    );
+                }
+                return;
+            }
+        }
         let started = Instant::now();
         let n = self.index.len();
         let pos = self.log.position();
         let r = self
             .index
             .drain_into(&self.chunks)
-            .and_then(|_| flush_db(&self.db, &mut self.blobs, self.file.as_ref()))
+            .and_then(|_| self.flush_sled())
             .and_then(|_| {
                 self.meta
                     .insert(CHECKPOINT, &encode_position(pos)[..])
                     .map_err(|e| e.to_string())
             })
-            .and_then(|_| flush_db(&self.db, &mut self.blobs, self.file.as_ref()));
+            .and_then(|_| self.flush_sled());
         match r {
             Ok(()) => {
                 self.log.checkpointed(pos);

@@ -28,6 +28,10 @@ pub fn spawn(mut cmd: Command) -> (Child, SocketAddr) {
     std::thread::spawn(move || {
         let mut sent = false;
         for line in out.lines().map_while(Result::ok) {
+            // Shown with a failing test's output (the harness captures it otherwise).
+            if line.contains(" WARN ") || line.contains("ERROR") {
+                eprintln!("broker: {line}");
+            }
             if !sent {
                 if let Some(rest) = line.split("listening for AMQP 0-9-1 on ").nth(1) {
                     let _ = tx.send(rest.to_string());
