@@ -240,6 +240,71 @@ async fn unreadable_message_records_are_skipped_and_the_rest_recovered() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A chunk of the index that cannot be read loses its entries at start-up, and
+/// nothing more: the queue takes new messages in the same range of sequence
+/// numbers, and the checkpoints that write them replace the chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_index_chunk_does_not_stop_later_checkpoints() {
+    let dir = data_dir("chunk");
+    fill(&dir, &[("torn", 4), ("intact", 2)]).await;
+    {
+        let db = open_db(&dir);
+        let meta = db.open_tree("meta").unwrap();
+        let index = db.open_tree("index").unwrap();
+        let id = queue_id(&meta, "torn");
+        let keys: Vec<sled::IVec> = index
+            .scan_prefix(id.to_be_bytes())
+            .map(|kv| kv.unwrap().0)
+            .collect();
+        assert_eq!(keys.len(), 1);
+        // Version 1, then an entry cut short.
+        index.insert(&keys[0], &[1u8, 0, 2, 0][..]).unwrap();
+        db.flush().unwrap();
+    }
+    for round in 0..2 {
+        let broker = warrenmq::start(config(&dir, BUDGET))
+            .await
+            .expect("an unreadable chunk must not stop start-up");
+        let conn = connect_url(&url(&broker)).await;
+        let ch = channel(&conn).await;
+        if round == 0 {
+            ok(
+                "confirm.select",
+                ch.confirm_select(ConfirmSelectOptions::default()),
+            )
+            .await;
+            for i in 0..3 {
+                let confirm = ok(
+                    "publish",
+                    ch.basic_publish(
+                        "".into(),
+                        "torn".into(),
+                        BasicPublishOptions::default(),
+                        format!("new-{i}").as_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    ),
+                )
+                .await;
+                assert!(
+                    ok("confirm", confirm).await.is_ack(),
+                    "a publish to the queue is confirmed"
+                );
+            }
+        }
+        let _ = conn.close(200, "bye".into()).await;
+        // Shutdown checkpoints: the new entries go into the damaged chunk's range.
+        broker.shutdown().await;
+    }
+    let broker = warrenmq::start(config(&dir, BUDGET)).await.unwrap();
+    let conn = connect_url(&url(&broker)).await;
+    let ch = channel(&conn).await;
+    assert_eq!(drain(&ch, "torn", true).await, ["new-0", "new-1", "new-2"]);
+    assert_eq!(drain(&ch, "intact", true).await, ["intact-0", "intact-1"]);
+    let _ = conn.close(200, "bye".into()).await;
+    broker.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_next_queue_id_stops_start_up() {
     let dir = data_dir("next-id");

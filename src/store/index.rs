@@ -290,10 +290,19 @@ impl Index {
         while i < slots.len() {
             let ck = chunk_key(&slots[i].0);
             let mut items: std::collections::BTreeMap<u8, Entry> = match tree.get(ck).map_err(e)? {
-                Some(v) => chunk_entries(&ck, &v)?
-                    .into_iter()
-                    .map(|(seq, entry)| (seq as u8, entry))
-                    .collect(),
+                Some(v) => match chunk_entries(&ck, &v) {
+                    Ok(entries) => entries
+                        .into_iter()
+                        .map(|(seq, entry)| (seq as u8, entry))
+                        .collect(),
+                    // Start-up reported it and served none of its entries; the
+                    // changes for its range replace it rather than stop every
+                    // later checkpoint (and lose the overlay drained so far).
+                    Err(why) => {
+                        tracing::error!("index chunk {ck:02x?} is unreadable ({why}); replaced by the entries changed since");
+                        Default::default()
+                    }
+                },
                 None => Default::default(),
             };
             while i < slots.len() && chunk_key(&slots[i].0) == ck {
