@@ -162,8 +162,12 @@ struct History {
     deleted: HashMap<String, (u64, Option<u64>)>,
     /// (exchange, queue, key) -> bind-ok.
     bound: Vec<(String, String, String, u64)>,
-    /// exchange -> declare-ok.
-    exchanges: HashMap<String, u64>,
+    /// exchange -> (declare sent, declare-ok).
+    exchanges: HashMap<String, (u64, Option<u64>)>,
+    /// exchange -> (delete sent, delete-ok).
+    exchanges_deleted: HashMap<String, (u64, Option<u64>)>,
+    /// (exchange, queue, key) -> (unbind sent, unbind-ok).
+    unbound: HashMap<(String, String, String), (u64, Option<u64>)>,
     next_id: u64,
 }
 
@@ -223,6 +227,29 @@ async fn declare_queue(ch: &Channel, h: &Shared, name: &str) -> lapin::Result<()
     Ok(())
 }
 
+async fn declare_exchange(
+    ch: &Channel,
+    h: &Shared,
+    name: &str,
+    kind: ExchangeKind,
+) -> lapin::Result<()> {
+    lock(h).exchanges.insert(name.into(), (now_ns(), None));
+    ch.exchange_declare(
+        name.into(),
+        kind,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    if let Some(x) = lock(h).exchanges.get_mut(name) {
+        x.1 = Some(now_ns());
+    }
+    Ok(())
+}
+
 async fn bind(
     ch: &Channel,
     h: &Shared,
@@ -251,20 +278,9 @@ async fn topology(url: &str, h: &Shared) {
         (FANOUT, ExchangeKind::Fanout),
         (DIRECT, ExchangeKind::Direct),
     ] {
-        ok(
-            "exchange.declare",
-            ch.exchange_declare(
-                name.into(),
-                kind,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            ),
-        )
-        .await;
-        lock(h).exchanges.insert(name.into(), now_ns());
+        declare_exchange(&ch, h, name, kind)
+            .await
+            .expect("exchange.declare");
     }
     for q in FAN_QUEUES {
         declare_queue(&ch, h, q).await.expect("queue.declare");
@@ -426,8 +442,8 @@ fn all_may_be_gone(h: &Shared, queue: &str, at: u64) {
     }
 }
 
-/// Declares, binds, fills and deletes short-lived durable queues, and purges the
-/// third fanout queue once.
+/// Declares, binds, fills and deletes short-lived durable queues and exchanges,
+/// unbinds, and purges the third fanout queue once.
 async fn churn(url: String, h: Shared, seed: u64) -> lapin::Result<()> {
     let mut rng = Rng(seed);
     let conn = connect_url(&url).await;
@@ -436,8 +452,11 @@ async fn churn(url: String, h: Shared, seed: u64) -> lapin::Result<()> {
     let mut purged = false;
     for round in 0.. {
         let name = format!("pl.tmp{round}");
+        let exchange = format!("pl.x{round}");
         declare_queue(&ch, &h, &name).await?;
         bind(&ch, &h, DIRECT, &name, &name).await?;
+        declare_exchange(&ch, &h, &exchange, ExchangeKind::Fanout).await?;
+        bind(&ch, &h, &exchange, &name, "").await?;
         let mut pending = Vec::new();
         for _ in 0..5 {
             let id = new_id(&h, vec![name.clone()]);
@@ -466,6 +485,30 @@ async fn churn(url: String, h: Shared, seed: u64) -> lapin::Result<()> {
             ch.queue_delete(name.as_str().into(), QueueDeleteOptions::default())
                 .await?;
             if let Some(d) = lock(&h).deleted.get_mut(&name) {
+                d.1 = Some(now_ns());
+            }
+        }
+        if round % 2 == 0 {
+            // The queue stays, bound through its own exchange only.
+            let key = (DIRECT.to_string(), name.clone(), name.clone());
+            lock(&h).unbound.insert(key.clone(), (now_ns(), None));
+            ch.queue_unbind(
+                name.as_str().into(),
+                DIRECT.into(),
+                name.as_str().into(),
+                FieldTable::default(),
+            )
+            .await?;
+            if let Some(u) = lock(&h).unbound.get_mut(&key) {
+                u.1 = Some(now_ns());
+            }
+        } else {
+            lock(&h)
+                .exchanges_deleted
+                .insert(exchange.clone(), (now_ns(), None));
+            ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await?;
+            if let Some(d) = lock(&h).exchanges_deleted.get_mut(&exchange) {
                 d.1 = Some(now_ns());
             }
         }
@@ -773,6 +816,9 @@ async fn exchange_exists(conn: &lapin::Connection, exchange: &str) -> bool {
             FieldTable::default(),
         )
         .await;
+    if r.is_ok() {
+        let _ = ch.close(200, "ok".into()).await;
+    }
     r.is_ok()
 }
 
@@ -814,12 +860,31 @@ async fn drain(ch: &Channel, queue: &str, count: u32) -> Vec<u64> {
 async fn check(url: &str, h: &History, cut: u64, label: &str) -> (usize, usize) {
     let before = |t: Option<u64>| t.is_some_and(|t| t < cut);
     let conn = connect_url(url).await;
-    for (name, t) in &h.exchanges {
-        if *t < cut {
+    let mut exchanges: Vec<&String> = h.exchanges.keys().collect();
+    exchanges.sort();
+    for name in exchanges {
+        let (sent, ok_at) = h.exchanges[name];
+        let deleted = h.exchanges_deleted.get(name);
+        let there = exchange_exists(&conn, name).await;
+        if before(ok_at) && deleted.is_none_or(|d| d.0 >= cut) {
             assert!(
-                exchange_exists(&conn, name).await,
-                "{label}: exchange {name} declared before the cut is gone"
+                there,
+                "{label}: exchange {name}, declared (declare-ok) before the cut, is gone"
             );
+        }
+        if sent >= cut {
+            assert!(
+                !there,
+                "{label}: exchange {name} exists though it was declared after the cut"
+            );
+        }
+        if let Some((_, Some(del_ok))) = deleted {
+            if *del_ok < cut {
+                assert!(
+                    !there,
+                    "{label}: exchange {name}, deleted (delete-ok) before the cut, came back"
+                );
+            }
         }
     }
     let mut present: HashMap<String, Vec<u64>> = HashMap::new();
@@ -893,14 +958,28 @@ async fn check(url: &str, h: &History, cut: u64, label: &str) -> (usize, usize) 
             );
         }
     }
-    // Bindings acknowledged before the cut still route.
+    // Bindings acknowledged before the cut still route, and those whose unbind-ok
+    // came before it do not. A marker's confirm says it was routed.
     let ch = channel(&conn).await;
+    ok(
+        "confirm.select",
+        ch.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await;
     for (exchange, queue, key, t) in &h.bound {
-        if *t >= cut || !present.contains_key(queue) {
+        let triple = (exchange.clone(), queue.clone(), key.clone());
+        let unbound = h.unbound.get(&triple);
+        let exchange_gone = h.exchanges_deleted.get(exchange).is_some_and(|d| d.0 < cut);
+        if !present.contains_key(queue) || exchange_gone {
+            continue;
+        }
+        let must_route = *t < cut && unbound.is_none_or(|u| u.0 >= cut);
+        let must_not = unbound.is_some_and(|u| before(u.1));
+        if !must_route && !must_not {
             continue;
         }
         let marker = format!("marker {exchange} {queue} {key}");
-        ok(
+        let confirm = ok(
             "basic.publish",
             ch.basic_publish(
                 exchange.as_str().into(),
@@ -911,23 +990,21 @@ async fn check(url: &str, h: &History, cut: u64, label: &str) -> (usize, usize) 
             ),
         )
         .await;
+        ok("marker confirm", confirm).await;
         let mut found = false;
-        for _ in 0..50 {
-            match ok(
-                "basic.get",
-                ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }),
-            )
-            .await
-            {
-                Some(m) if m.delivery.data == marker.as_bytes() => {
-                    found = true;
-                    break;
-                }
-                Some(_) => {}
-                None => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
+        while let Some(m) = ok(
+            "basic.get",
+            ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }),
+        )
+        .await
+        {
+            found |= m.delivery.data == marker.as_bytes();
         }
-        assert!(found, "{label}: binding {exchange} -> {queue} ({key:?}), bound before the cut, no longer routes");
+        if must_route {
+            assert!(found, "{label}: binding {exchange} -> {queue} ({key:?}), bound before the cut, no longer routes");
+        } else {
+            assert!(!found, "{label}: binding {exchange} -> {queue} ({key:?}), unbound (unbind-ok) before the cut, routes again");
+        }
     }
     let _ = conn.close(200, "checked".into()).await;
     (recovered, promised)

@@ -361,39 +361,85 @@ pub struct Restored {
 
 /// A ready message as the queue holds it. A persisted message may be paged out:
 /// then only what is needed to order, expire and find it on disk stays in memory.
+/// 32 bytes: a backlog of millions is mostly these.
 struct Entry {
     seq: u64,
-    redelivered: bool,
-    returns: u32,
-    level: u8,
-    expires: Option<u64>,
-    persisted: bool,
-    size: usize,
+    /// When it expires (monotonic ms), or `NEVER`.
+    expires_at: u64,
     /// None when paged out: the body is read back from the store for delivery.
     msg: Option<Arc<Message>>,
+    /// Body bytes (max_message_size is at most 512 MiB).
+    size: u32,
+    /// Times it went back to the queue, saturating (x-delivery-limit counts
+    /// these; a limit above 65,534 is never reached).
+    returns: u16,
+    level: u8,
+    flags: u8,
 }
+
+const _: () = assert!(std::mem::size_of::<Entry>() <= 32);
+
+const NEVER: u64 = u64::MAX;
+/// Entries a drained level may keep room for.
+const SHRINK_ABOVE: usize = 16 * 1024;
+
+fn size_u32(n: usize) -> u32 {
+    n.min(u32::MAX as usize) as u32
+}
+const REDELIVERED: u8 = 1;
+const PERSISTED: u8 = 2;
 
 impl Entry {
     fn resident(m: QueuedMessage) -> Entry {
+        let flags =
+            if m.redelivered { REDELIVERED } else { 0 } | if m.persisted { PERSISTED } else { 0 };
         Entry {
             seq: m.seq,
-            redelivered: m.redelivered,
-            returns: m.returns,
-            level: m.level,
-            expires: m.expires,
-            persisted: m.persisted,
-            size: m.msg.body.len(),
+            expires_at: m.expires.unwrap_or(NEVER),
+            size: size_u32(m.msg.body.len()),
             msg: Some(m.msg),
+            returns: m.returns.min(u32::from(u16::MAX)) as u16,
+            level: m.level,
+            flags,
         }
     }
 
+    /// A message recovered from the store: persisted, and marked redelivered.
+    fn restored(r: Restored, level: u8, expires: Option<u64>) -> Entry {
+        Entry {
+            seq: r.seq,
+            expires_at: expires.unwrap_or(NEVER),
+            size: size_u32(r.size),
+            msg: r.msg,
+            returns: 0,
+            level,
+            flags: REDELIVERED | PERSISTED,
+        }
+    }
+
+    fn expires(&self) -> Option<u64> {
+        (self.expires_at != NEVER).then_some(self.expires_at)
+    }
+
+    fn persisted(&self) -> bool {
+        self.flags & PERSISTED != 0
+    }
+
+    fn redelivered(&self) -> bool {
+        self.flags & REDELIVERED != 0
+    }
+
+    fn size(&self) -> usize {
+        self.size as usize
+    }
+
     fn expired(&self, now: u64) -> bool {
-        self.expires.is_some_and(|t| now >= t)
+        self.expires().is_some_and(|t| now >= t)
     }
 
     fn resident_bytes(&self) -> usize {
         if self.msg.is_some() {
-            self.size
+            self.size()
         } else {
             0
         }
@@ -422,7 +468,7 @@ impl Ready {
 
     fn added(&mut self, e: &Entry) {
         self.len += 1;
-        self.bytes += e.size;
+        self.bytes += e.size();
         self.resident += e.resident_bytes();
     }
 
@@ -448,9 +494,15 @@ impl Ready {
     }
 
     fn pop_front(&mut self) -> Option<Entry> {
-        let e = self.levels.iter_mut().rev().find_map(|l| l.pop_front())?;
+        let level = self.levels.iter_mut().rev().find(|l| !l.is_empty())?;
+        let e = level.pop_front()?;
+        if level.is_empty() && level.capacity() > SHRINK_ABOVE {
+            // A drained backlog gives back its entries' memory (a deque keeps
+            // its largest size otherwise: 32 MB after a million).
+            level.shrink_to_fit();
+        }
         self.len -= 1;
-        self.bytes -= e.size;
+        self.bytes -= e.size();
         self.resident -= e.resident_bytes();
         Some(e)
     }
@@ -464,7 +516,7 @@ impl Ready {
                 .find(|e| e.seq == seq && e.msg.is_none())
             {
                 e.msg = Some(msg);
-                self.resident += e.size;
+                self.resident += e.size();
                 return;
             }
         }
@@ -476,7 +528,7 @@ impl Ready {
             if let Some(i) = level.iter().position(|e| e.seq == seq) {
                 if let Some(e) = level.remove(i) {
                     self.len -= 1;
-                    self.bytes -= e.size;
+                    self.bytes -= e.size();
                     self.resident -= e.resident_bytes();
                 }
                 return;
@@ -675,7 +727,7 @@ impl Queue {
     /// A ready message leaves without delivery: forgotten, and dead-lettered if
     /// configured. A paged-out message is read back by the housekeeper first.
     fn drop_entry(&self, e: Entry, reason: &'static str) {
-        let (seq, persisted) = (e.seq, e.persisted);
+        let (seq, persisted) = (e.seq, e.persisted());
         let Some(exchange) = self.args().dead_letter_exchange.clone() else {
             self.forget_stored(seq, persisted);
             return;
@@ -738,7 +790,7 @@ impl Queue {
     fn expire_head(&self, st: &mut QueueState, now: u64) {
         while let Some(head) = st.ready.front() {
             if !head.expired(now) {
-                if let Some(t) = head.expires {
+                if let Some(t) = head.expires() {
                     self.wake(st, t.saturating_add(1));
                 }
                 return;
@@ -786,9 +838,9 @@ impl Queue {
         let mut e = Entry::resident(m);
         if expires_now {
             // Not subject to the clock during this delivery attempt; removed after it.
-            e.expires = None;
+            e.expires_at = NEVER;
         }
-        if persisted && st.ready.resident + e.size > self.memory_budget {
+        if persisted && st.ready.resident + e.size() > self.memory_budget {
             // Over budget: the stored copy is the only one this queue keeps.
             e.msg = None;
         }
@@ -803,7 +855,7 @@ impl Queue {
             if level.back().is_some_and(|e| e.seq == seq) {
                 if let Some(e) = level.pop_back() {
                     st.ready.len -= 1;
-                    st.ready.bytes -= e.size;
+                    st.ready.bytes -= e.size();
                     st.ready.resident -= e.resident_bytes();
                     self.drop_entry(e, "expired");
                 }
@@ -853,16 +905,8 @@ impl Queue {
             let level = self.level_of(r.priority);
             let ttl = self.effective_ttl(r.ttl);
             st.next_seq = st.next_seq.max(r.seq + 1);
-            st.ready.push_back(Entry {
-                seq: r.seq,
-                redelivered: true,
-                returns: 0,
-                level,
-                expires: ttl.map(|t| now.saturating_add(t.saturating_sub(r.age_ms))),
-                persisted: true,
-                size: r.size,
-                msg: r.msg,
-            });
+            let expires = ttl.map(|t| now.saturating_add(t.saturating_sub(r.age_ms)));
+            st.ready.push_back(Entry::restored(r, level, expires));
         }
         // Messages whose time ran out while the broker was down go now; the next
         // expiry gets its timer.
@@ -876,14 +920,15 @@ impl Queue {
 
     /// The message of a resident entry; None when it is paged out.
     fn resolve(&self, e: Entry) -> Option<QueuedMessage> {
+        let (redelivered, expires, persisted) = (e.redelivered(), e.expires(), e.persisted());
         Some(QueuedMessage {
             msg: e.msg?,
             seq: e.seq,
-            redelivered: e.redelivered,
-            returns: e.returns,
+            redelivered,
+            returns: u32::from(e.returns),
             level: e.level,
-            expires: e.expires,
-            persisted: e.persisted,
+            expires,
+            persisted,
         })
     }
 
@@ -903,7 +948,7 @@ impl Queue {
             for e in level.iter().take(PAGE_IN_MAX) {
                 if e.msg.is_none() {
                     seqs.push(e.seq);
-                    bytes += e.size;
+                    bytes += e.size();
                 }
                 if enough(seqs.len(), bytes) {
                     break 'levels;
@@ -1283,7 +1328,7 @@ impl Queue {
         let mut st = self.lock();
         let gone = st.ready.clear();
         for e in &gone {
-            self.forget_stored(e.seq, e.persisted);
+            self.forget_stored(e.seq, e.persisted());
         }
         gone.len() as u32
     }
