@@ -467,6 +467,7 @@ pub(crate) fn vhost_limits(
 /// Opens the store and rebuilds every configured vhost from it.
 fn recover(config: &Config, gauge: &Arc<MemoryGauge>) -> Result<Recovery, StoreError> {
     let sled = SledStore::open_with(&config.data_dir, config.limits.segment_size)?;
+    gauge.watch_store_alarm(sled.write_alarm());
     let thread = sled.take_thread();
     let store: Arc<dyn Store> = sled;
     let (exchanges, queues, bindings) = (store.exchanges()?, store.queues()?, store.bindings()?);

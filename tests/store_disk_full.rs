@@ -1,7 +1,8 @@
-//! A full disk: on a small file system made for the test (a 48 MiB tmpfs), with
-//! the free-disk alarm off so that writes really fail, confirms turn into nacks,
-//! nothing confirmed before is lost, the queue keeps serving what it holds, and
-//! once space returns publishes are confirmed again, all of it through a kill -9.
+//! A full disk: on a small file system made for the test (a 64 MiB tmpfs), with
+//! the free-disk alarm off so that writes really fail, publishes are nacked or
+//! the publisher held back, nothing confirmed is lost, the queue keeps serving
+//! what it holds, and once it is drained the broker gives the space back and
+//! confirms publishes again by itself, all of it through a kill -9.
 //!
 //! Mounting needs root (CAP_SYS_ADMIN), as CI and the development machines run.
 
@@ -13,6 +14,8 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::options::*;
@@ -29,7 +32,7 @@ struct SmallFs(PathBuf);
 
 impl SmallFs {
     fn mount(mib: u64) -> SmallFs {
-        let dir = std::env::temp_dir().join(format!("warrenmq-full-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("warrenmq-full-{}-{mib}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let status = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={}", mib * MIB), "tmpfs"])
@@ -102,45 +105,68 @@ fn id_of(b: &[u8]) -> u64 {
     id
 }
 
-/// Publishes `n` persistent messages from `next`, 8 in flight; (acked, nacked) ids.
-async fn publish(ch: &Channel, next: &mut u64, n: usize) -> (Vec<u64>, Vec<u64>) {
-    let (mut acked, mut nacked) = (Vec::new(), Vec::new());
-    for _ in 0..n.div_ceil(8) {
+#[derive(Default)]
+struct Published {
+    next: u64,
+    acked: Vec<u64>,
+    nacked: Vec<u64>,
+    /// When the last confirm or nack arrived.
+    last: Option<Instant>,
+}
+
+/// Publishes persistent messages, 8 in flight, until `stop` or an error.
+async fn publisher(ch: Channel, state: Arc<Mutex<Published>>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
         let mut pending = Vec::new();
         for _ in 0..8 {
-            let id = *next;
-            *next += 1;
-            let confirm = ok(
-                "basic.publish",
-                ch.basic_publish(
+            let id = {
+                let mut st = state.lock().unwrap();
+                st.next += 1;
+                st.next - 1
+            };
+            let Ok(confirm) = ch
+                .basic_publish(
                     "".into(),
                     QUEUE.into(),
                     BasicPublishOptions::default(),
                     &body(id),
                     BasicProperties::default().with_delivery_mode(2),
-                ),
-            )
-            .await;
+                )
+                .await
+            else {
+                return;
+            };
             pending.push((id, confirm));
         }
         for (id, confirm) in pending {
-            match ok("confirm", confirm).await {
-                Confirmation::Ack(_) => acked.push(id),
-                Confirmation::Nack(_) => nacked.push(id),
+            let Ok(c) = confirm.await else { return };
+            let mut st = state.lock().unwrap();
+            match c {
+                Confirmation::Ack(_) => st.acked.push(id),
+                Confirmation::Nack(_) => st.nacked.push(id),
                 other => panic!("message {id}: {other:?}"),
             }
+            st.last = Some(Instant::now());
         }
     }
-    (acked, nacked)
+}
+
+/// Waits until `done` holds, for at most `secs`.
+async fn until(secs: u64, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    done()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_nacks_publishes_loses_nothing_confirmed_and_recovers() {
-    let fs = SmallFs::mount(48);
+async fn a_full_disk_stops_publishers_loses_nothing_confirmed_and_recovers_when_drained() {
+    let fs = SmallFs::mount(64);
     let data = fs.0.join("data");
-    // Space an operator can free later.
-    let ballast = fs.0.join("ballast");
-    std::fs::write(&ballast, vec![1u8; 16 * MIB as usize]).unwrap();
     let config = fs.0.join("warrenmq.toml");
     let text = warrenmq::config::DEFAULT_TOML
         .replace("disk_free_limit = 50000000", "disk_free_limit = 0")
@@ -149,8 +175,12 @@ async fn a_full_disk_nacks_publishes_loses_nothing_confirmed_and_recovers() {
     std::fs::write(&config, text).unwrap();
 
     let broker = Broker::start(&config, &data);
-    let conn = connect_url(&broker.url()).await;
-    let ch = channel(&conn).await;
+    assert!(
+        data.join("reserve").exists(),
+        "the store keeps space in reserve for a full disk"
+    );
+    let publishing = connect_url(&broker.url()).await;
+    let ch = channel(&publishing).await;
     ok(
         "queue.declare",
         ch.queue_declare(
@@ -168,71 +198,184 @@ async fn a_full_disk_nacks_publishes_loses_nothing_confirmed_and_recovers() {
         ch.confirm_select(ConfirmSelectOptions::default()),
     )
     .await;
+    let state = Arc::new(Mutex::new(Published::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(publisher(ch, state.clone(), stop.clone()));
 
-    // Fill the disk: about 30 MiB are left, so 1,000 bodies of 64 KiB cannot fit.
-    let mut next = 0u64;
-    let mut confirmed: HashSet<u64> = HashSet::new();
-    let mut first_nack = None;
-    while next < 1_000 {
-        let (acked, nacked) = publish(&ch, &mut next, 8).await;
-        confirmed.extend(acked);
-        if !nacked.is_empty() {
-            first_nack = Some(next);
-            break;
-        }
-    }
-    let first_nack = first_nack.expect("a full disk turns confirms into nacks");
-    // While it stays full, every publish is nacked.
-    let (acked, nacked) = publish(&ch, &mut next, 32).await;
-    println!(
-        "disk full after {} confirmed messages (first nack before id {first_nack}); then {} acked, {} nacked",
-        confirmed.len(),
-        acked.len(),
-        nacked.len()
-    );
+    // The disk fills (about 45 MiB are free besides the reserve: some 700 bodies
+    // of 64 KiB): publishes are nacked, or the publisher is blocked and its
+    // confirms stop.
+    let stalled = || {
+        let st = state.lock().unwrap();
+        !st.nacked.is_empty()
+            || st
+                .last
+                .is_some_and(|t| t.elapsed() > Duration::from_secs(3))
+    };
+    assert!(until(60, stalled).await, "the disk never filled");
+    let (full_at, nacked_when_full) = {
+        let st = state.lock().unwrap();
+        (st.acked.len(), st.nacked.len())
+    };
     assert!(
-        nacked.len() >= 24,
-        "a full disk nacks publishes ({} acked, {} nacked)",
-        acked.len(),
-        nacked.len()
+        full_at < 1024,
+        "{full_at} messages of 64 KiB confirmed on a 64 MiB file system"
     );
-    confirmed.extend(acked);
+    println!(
+        "disk full: {full_at} confirmed, {nacked_when_full} nacked, then the publisher is held"
+    );
+
+    // Another connection reads and acks everything: the emptied segments go, the
+    // reserve comes back, and the publisher is let through again.
+    let reading = connect_url(&broker.url()).await;
+    let rch = channel(&reading).await;
+    let mut drained = HashSet::new();
+    while let Some(m) = ok(
+        "basic.get",
+        rch.basic_get(QUEUE.into(), BasicGetOptions { no_ack: false }),
+    )
+    .await
+    {
+        drained.insert(id_of(&m.delivery.data));
+        ok(
+            "basic.ack",
+            m.delivery.acker.ack(BasicAckOptions::default()),
+        )
+        .await;
+    }
+    assert!(drained.len() >= full_at, "the queue served what it held");
+    let recovered = until(30, || state.lock().unwrap().acked.len() >= full_at + 100).await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        recovered,
+        "publishes are not confirmed again 30 s after the queue was drained"
+    );
+    let confirmed: HashSet<u64> = state.lock().unwrap().acked.iter().copied().collect();
+    let next = state.lock().unwrap().next;
+    println!(
+        "drained {} messages; then {} more confirmed",
+        drained.len(),
+        confirmed.len() - full_at
+    );
+
+    // kill -9, restart: every confirmed message not acked by the reader is there.
+    drop(reading);
+    drop(publishing);
+    task.abort();
+    drop(broker);
+    let broker = Broker::start(&config, &data);
+    let conn = connect_url(&broker.url()).await;
+    let ch = channel(&conn).await;
+    let mut seen = HashSet::new();
+    while let Some(m) = ok(
+        "basic.get",
+        ch.basic_get(QUEUE.into(), BasicGetOptions { no_ack: true }),
+    )
+    .await
+    {
+        let id = id_of(&m.delivery.data);
+        assert!(seen.insert(id), "message {id} came back twice");
+        assert!(id < next, "message {id} was never published");
+    }
+    let lost: Vec<_> = confirmed
+        .iter()
+        .filter(|id| !seen.contains(id) && !drained.contains(id))
+        .collect();
+    assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+    println!("after kill -9: {} messages, none lost", seen.len());
+}
+
+/// Without room for the reserve (a 40 MiB file system), a full disk holds the
+/// publisher back (and nacks what a failed commit covered) until an operator
+/// frees space; the records that could not be written are kept and written
+/// then, and publishes are confirmed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_reserve_a_full_disk_holds_publishers_until_space_is_freed() {
+    let fs = SmallFs::mount(40);
+    let data = fs.0.join("data");
+    // Space an operator can free later.
+    let ballast = fs.0.join("ballast");
+    std::fs::write(&ballast, vec![1u8; 8 * MIB as usize]).unwrap();
+    let config = fs.0.join("warrenmq.toml");
+    let text = warrenmq::config::DEFAULT_TOML
+        .replace("disk_free_limit = 50000000", "disk_free_limit = 0")
+        .replace("segment_size = 67108864", "segment_size = 1048576");
+    std::fs::write(&config, text).unwrap();
+
+    let broker = Broker::start(&config, &data);
+    assert!(!data.join("reserve").exists(), "no room for a reserve");
+    let publishing = connect_url(&broker.url()).await;
+    let ch = channel(&publishing).await;
+    ok(
+        "queue.declare",
+        ch.queue_declare(
+            QUEUE.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await;
+    ok(
+        "confirm.select",
+        ch.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await;
+    let state = Arc::new(Mutex::new(Published::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(publisher(ch, state.clone(), stop.clone()));
+
+    // The disk fills: the publishes of a failed commit are nacked, and the
+    // publisher is held back (blocked) until space returns.
+    let stalled = || {
+        let st = state.lock().unwrap();
+        !st.nacked.is_empty()
+            || st
+                .last
+                .is_some_and(|t| t.elapsed() > Duration::from_secs(3))
+    };
+    assert!(until(60, stalled).await, "the disk never filled");
+    let full_at = state.lock().unwrap().acked.len();
+    assert!(
+        full_at < 640,
+        "{full_at} messages of 64 KiB confirmed on a 40 MiB file system"
+    );
+    println!(
+        "disk full: {full_at} confirmed, {} nacked, the publisher held",
+        state.lock().unwrap().nacked.len()
+    );
 
     // The queue still serves what it holds: read some, then give them back.
+    let reading = connect_url(&broker.url()).await;
     {
-        let reader = channel(&conn).await;
+        let rch = channel(&reading).await;
         for _ in 0..20 {
             let m = ok(
                 "basic.get",
-                reader.basic_get(QUEUE.into(), BasicGetOptions { no_ack: false }),
+                rch.basic_get(QUEUE.into(), BasicGetOptions { no_ack: false }),
             )
             .await
             .expect("the queue serves messages while the disk is full");
             id_of(&m.delivery.data);
         }
-        ok("channel.close", reader.close(200, "requeue".into())).await;
+        ok("channel.close", rch.close(200, "requeue".into())).await;
     }
 
-    // Space returns: publishes are confirmed again.
     std::fs::remove_file(&ballast).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut after = Vec::new();
-    while after.len() < 40 {
-        assert!(
-            Instant::now() < deadline,
-            "publishes are still nacked 20 s after space returned"
-        );
-        let (acked, _) = publish(&ch, &mut next, 8).await;
-        after.extend(acked);
-        if after.is_empty() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    println!("space returned: {} more confirmed", after.len());
-    confirmed.extend(after);
+    let recovered = until(30, || state.lock().unwrap().acked.len() >= full_at + 40).await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        recovered,
+        "publishes are not confirmed again 30 s after space returned"
+    );
+    let confirmed: HashSet<u64> = state.lock().unwrap().acked.iter().copied().collect();
+    let next = state.lock().unwrap().next;
 
-    // kill -9, restart: everything confirmed is there, intact.
-    drop(conn);
+    drop(reading);
+    drop(publishing);
+    task.abort();
     drop(broker);
     let broker = Broker::start(&config, &data);
     let conn = connect_url(&broker.url()).await;

@@ -273,6 +273,9 @@ pub struct MemoryGauge {
     /// Free disk space is below `limits.disk_free_limit`: publishers are blocked
     /// as for memory (RabbitMQ's disk alarm).
     disk_alarm: std::sync::atomic::AtomicBool,
+    /// The store's: set while its writes fail or it has given up the space it
+    /// keeps for a full disk. Counts as the disk alarm.
+    store_alarm: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>>,
     pub below: Notify,
 }
 
@@ -290,6 +293,7 @@ impl MemoryGauge {
             resident: AtomicUsize::new(0),
             counts_resident,
             disk_alarm: std::sync::atomic::AtomicBool::new(false),
+            store_alarm: std::sync::OnceLock::new(),
             below: Notify::new(),
         }
     }
@@ -347,8 +351,19 @@ impl MemoryGauge {
         before != after
     }
 
+    /// Free disk below the limit, or the store's alarm.
     pub fn disk_alarm(&self) -> bool {
         self.disk_alarm.load(Ordering::Relaxed)
+            || self
+                .store_alarm
+                .get()
+                .is_some_and(|a| a.load(Ordering::Relaxed))
+    }
+
+    /// Publishers wait while `alarm` is set (blocked connections look again
+    /// every 100 ms).
+    pub fn watch_store_alarm(&self, alarm: Arc<std::sync::atomic::AtomicBool>) {
+        let _ = self.store_alarm.set(alarm);
     }
 
     /// Raises or clears the disk alarm; returns whether it changed.

@@ -12,6 +12,7 @@
 mod blobs;
 mod index;
 mod log;
+mod reserve;
 mod sled_store;
 
 use std::path::{Path, PathBuf};

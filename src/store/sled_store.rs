@@ -20,6 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,6 +33,7 @@ use bytes::Bytes;
 use super::blobs::Blobs;
 use super::index::{self, Entry, FoldMap, Index, Key, Known, ENTRY_LEN};
 use super::log::{self as body_log, segment_path, BodyLog, Location, Position, Segments};
+use super::reserve::Reserve;
 use super::{
     wall_ms, EntryMeta, MessageRecord, ReadBack, ReadDone, Store, StoreError, StoredBinding,
     StoredDestination, StoredEntries, StoredEntry, StoredExchange, StoredMessage, StoredMessages,
@@ -69,6 +71,9 @@ pub struct SledStore {
     /// on disk always ends above every id handed out.
     next_queue_id: Mutex<u64>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set while writes fail, or while the space kept for a full disk is given
+    /// up (`reserve.rs`): publishers are blocked, as by the disk alarm.
+    alarm: Arc<AtomicBool>,
     _lock: File,
 }
 
@@ -104,7 +109,7 @@ const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Free bytes the data directory's file system must have before sled writes
 /// (a checkpoint, or entities): sled cannot recover from a failed write until
 /// the next start, so it never gets near one.
-const SLED_HEADROOM: u64 = 8 * 1024 * 1024;
+const SLED_HEADROOM: u64 = 4 * 1024 * 1024;
 /// Entry versions in the `messages` tree.
 const INLINE: u8 = 1;
 const IN_LOG: u8 = 2;
@@ -214,6 +219,12 @@ fn message_key(queue: u64, seq: u64) -> Key {
 }
 
 impl SledStore {
+    /// Set while the store cannot write, or has given up the space it keeps
+    /// for a full disk: the broker blocks publishers meanwhile.
+    pub fn write_alarm(&self) -> Arc<AtomicBool> {
+        self.alarm.clone()
+    }
+
     pub fn open(dir: &Path) -> Result<Arc<SledStore>, StoreError> {
         Self::open_with(dir, SEGMENT_BYTES)
     }
@@ -381,6 +392,7 @@ impl SledStore {
         log.collect();
         let segments = log.segments.clone();
         let (tx, rx) = mpsc::channel();
+        let alarm = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             db,
             meta: meta.clone(),
@@ -395,6 +407,9 @@ impl SledStore {
             last_commit: Instant::now(),
             failed: None,
             complained: None,
+            reserve: Reserve::open(dir),
+            commit_failed: false,
+            alarm: alarm.clone(),
             dir: dir.to_path_buf(),
         };
         let thread = std::thread::Builder::new()
@@ -409,6 +424,7 @@ impl SledStore {
             ops: Mutex::new(Some(tx)),
             next_queue_id: Mutex::new(next),
             thread: Mutex::new(Some(thread)),
+            alarm,
             _lock: lock,
         }))
     }
@@ -710,6 +726,12 @@ struct Writer {
     /// When the store last logged a failed commit or a put-off checkpoint:
     /// a full disk fails every commit, and one line every few seconds says so.
     complained: Option<Instant>,
+    /// Space kept for a full disk.
+    reserve: Reserve,
+    /// The last commit failed.
+    commit_failed: bool,
+    /// Shared with `SledStore::write_alarm`.
+    alarm: Arc<AtomicBool>,
     /// The data directory, for the free space sled needs before it writes.
     dir: PathBuf,
 }
@@ -770,6 +792,11 @@ impl Writer {
     /// No request for a while: what nobody waited for is made durable, and once
     /// the store has been quiet for `CHECKPOINT_IDLE`, checkpointed.
     fn idle(&mut self, quiet: Duration) {
+        if self.reserve.released() {
+            // Space freed by someone else: the reserve, then publishers, come back.
+            self.reserve.take_if_room(&self.dir);
+            self.sound_alarm();
+        }
         if self.unsynced && self.last_commit.elapsed() >= COMMIT_AFTER {
             let _ = self.commit();
         }
@@ -955,15 +982,22 @@ impl Writer {
         self.write_index();
         let r = match self.failed.take() {
             Some(e) => Err(e),
-            None => self
-                .log
-                .sync()
-                .map_err(|e| format!("syncing the body log failed: {e}"))
-                .and_then(|_| match self.sled_dirty {
-                    true => self.flush_sled(),
-                    false => Ok(()),
-                }),
+            None => {
+                let mut synced = self.log.sync();
+                // A full disk: what waits is written into the space kept for it.
+                if synced.is_err() && self.reserve.release() {
+                    synced = self.log.sync();
+                }
+                synced
+                    .map_err(|e| format!("syncing the body log failed: {e}"))
+                    .and_then(|_| match self.sled_dirty {
+                        true => self.flush_sled(),
+                        false => Ok(()),
+                    })
+            }
         };
+        self.commit_failed = r.is_err();
+        self.sound_alarm();
         match &r {
             Ok(()) => {
                 self.sled_dirty = false;
@@ -983,6 +1017,34 @@ impl Writer {
         r
     }
 
+    /// Free bytes for sled to write into: the reserve is given up when they are
+    /// fewer than it needs.
+    fn free_for_sled(&mut self) -> std::io::Result<u64> {
+        let free = crate::disk::free_bytes(&self.dir)?;
+        if free < SLED_HEADROOM && self.reserve.release() {
+            self.sound_alarm();
+            return crate::disk::free_bytes(&self.dir);
+        }
+        Ok(free)
+    }
+
+    /// Blocks publishers (through the memory gauge, as the disk alarm does)
+    /// while commits fail or the reserve is given up; unblocks them after.
+    fn sound_alarm(&mut self) {
+        let on = self.commit_failed || self.reserve.released();
+        if self.alarm.swap(on, Ordering::Relaxed) != on {
+            if on {
+                tracing::warn!(
+                    "store writes fail or the disk is nearly full: publishers are blocked"
+                );
+            } else {
+                tracing::info!(
+                    "store writes succeed and the disk has room again: publishers are unblocked"
+                );
+            }
+        }
+    }
+
     /// Whether a failure should be logged now: at most one line per 5 s.
     fn complain(&mut self) -> bool {
         let now = Instant::now();
@@ -999,7 +1061,7 @@ impl Writer {
     /// `SLED_HEADROOM` free: sled treats a failed write as fatal until the next
     /// start, while the log recovers from one.
     fn flush_sled(&mut self) -> Result<(), String> {
-        if let Ok(free) = crate::disk::free_bytes(&self.dir) {
+        if let Ok(free) = self.free_for_sled() {
             if free < SLED_HEADROOM {
                 self.sled_dirty = true;
                 return Err(format!(
@@ -1024,7 +1086,7 @@ impl Writer {
             return;
         }
         // A checkpoint can wait; sled cannot take a failed write.
-        if let Ok(free) = crate::disk::free_bytes(&self.dir) {
+        if let Ok(free) = self.free_for_sled() {
             if free < SLED_HEADROOM {
                 if self.complain() {
                     tracing::warn!(
@@ -1051,6 +1113,10 @@ impl Writer {
             Ok(()) => {
                 self.log.checkpointed(pos);
                 self.log.collect();
+                if self.reserve.released() {
+                    self.reserve.take_if_room(&self.dir);
+                    self.sound_alarm();
+                }
                 tracing::debug!(
                     entries = n,
                     "checkpoint at segment {} offset {} in {:?}",
@@ -1081,6 +1147,21 @@ fn create_database(dir: &Path) -> std::io::Result<()> {
         .map_err(std::io::Error::other)?;
     db.flush().map_err(std::io::Error::other)?;
     drop(db);
+    // sled's threads may hold its file, and the lock on it, a moment after the
+    // drop; the open that follows would find it locked.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match File::open(fresh.join("db"))?.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::other("sled still holds the new database"))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
     for name in ["conf", "db", "blobs", ""] {
         File::open(fresh.join(name))?.sync_all()?;
     }

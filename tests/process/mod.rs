@@ -28,8 +28,12 @@ pub fn spawn(mut cmd: Command) -> (Child, SocketAddr) {
     std::thread::spawn(move || {
         let mut sent = false;
         for line in out.lines().map_while(Result::ok) {
-            // Shown with a failing test's output (the harness captures it otherwise).
-            if line.contains(" WARN ") || line.contains("ERROR") {
+            // Shown with a failing test's output (the harness captures it otherwise);
+            // WARRENMQ_TEST_ECHO=1 shows every line.
+            if line.contains(" WARN ")
+                || line.contains("ERROR")
+                || std::env::var_os("WARRENMQ_TEST_ECHO").is_some()
+            {
                 eprintln!("broker: {line}");
             }
             if !sent {
