@@ -25,10 +25,11 @@ mod common;
 mod process;
 mod support;
 
+use process::Broker;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -103,45 +104,6 @@ fn config_file(dir: &Path) -> PathBuf {
     let path = dir.join("warrenmq.toml");
     std::fs::write(&path, text).expect("write the configuration");
     path
-}
-
-struct Broker {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Broker {
-    fn start(config: &Path, data: &Path, shim: Option<(&Path, &Path)>) -> Broker {
-        let mut cmd = process::warrenmq();
-        cmd.arg("--config")
-            .arg(config)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--log-level",
-                "info",
-                "--data-dir",
-            ])
-            .arg(data);
-        if let Some((lib, journal)) = shim {
-            cmd.env("LD_PRELOAD", lib)
-                .env("WARRENMQ_SHIM_DIR", data)
-                .env("WARRENMQ_SHIM_JOURNAL", journal);
-        }
-        let (child, addr) = process::spawn(cmd);
-        Broker { child, addr }
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@{}/%2f", self.addr)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1031,7 +993,11 @@ async fn acknowledged_state_survives_power_cuts_at_random_moments() {
 
     let h: Shared = Arc::default();
     let started = now_ns();
-    let broker = Broker::start(&config, &data, Some((&shim, &journal)));
+    let broker = Broker::start_with(&config, &data, |cmd| {
+        cmd.env("LD_PRELOAD", &shim)
+            .env("WARRENMQ_SHIM_DIR", &data)
+            .env("WARRENMQ_SHIM_JOURNAL", &journal);
+    });
     topology(&broker.url(), &h).await;
     let url = broker.url();
     let tasks = vec![
@@ -1091,7 +1057,7 @@ async fn acknowledged_state_survives_power_cuts_at_random_moments() {
         let dir = root.join(format!("cut{i}"));
         let tears = rng.clone();
         rebuild(&records, upto, model, &mut rng, &dir);
-        let broker = Broker::start(&config, &dir, None);
+        let broker = Broker::start(&config, &dir);
         let checked = tokio::spawn({
             let (url, h, label) = (broker.url(), h.clone(), label.clone());
             async move { check(&url, &h, cut, &label).await }

@@ -10,10 +10,11 @@ mod common;
 mod process;
 mod support;
 
+use process::Broker;
+
 use std::collections::HashSet;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,40 +53,6 @@ impl Drop for SmallFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
         let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-struct Broker {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Broker {
-    fn start(config: &Path, data: &Path) -> Broker {
-        let mut cmd = process::warrenmq();
-        cmd.arg("--config")
-            .arg(config)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--log-level",
-                "info",
-                "--data-dir",
-            ])
-            .arg(data);
-        let (child, addr) = process::spawn(cmd);
-        Broker { child, addr }
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@{}/%2f", self.addr)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -163,66 +130,137 @@ async fn until(secs: u64, mut done: impl FnMut() -> bool) -> bool {
     done()
 }
 
+impl SmallFs {
+    /// The broker's configuration on this file system: the free-disk alarm off,
+    /// so that writes really fail, and 1 MiB segments.
+    fn config(&self) -> PathBuf {
+        let text = warrenmq::config::DEFAULT_TOML
+            .replace("disk_free_limit = 50000000", "disk_free_limit = 0")
+            .replace("segment_size = 67108864", "segment_size = 1048576");
+        assert!(text.contains("disk_free_limit = 0") && text.contains("segment_size = 1048576"));
+        let path = self.0.join("warrenmq.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+/// A publisher at work on its own connection.
+struct Publishing {
+    _conn: lapin::Connection,
+    state: Arc<Mutex<Published>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publishing {
+    /// Declares the durable queue and starts publishing to it with confirms.
+    async fn start(broker: &Broker) -> Publishing {
+        let conn = connect_url(&broker.url()).await;
+        let ch = channel(&conn).await;
+        ok(
+            "queue.declare",
+            ch.queue_declare(
+                QUEUE.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        ok(
+            "confirm.select",
+            ch.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await;
+        let state = Arc::new(Mutex::new(Published::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(publisher(ch, state.clone(), stop.clone()));
+        Publishing {
+            _conn: conn,
+            state,
+            stop,
+            task,
+        }
+    }
+
+    fn confirmed(&self) -> usize {
+        self.state.lock().unwrap().acked.len()
+    }
+
+    /// Waits for the disk to fill: a nack, or confirms stopping for 3 s (the
+    /// publisher held back). Returns how many were confirmed by then.
+    async fn until_full(&self) -> usize {
+        let stalled = || {
+            let st = self.state.lock().unwrap();
+            !st.nacked.is_empty()
+                || st
+                    .last
+                    .is_some_and(|t| t.elapsed() > Duration::from_secs(3))
+        };
+        assert!(until(60, stalled).await, "the disk never filled");
+        let st = self.state.lock().unwrap();
+        println!(
+            "disk full: {} confirmed, {} nacked, the publisher held",
+            st.acked.len(),
+            st.nacked.len()
+        );
+        st.acked.len()
+    }
+
+    /// Waits for `more` confirms past `after`, then stops; the confirmed ids and
+    /// the next id (never published).
+    async fn until_confirmed(self, after: usize, more: usize, what: &str) -> (HashSet<u64>, u64) {
+        let recovered = until(30, || self.confirmed() >= after + more).await;
+        self.stop.store(true, Ordering::Relaxed);
+        assert!(
+            recovered,
+            "publishes are not confirmed again 30 s after {what}"
+        );
+        self.task.abort();
+        let st = self.state.lock().unwrap();
+        println!("{what}: {} more confirmed", st.acked.len() - after);
+        (st.acked.iter().copied().collect(), st.next)
+    }
+}
+
+/// Restarts the broker after a kill -9 and takes every message; each intact,
+/// published, and there once.
+async fn after_kill_9(broker: Broker, fs: &SmallFs, next: u64) -> HashSet<u64> {
+    drop(broker);
+    let broker = Broker::start(&fs.config(), &fs.0.join("data"));
+    let conn = connect_url(&broker.url()).await;
+    let ch = channel(&conn).await;
+    let mut seen = HashSet::new();
+    while let Some(m) = ok(
+        "basic.get",
+        ch.basic_get(QUEUE.into(), BasicGetOptions { no_ack: true }),
+    )
+    .await
+    {
+        let id = id_of(&m.delivery.data);
+        assert!(seen.insert(id), "message {id} came back twice");
+        assert!(id < next, "message {id} was never published");
+    }
+    seen
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_publishers_loses_nothing_confirmed_and_recovers_when_drained() {
     let fs = SmallFs::mount(64);
     let data = fs.0.join("data");
-    let config = fs.0.join("warrenmq.toml");
-    let text = warrenmq::config::DEFAULT_TOML
-        .replace("disk_free_limit = 50000000", "disk_free_limit = 0")
-        .replace("segment_size = 67108864", "segment_size = 1048576");
-    assert!(text.contains("disk_free_limit = 0") && text.contains("segment_size = 1048576"));
-    std::fs::write(&config, text).unwrap();
-
-    let broker = Broker::start(&config, &data);
+    let broker = Broker::start(&fs.config(), &data);
     assert!(
         data.join("reserve").exists(),
         "the store keeps space in reserve for a full disk"
     );
-    let publishing = connect_url(&broker.url()).await;
-    let ch = channel(&publishing).await;
-    ok(
-        "queue.declare",
-        ch.queue_declare(
-            QUEUE.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        ),
-    )
-    .await;
-    ok(
-        "confirm.select",
-        ch.confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await;
-    let state = Arc::new(Mutex::new(Published::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let task = tokio::spawn(publisher(ch, state.clone(), stop.clone()));
-
-    // The disk fills (about 45 MiB are free besides the reserve: some 700 bodies
-    // of 64 KiB): publishes are nacked, or the publisher is blocked and its
-    // confirms stop.
-    let stalled = || {
-        let st = state.lock().unwrap();
-        !st.nacked.is_empty()
-            || st
-                .last
-                .is_some_and(|t| t.elapsed() > Duration::from_secs(3))
-    };
-    assert!(until(60, stalled).await, "the disk never filled");
-    let (full_at, nacked_when_full) = {
-        let st = state.lock().unwrap();
-        (st.acked.len(), st.nacked.len())
-    };
+    let publishing = Publishing::start(&broker).await;
+    // About 45 MiB are free besides the reserve: some 700 bodies of 64 KiB.
+    let full_at = publishing.until_full().await;
     assert!(
         full_at < 1024,
         "{full_at} messages of 64 KiB confirmed on a 64 MiB file system"
-    );
-    println!(
-        "disk full: {full_at} confirmed, {nacked_when_full} nacked, then the publisher is held"
     );
 
     // Another connection reads and acks everything: the emptied segments go, the
@@ -244,39 +282,12 @@ async fn a_full_disk_stops_publishers_loses_nothing_confirmed_and_recovers_when_
         .await;
     }
     assert!(drained.len() >= full_at, "the queue served what it held");
-    let recovered = until(30, || state.lock().unwrap().acked.len() >= full_at + 100).await;
-    stop.store(true, Ordering::Relaxed);
-    assert!(
-        recovered,
-        "publishes are not confirmed again 30 s after the queue was drained"
-    );
-    let confirmed: HashSet<u64> = state.lock().unwrap().acked.iter().copied().collect();
-    let next = state.lock().unwrap().next;
-    println!(
-        "drained {} messages; then {} more confirmed",
-        drained.len(),
-        confirmed.len() - full_at
-    );
+    let (confirmed, next) = publishing
+        .until_confirmed(full_at, 100, "the queue was drained")
+        .await;
 
-    // kill -9, restart: every confirmed message not acked by the reader is there.
-    drop(reading);
-    drop(publishing);
-    task.abort();
-    drop(broker);
-    let broker = Broker::start(&config, &data);
-    let conn = connect_url(&broker.url()).await;
-    let ch = channel(&conn).await;
-    let mut seen = HashSet::new();
-    while let Some(m) = ok(
-        "basic.get",
-        ch.basic_get(QUEUE.into(), BasicGetOptions { no_ack: true }),
-    )
-    .await
-    {
-        let id = id_of(&m.delivery.data);
-        assert!(seen.insert(id), "message {id} came back twice");
-        assert!(id < next, "message {id} was never published");
-    }
+    // Every confirmed message the reader did not ack is there after a kill -9.
+    let seen = after_kill_9(broker, &fs, next).await;
     let lost: Vec<_> = confirmed
         .iter()
         .filter(|id| !seen.contains(id) && !drained.contains(id))
@@ -296,55 +307,13 @@ async fn without_a_reserve_a_full_disk_holds_publishers_until_space_is_freed() {
     // Space an operator can free later.
     let ballast = fs.0.join("ballast");
     std::fs::write(&ballast, vec![1u8; 8 * MIB as usize]).unwrap();
-    let config = fs.0.join("warrenmq.toml");
-    let text = warrenmq::config::DEFAULT_TOML
-        .replace("disk_free_limit = 50000000", "disk_free_limit = 0")
-        .replace("segment_size = 67108864", "segment_size = 1048576");
-    std::fs::write(&config, text).unwrap();
-
-    let broker = Broker::start(&config, &data);
+    let broker = Broker::start(&fs.config(), &data);
     assert!(!data.join("reserve").exists(), "no room for a reserve");
-    let publishing = connect_url(&broker.url()).await;
-    let ch = channel(&publishing).await;
-    ok(
-        "queue.declare",
-        ch.queue_declare(
-            QUEUE.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        ),
-    )
-    .await;
-    ok(
-        "confirm.select",
-        ch.confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await;
-    let state = Arc::new(Mutex::new(Published::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let task = tokio::spawn(publisher(ch, state.clone(), stop.clone()));
-
-    // The disk fills: the publishes of a failed commit are nacked, and the
-    // publisher is held back (blocked) until space returns.
-    let stalled = || {
-        let st = state.lock().unwrap();
-        !st.nacked.is_empty()
-            || st
-                .last
-                .is_some_and(|t| t.elapsed() > Duration::from_secs(3))
-    };
-    assert!(until(60, stalled).await, "the disk never filled");
-    let full_at = state.lock().unwrap().acked.len();
+    let publishing = Publishing::start(&broker).await;
+    let full_at = publishing.until_full().await;
     assert!(
         full_at < 640,
         "{full_at} messages of 64 KiB confirmed on a 40 MiB file system"
-    );
-    println!(
-        "disk full: {full_at} confirmed, {} nacked, the publisher held",
-        state.lock().unwrap().nacked.len()
     );
 
     // The queue still serves what it holds: read some, then give them back.
@@ -364,33 +333,10 @@ async fn without_a_reserve_a_full_disk_holds_publishers_until_space_is_freed() {
     }
 
     std::fs::remove_file(&ballast).unwrap();
-    let recovered = until(30, || state.lock().unwrap().acked.len() >= full_at + 40).await;
-    stop.store(true, Ordering::Relaxed);
-    assert!(
-        recovered,
-        "publishes are not confirmed again 30 s after space returned"
-    );
-    let confirmed: HashSet<u64> = state.lock().unwrap().acked.iter().copied().collect();
-    let next = state.lock().unwrap().next;
-
-    drop(reading);
-    drop(publishing);
-    task.abort();
-    drop(broker);
-    let broker = Broker::start(&config, &data);
-    let conn = connect_url(&broker.url()).await;
-    let ch = channel(&conn).await;
-    let mut seen = HashSet::new();
-    while let Some(m) = ok(
-        "basic.get",
-        ch.basic_get(QUEUE.into(), BasicGetOptions { no_ack: true }),
-    )
-    .await
-    {
-        let id = id_of(&m.delivery.data);
-        assert!(seen.insert(id), "message {id} came back twice");
-        assert!(id < next, "message {id} was never published");
-    }
+    let (confirmed, next) = publishing
+        .until_confirmed(full_at, 40, "space returned")
+        .await;
+    let seen = after_kill_9(broker, &fs, next).await;
     let lost: Vec<_> = confirmed.iter().filter(|id| !seen.contains(id)).collect();
     assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
     println!(

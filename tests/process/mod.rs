@@ -54,3 +54,49 @@ pub fn spawn(mut cmd: Command) -> (Child, SocketAddr) {
         .unwrap_or_else(|| panic!("cannot read the address from {addr:?}"));
     (child, addr)
 }
+
+/// The broker on `--config CONFIG --data-dir DATA`, on an ephemeral port; killed
+/// with SIGKILL (no shutdown path runs) when dropped.
+pub struct Broker {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Broker {
+    pub fn start(config: &std::path::Path, data: &std::path::Path) -> Broker {
+        Broker::start_with(config, data, |_| {})
+    }
+
+    /// `start`, with `adjust` given the command first (environment, more flags).
+    pub fn start_with(
+        config: &std::path::Path,
+        data: &std::path::Path,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Broker {
+        let mut cmd = warrenmq();
+        cmd.arg("--config")
+            .arg(config)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--log-level",
+                "info",
+                "--data-dir",
+            ])
+            .arg(data);
+        adjust(&mut cmd);
+        let (child, addr) = spawn(cmd);
+        Broker { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
