@@ -77,11 +77,19 @@ async fn fill(dir: &Path, queues: &[(&str, usize)]) {
     broker.shutdown().await;
 }
 
+/// The broker's sled database; its threads may hold the file's lock a moment
+/// after the broker has shut down.
 fn open_db(dir: &Path) -> sled::Db {
-    sled::Config::new()
-        .path(dir.join("db"))
-        .open()
-        .expect("open the broker's sled database")
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::Config::new().path(dir.join("db")).open() {
+            Ok(db) => return db,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("open the broker's sled database: {e:?}"),
+        }
+    }
 }
 
 /// The id the store gave a queue: meta key `q` + vhost + name, value version + id.

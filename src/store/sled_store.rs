@@ -246,7 +246,9 @@ impl SledStore {
             Err(std::fs::TryLockError::Error(e)) => return Err(io("cannot lock the lock file")(e)),
         }
         let existed = dir.join("db").join("db").exists();
-        if !existed {
+        if existed {
+            wait_for_sled(&dir.join("db").join("db")).map_err(io("cannot open the database"))?;
+        } else {
             create_database(dir).map_err(io("cannot create the database"))?;
         }
         let db = sled::Config::new()
@@ -1130,6 +1132,35 @@ impl Writer {
     }
 }
 
+/// Waits until nothing in this process holds sled's lock on `file`: sled's
+/// threads keep the file, and the lock, a moment after its last handle is
+/// dropped, so an open right after a close (a new database, or a broker
+/// started again in the same process) would find it locked. Another process
+/// cannot hold it: the caller holds the data directory's lock file.
+fn wait_for_sled(file: &Path) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let f = match File::open(file) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match f.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::other(format!(
+                    "{} stays locked",
+                    file.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+}
+
 /// Makes an empty sled database under a temporary name, syncs it and renames it
 /// to `db`. sled writes its `conf` file without syncing it, and a power cut that
 /// tore it would make every later start refuse the directory; `db` appears only
@@ -1147,21 +1178,7 @@ fn create_database(dir: &Path) -> std::io::Result<()> {
         .map_err(std::io::Error::other)?;
     db.flush().map_err(std::io::Error::other)?;
     drop(db);
-    // sled's threads may hold its file, and the lock on it, a moment after the
-    // drop; the open that follows would find it locked.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match File::open(fresh.join("db"))?.try_lock() {
-            Ok(()) => break,
-            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(std::io::Error::other("sled still holds the new database"))
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(e),
-        }
-    }
+    wait_for_sled(&fresh.join("db"))?;
     for name in ["conf", "db", "blobs", ""] {
         File::open(fresh.join(name))?.sync_all()?;
     }
