@@ -333,12 +333,11 @@ impl BodyLog {
     /// attempt writes it again at the same offsets.
     fn write_out(&mut self) -> std::io::Result<()> {
         if self.trim {
-            self.write_out_trim()?;
+            self.trim_file()?;
         }
         if self.on_file < self.buf.len() {
             if let Err(e) = self.active_file.write_all(&self.buf[self.on_file..]) {
-                self.trim = true;
-                let _ = self.write_out_trim();
+                self.rewrite_from(self.on_file);
                 return Err(e);
             }
             self.on_file = self.buf.len();
@@ -346,7 +345,15 @@ impl BodyLog {
         Ok(())
     }
 
-    fn write_out_trim(&mut self) -> std::io::Result<()> {
+    /// Counts only the first `on_file` bytes of `buf` as in the file and cuts
+    /// the file there, now if it can, else before the next write.
+    fn rewrite_from(&mut self, on_file: usize) {
+        self.on_file = on_file;
+        self.trim = true;
+        let _ = self.trim_file();
+    }
+
+    fn trim_file(&mut self) -> std::io::Result<()> {
         self.active_file
             .set_len(self.synced + self.on_file as u64)?;
         self.trim = false;
@@ -391,9 +398,7 @@ impl BodyLog {
             if let Err(e) = self.active_file.sync_data() {
                 // The kernel may drop pages it failed to write back, and clean
                 // them: all of `buf` is written again next time.
-                self.on_file = 0;
-                self.trim = true;
-                let _ = self.write_out_trim();
+                self.rewrite_from(0);
                 return Err(e);
             }
         }
