@@ -31,6 +31,10 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// a fanout's bodies each read their own copy: 1.7 GB for 1M entries).
 const RECOVERED_HEAD: usize = 8 << 20;
 
+/// Messages handed to a queue at a time: a queue keeps a long backlog encoded
+/// (a few bytes a message), so start-up never holds it all as it was read.
+const RESTORE_BATCH: usize = 4096;
+
 impl Progress {
     pub fn new(queues_total: usize) -> Progress {
         let now = Instant::now();
@@ -272,6 +276,13 @@ impl Vhost {
                     size,
                     msg,
                 });
+                if msgs.len() == RESTORE_BATCH {
+                    nm += msgs.len();
+                    q.restore(std::mem::replace(
+                        &mut msgs,
+                        Vec::with_capacity(RESTORE_BATCH),
+                    ));
+                }
             }
             nm += msgs.len();
             nq += 1;

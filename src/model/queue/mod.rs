@@ -9,7 +9,6 @@
 //! limits and dead-lettering. Dead letters and timers are handed to the vhost's
 //! housekeeping task, never routed under this queue's lock.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Instant;
@@ -24,6 +23,9 @@ use crate::error::{queue_name, AmqpError, AmqpResult};
 use crate::store::Store;
 use crate::store::{ReadBack, StoredMessage};
 use tokio::sync::oneshot;
+
+mod ready;
+use ready::{Entry, Ready, NEVER, PERSISTED, REDELIVERED};
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -359,36 +361,6 @@ pub struct Restored {
     pub msg: Option<Arc<Message>>,
 }
 
-/// A ready message as the queue holds it. A persisted message may be paged out:
-/// then only what is needed to order, expire and find it on disk stays in memory.
-/// 32 bytes: a backlog of millions is mostly these.
-struct Entry {
-    seq: u64,
-    /// When it expires (monotonic ms), or `NEVER`.
-    expires_at: u64,
-    /// None when paged out: the body is read back from the store for delivery.
-    msg: Option<Arc<Message>>,
-    /// Body bytes (max_message_size is at most 512 MiB).
-    size: u32,
-    /// Times it went back to the queue, saturating (x-delivery-limit counts
-    /// these; a limit above 65,534 is never reached).
-    returns: u16,
-    level: u8,
-    flags: u8,
-}
-
-const _: () = assert!(std::mem::size_of::<Entry>() <= 32);
-
-const NEVER: u64 = u64::MAX;
-/// Entries a drained level may keep room for.
-const SHRINK_ABOVE: usize = 16 * 1024;
-
-fn size_u32(n: usize) -> u32 {
-    n.min(u32::MAX as usize) as u32
-}
-const REDELIVERED: u8 = 1;
-const PERSISTED: u8 = 2;
-
 impl Entry {
     fn resident(m: QueuedMessage) -> Entry {
         let flags =
@@ -416,132 +388,10 @@ impl Entry {
             flags: REDELIVERED | PERSISTED,
         }
     }
-
-    fn expires(&self) -> Option<u64> {
-        (self.expires_at != NEVER).then_some(self.expires_at)
-    }
-
-    fn persisted(&self) -> bool {
-        self.flags & PERSISTED != 0
-    }
-
-    fn redelivered(&self) -> bool {
-        self.flags & REDELIVERED != 0
-    }
-
-    fn size(&self) -> usize {
-        self.size as usize
-    }
-
-    fn expired(&self, now: u64) -> bool {
-        self.expires().is_some_and(|t| now >= t)
-    }
-
-    fn resident_bytes(&self) -> usize {
-        if self.msg.is_some() {
-            self.size()
-        } else {
-            0
-        }
-    }
 }
 
-/// Ready messages, one FIFO per priority level (a single level without x-max-priority).
-struct Ready {
-    levels: Vec<VecDeque<Entry>>,
-    len: usize,
-    /// Body bytes of every ready message (x-max-length-bytes counts these).
-    bytes: usize,
-    /// Body bytes held in memory (the paging budget counts these).
-    resident: usize,
-}
-
-impl Ready {
-    fn new(levels: usize) -> Ready {
-        Ready {
-            levels: (0..levels).map(|_| VecDeque::new()).collect(),
-            len: 0,
-            bytes: 0,
-            resident: 0,
-        }
-    }
-
-    fn added(&mut self, e: &Entry) {
-        self.len += 1;
-        self.bytes += e.size();
-        self.resident += e.resident_bytes();
-    }
-
-    fn push_back(&mut self, e: Entry) {
-        self.added(&e);
-        self.levels[e.level as usize].push_back(e);
-    }
-
-    fn push_front(&mut self, e: Entry) {
-        self.added(&e);
-        self.levels[e.level as usize].push_front(e);
-    }
-
-    fn insert_by_seq(&mut self, e: Entry) {
-        self.added(&e);
-        let level = &mut self.levels[e.level as usize];
-        let pos = level.partition_point(|r| r.seq < e.seq);
-        level.insert(pos, e);
-    }
-
-    fn front(&self) -> Option<&Entry> {
-        self.levels.iter().rev().find_map(|l| l.front())
-    }
-
-    fn pop_front(&mut self) -> Option<Entry> {
-        let level = self.levels.iter_mut().rev().find(|l| !l.is_empty())?;
-        let e = level.pop_front()?;
-        if level.is_empty() && level.capacity() > SHRINK_ABOVE {
-            // A drained backlog gives back its entries' memory (a deque keeps
-            // its largest size otherwise: 32 MB after a million).
-            level.shrink_to_fit();
-        }
-        self.len -= 1;
-        self.bytes -= e.size();
-        self.resident -= e.resident_bytes();
-        Some(e)
-    }
-
-    /// Attaches a body read back from the store to its paged-out entry.
-    fn attach(&mut self, seq: u64, msg: Arc<Message>) {
-        for level in self.levels.iter_mut().rev() {
-            if let Some(e) = level
-                .iter_mut()
-                .take(PAGE_IN_MAX * 2)
-                .find(|e| e.seq == seq && e.msg.is_none())
-            {
-                e.msg = Some(msg);
-                self.resident += e.size();
-                return;
-            }
-        }
-    }
-
-    /// Drops a paged-out entry whose message cannot be read back.
-    fn remove_seq(&mut self, seq: u64) {
-        for level in self.levels.iter_mut() {
-            if let Some(i) = level.iter().position(|e| e.seq == seq) {
-                if let Some(e) = level.remove(i) {
-                    self.len -= 1;
-                    self.bytes -= e.size();
-                    self.resident -= e.resident_bytes();
-                }
-                return;
-            }
-        }
-    }
-
-    fn clear(&mut self) -> Vec<Entry> {
-        self.len = 0;
-        self.bytes = 0;
-        self.resident = 0;
-        self.levels.iter_mut().flat_map(|l| l.drain(..)).collect()
-    }
+fn size_u32(n: usize) -> u32 {
+    n.min(u32::MAX as usize) as u32
 }
 
 struct QueueState {
@@ -851,14 +701,8 @@ impl Queue {
         self.enforce_length(&mut st);
         if expires_now {
             // TTL 0: delivered right away to a waiting consumer, or gone.
-            let level = &mut st.ready.levels[level as usize];
-            if level.back().is_some_and(|e| e.seq == seq) {
-                if let Some(e) = level.pop_back() {
-                    st.ready.len -= 1;
-                    st.ready.bytes -= e.size();
-                    st.ready.resident -= e.resident_bytes();
-                    self.drop_entry(e, "expired");
-                }
+            if let Some(e) = st.ready.pop_back_if(level, seq) {
+                self.drop_entry(e, "expired");
             }
         }
         if had_expiry {
@@ -944,15 +788,13 @@ impl Queue {
         };
         let (mut seqs, mut bytes) = (Vec::new(), 0usize);
         let enough = |n: usize, b: usize| n >= PAGE_IN_MAX || b >= self.memory_budget / 4;
-        'levels: for level in st.ready.levels.iter().rev() {
-            for e in level.iter().take(PAGE_IN_MAX) {
-                if e.msg.is_none() {
-                    seqs.push(e.seq);
-                    bytes += e.size();
-                }
-                if enough(seqs.len(), bytes) {
-                    break 'levels;
-                }
+        for e in st.ready.heads(PAGE_IN_MAX) {
+            if e.msg.is_none() {
+                seqs.push(e.seq);
+                bytes += e.size();
+            }
+            if enough(seqs.len(), bytes) {
+                break;
             }
         }
         if seqs.is_empty() {
@@ -984,7 +826,7 @@ impl Queue {
                     continue;
                 }
             };
-            st.ready.attach(seq, msg);
+            st.ready.attach(seq, msg, PAGE_IN_MAX * 2);
         }
         for w in std::mem::take(&mut st.page_waiters) {
             let _ = w.send(());
@@ -1326,18 +1168,15 @@ impl Queue {
     /// Drops the ready messages; unacked ones are untouched, as in RabbitMQ.
     pub fn purge(&self) -> u32 {
         let mut st = self.lock();
-        let gone = st.ready.clear();
-        for e in &gone {
-            self.forget_stored(e.seq, e.persisted());
-        }
-        gone.len() as u32
+        let n = st.ready.clear(|e| self.forget_stored(e.seq, e.persisted()));
+        n as u32
     }
 
     /// Marks the queue deleted; returns its ready count and its consumers, to be told.
     pub fn delete(&self) -> (u32, Vec<Arc<Consumer>>) {
         let mut st = self.lock();
         st.deleted = true;
-        let n = st.ready.clear().len() as u32;
+        let n = st.ready.clear(drop) as u32;
         st.priorities.clear();
         (n, std::mem::take(&mut st.consumers))
     }
