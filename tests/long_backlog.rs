@@ -89,10 +89,11 @@ async fn a_long_mixed_backlog_is_consumed_in_order_with_requeues() {
     support::confirm_mode(&ch).await;
     let expired = |i: usize| i % 1000 == 500;
     publish_all(&ch, "long-mixed", 0..N, |i| {
-        let mut p = BasicProperties::default().with_delivery_mode(if i % 3 == 0 { 1 } else { 2 });
+        let mut p =
+            BasicProperties::default().with_delivery_mode(if i.is_multiple_of(3) { 1 } else { 2 });
         if expired(i) {
             p = p.with_expiration("1".into());
-        } else if i % 5 == 0 {
+        } else if i.is_multiple_of(5) {
             p = p.with_expiration("600000".into());
         }
         p
@@ -107,7 +108,7 @@ async fn a_long_mixed_backlog_is_consumed_in_order_with_requeues() {
         (0..100).collect::<Vec<_>>()
     );
     // The even ones are acked: their room goes to the next fifty.
-    for d in first.iter().filter(|d| index(&d.data) % 2 == 0) {
+    for d in first.iter().filter(|d| index(&d.data).is_multiple_of(2)) {
         ok("ack", d.acker.ack(BasicAckOptions::default())).await;
     }
     let next = sub.take(50).await;
