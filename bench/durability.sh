@@ -18,6 +18,11 @@
 #   5. bytes written to disk per payload byte (/proc/PID/io write_bytes), 20,000
 #      persistent 1 KiB messages with confirms to one durable queue and to a fanout
 #      exchange bound to three; WarrenMQ and RabbitMQ.
+#   6. WarrenMQ's memory with a BIG (default 10,000,000) persistent 1 KiB backlog in
+#      one queue: the highest RSS while it is built (sampled every second), RSS
+#      after it, after a restart (SIGTERM, then kill -9) and after draining it;
+#      start-up time, drain rate and disk use. Needs about 1.2 KiB of disk a message.
+#      Not in the default SECTIONS (it takes a few minutes and ~12 GB).
 #
 # Environment: SECTIONS="1 2 3 4 5" picks parts; WORK (default /tmp/warrenmq-durability)
 # holds WarrenMQ's data directories (fresh per experiment), logs and raw figures;
@@ -62,6 +67,8 @@ fi
 mkdir -p "$WORK/bin"
 avail_kib=$(df -Pk "$WORK" | awk 'NR==2 {print $4}')
 need_kib=$((N * 4 + 2 * 1024 * 1024))
+BIG=${BIG:-10000000}
+if want 6; then need_kib=$((need_kib + BIG * 5 / 4)); fi
 if [ "$avail_kib" -lt "$need_kib" ]; then
   echo "only $((avail_kib / 1024)) MiB free under $WORK; need about $((need_kib / 1024)) MiB" >&2
   exit 1
@@ -367,6 +374,61 @@ if want 5; then
       note "rabbit.written_per_payload_byte.fanout$fan" "$(awk -v a="$before" -v b="$after" 'BEGIN {printf "%.2f", (b - a) / (20000 * 1024)}') | $line"
     fi
   done
+fi
+
+# ---------------------------------------------------------------------------
+if want 6; then
+  echo
+  echo "== 6. memory with $BIG persistent 1 KiB messages in one queue"
+  dir=$WORK/s6
+  rm -rf "$dir" "$dir.log"
+  start_warren "$dir"
+  note warren.big.empty_rss_kib "$(rss_kib "$BPID")"
+  peak=$WORK/s6.peak
+  echo 0 >"$peak"
+  ( while kill -0 "$BPID" 2>/dev/null; do
+      r=$(rss_kib "$BPID" || echo 0)
+      [ "${r:-0}" -gt "$(cat "$peak")" ] && echo "$r" >"$peak"
+      sleep 1
+    done ) &
+  sampler=$!
+  line=$("$P" --port $WPORT --count "$BIG" --consumers 0 --confirm 256 --persistent --queue big --no-delete)
+  note warren.big.backlog_run "$line"
+  note warren.big.rss_after_build_kib "$(rss_kib "$BPID")"
+  sleep 5
+  note warren.big.rss_after_build_5s_kib "$(rss_kib "$BPID")"
+  note warren.big.peak_rss_during_build_kib "$(cat "$peak")"
+  note warren.big.disk_kib "$(kib "$dir")"
+  stop_warren TERM
+  kill "$sampler" 2>/dev/null || true
+  note warren.big.sigterm.stop_s "$STOP_S"
+  start_warren "$dir" big
+  note warren.big.sigterm.start_s "$START_S"
+  note warren.big.sigterm.log "$(recovered_line "$dir.log")"
+  note warren.big.sigterm.rss_kib "$(rss_kib "$BPID")"
+  stop_warren 9
+  start_warren "$dir" big
+  note warren.big.kill9.start_s "$START_S"
+  note warren.big.kill9.log "$(recovered_line "$dir.log")"
+  note warren.big.kill9.rss_kib "$(rss_kib "$BPID")"
+  sleep 5
+  note warren.big.kill9.rss_5s_kib "$(rss_kib "$BPID")"
+  echo 0 >"$peak"
+  ( while kill -0 "$BPID" 2>/dev/null; do
+      r=$(rss_kib "$BPID" || echo 0)
+      [ "${r:-0}" -gt "$(cat "$peak")" ] && echo "$r" >"$peak"
+      sleep 1
+    done ) &
+  sampler=$!
+  line=$("$P" --port $WPORT --drain --persistent --queue big --no-delete)
+  note warren.big.drain_run "$line"
+  note warren.big.peak_rss_during_drain_kib "$(cat "$peak")"
+  note warren.big.rss_after_drain_kib "$(rss_kib "$BPID")"
+  sleep 5
+  note warren.big.disk_after_drain_kib "$(kib "$dir")"
+  stop_warren TERM
+  kill "$sampler" 2>/dev/null || true
+  rm -rf "$dir"
 fi
 
 echo

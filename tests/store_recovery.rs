@@ -11,6 +11,7 @@ use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use support::{channel, connect_url, ok};
+use warrenmq::store::chunk_format;
 
 fn data_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("warrenmq-rec-{name}-{}", std::process::id()));
@@ -126,8 +127,8 @@ async fn unreadable_message_records_are_skipped_and_the_rest_recovered() {
         let db = open_db(&dir);
         let meta = db.open_tree("meta").unwrap();
         // The index keeps a queue's entries in chunks of 256 sequence numbers:
-        // key queue id + seq / 256; value version 1, then per entry its
-        // sequence number's low byte and the 38-byte entry.
+        // key queue id + seq / 256; the value lists each entry with its
+        // sequence number's low byte.
         let index = db.open_tree("index").unwrap();
         let id = queue_id(&meta, "damaged");
         let chunks: Vec<(sled::IVec, sled::IVec)> = index
@@ -135,13 +136,16 @@ async fn unreadable_message_records_are_skipped_and_the_rest_recovered() {
             .map(|kv| kv.unwrap())
             .collect();
         assert_eq!(chunks.len(), 1);
-        let (chunk_key, chunk) = (&chunks[0].0, chunks[0].1.to_vec());
-        assert_eq!((chunk[0], chunk.len()), (1, 1 + 6 * 39));
-        let entry = |i: usize| chunk[1 + i * 39 + 1..1 + (i + 1) * 39].to_vec();
-        let mut changed = chunk.clone();
+        let chunk_key = &chunks[0].0;
+        let items = chunk_format::decode(&chunks[0].1).unwrap();
+        assert_eq!(items.len(), 6);
+        let entry = |i: usize| items[i].1.to_vec();
+        let mut changed = items.clone();
         // damaged-1: an entry version nobody wrote.
-        changed[1 + 39 + 1] = 9;
-        index.insert(chunk_key, changed).unwrap();
+        changed[1].1[0] = 9;
+        index
+            .insert(chunk_key, chunk_format::encode_v1(&changed))
+            .unwrap();
         // damaged-2 and damaged-3: their bodies in the body log. An entry is a
         // version, stored-at, then segment, offset and length of the record.
         let record_of = |v: &[u8]| {
@@ -427,12 +431,11 @@ async fn entries_whose_bodies_were_torn_off_are_dropped_at_start_up() {
     let db = open_db(&dir);
     let meta = db.open_tree("meta").unwrap();
     let id = queue_id(&meta, "torn");
-    // One chunk: version, then 39 bytes per entry.
     let entries: Vec<usize> = db
         .open_tree("index")
         .unwrap()
         .scan_prefix(id.to_be_bytes())
-        .map(|kv| (kv.unwrap().1.len() - 1) / 39)
+        .map(|kv| chunk_format::decode(&kv.unwrap().1).unwrap().len())
         .collect();
     assert_eq!(entries, [2], "the torn message's entry is gone");
     drop(db);
@@ -453,7 +456,8 @@ async fn an_older_directory_is_moved_into_the_chunked_index() {
         let messages = db.open_tree("messages").unwrap();
         let id = queue_id(&meta, "old");
         let (_, chunk) = index.scan_prefix(id.to_be_bytes()).next().unwrap().unwrap();
-        let entry = |i: usize| chunk[1 + i * 39 + 1..1 + (i + 1) * 39].to_vec();
+        let items = chunk_format::decode(&chunk).unwrap();
+        let entry = |i: usize| items[i].1.to_vec();
         let key = |seq: u64| {
             let mut k = id.to_be_bytes().to_vec();
             k.extend_from_slice(&seq.to_be_bytes());
@@ -506,7 +510,78 @@ async fn an_older_directory_is_moved_into_the_chunked_index() {
         .get("format")
         .unwrap()
         .unwrap();
-    assert_eq!(&format[..], b"warrenmq-store-3");
+    assert_eq!(&format[..], b"warrenmq-store-4");
     drop(db);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A format-3 directory keeps its chunks in version 1 (39 bytes an entry): it
+/// starts with every message, is marked format 4 (so that an older broker
+/// refuses it), and a checkpoint rewrites a chunk it changes in version 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn format_3_chunks_are_read_and_rewritten_smaller() {
+    let dir = data_dir("format3");
+    fill(&dir, &[("v1", 200)]).await;
+    let v1_len = {
+        let db = open_db(&dir);
+        let index = db.open_tree("index").unwrap();
+        let (k, v) = index.iter().next().unwrap().unwrap();
+        let items = chunk_format::decode(&v).unwrap();
+        assert_eq!(items.len(), 200);
+        let v1 = chunk_format::encode_v1(&items);
+        assert!(v.len() * 5 < v1.len(), "version 2 is the smaller by far");
+        index.insert(k, &v1[..]).unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert("format", &b"warrenmq-store-3"[..]).unwrap();
+        db.flush().unwrap();
+        v1.len()
+    };
+    let broker = warrenmq::start(config(&dir, BUDGET))
+        .await
+        .expect("a format-3 directory starts");
+    {
+        let conn = connect_url(&url(&broker)).await;
+        let ch = channel(&conn).await;
+        let m = ok(
+            "basic.get",
+            ch.basic_get("v1".into(), BasicGetOptions { no_ack: true }),
+        )
+        .await
+        .expect("a message");
+        assert_eq!(m.delivery.data, b"v1-0");
+        let _ = conn.close(200, "bye".into()).await;
+    }
+    broker.shutdown().await;
+    {
+        let db = open_db(&dir);
+        let meta = db.open_tree("meta").unwrap();
+        assert_eq!(
+            &meta.get("format").unwrap().unwrap()[..],
+            b"warrenmq-store-4"
+        );
+        let (_, v) = db
+            .open_tree("index")
+            .unwrap()
+            .iter()
+            .next()
+            .unwrap()
+            .unwrap();
+        let items = chunk_format::decode(&v).unwrap();
+        assert_eq!(items.len(), 199, "the one taken is gone");
+        assert!(
+            v.len() * 5 < v1_len,
+            "rewritten in version 2: {} bytes",
+            v.len()
+        );
+    }
+    let broker = warrenmq::start(config(&dir, BUDGET)).await.unwrap();
+    {
+        let conn = connect_url(&url(&broker)).await;
+        let ch = channel(&conn).await;
+        let want: Vec<String> = (1..200).map(|i| format!("v1-{i}")).collect();
+        assert_eq!(drain(&ch, "v1", true).await, want);
+        let _ = conn.close(200, "bye".into()).await;
+    }
+    broker.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -16,6 +16,8 @@
 //! changes nothing.
 
 use std::collections::HashMap;
+
+use super::chunk;
 use std::hash::{BuildHasherDefault, Hasher};
 
 /// Keys here are sequence numbers and buffer addresses that no client picks
@@ -56,12 +58,15 @@ pub(super) type Key = [u8; 16];
 pub(super) const ENTRY_LEN: usize = 38;
 pub(super) type Entry = [u8; ENTRY_LEN];
 
+/// Entry kinds (the first byte): the body is in the log, and the entry keeps
+/// the priority, TTL and size start-up needs.
+pub(super) const IN_LOG: u8 = 2;
+/// In the log, moved from an inline entry whose priority and TTL were never
+/// recorded: start-up reads such a message to learn them.
+pub(super) const IN_LOG_NO_META: u8 = 3;
+
 /// Sequence numbers per chunk: 2^CHUNK_BITS.
 const CHUNK_BITS: u32 = 8;
-/// A chunk's value: version, then (sequence number's low byte, entry) pairs in
-/// order.
-const CHUNK_VERSION: u8 = 1;
-const CHUNK_ITEM: usize = 1 + ENTRY_LEN;
 
 /// The sled key of the chunk holding `key`'s entry: queue id, then the
 /// sequence number shifted right, big-endian, so a prefix scan reads a queue's
@@ -75,46 +80,22 @@ pub(super) fn chunk_key(key: &Key) -> [u8; 16] {
 }
 
 /// A chunk's entries, each with its sequence number, in order; a value from
-/// disk is checked before it is used.
+/// disk is checked before it is used (`chunk.rs` has its encoding).
 pub(super) fn chunk_entries(ck: &[u8], v: &[u8]) -> Result<Vec<(u64, Entry)>, String> {
     let base = ck
         .get(8..16)
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(u64::from_be_bytes)
         .ok_or("bad index chunk key")?;
-    let Some((&CHUNK_VERSION, items)) = v.split_first() else {
-        return Err("unknown index chunk version".into());
-    };
-    if items.len() % CHUNK_ITEM != 0 {
-        return Err("index chunk is truncated".into());
-    }
-    let mut out = Vec::with_capacity(items.len() / CHUNK_ITEM);
-    for item in items.chunks_exact(CHUNK_ITEM) {
-        let seq = (base << CHUNK_BITS) | u64::from(item[0]);
-        let entry: Entry = item[1..].try_into().map_err(|_| "bad index entry")?;
-        out.push((seq, entry));
-    }
-    Ok(out)
+    Ok(chunk::decode(v)?
+        .into_iter()
+        .map(|(low, entry)| ((base << CHUNK_BITS) | u64::from(low), entry))
+        .collect())
 }
 
-/// One entry out of a chunk's value.
-pub(super) fn chunk_lookup(v: &[u8], key: &Key) -> Option<Entry> {
-    let low = key[15];
-    let items = v.strip_prefix(&[CHUNK_VERSION])?;
-    items
-        .chunks_exact(CHUNK_ITEM)
-        .find(|item| item[0] == low)
-        .and_then(|item| item[1..].try_into().ok())
-}
-
-fn encode_chunk(items: &std::collections::BTreeMap<u8, Entry>) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + items.len() * CHUNK_ITEM);
-    v.push(CHUNK_VERSION);
-    for (low, entry) in items {
-        v.push(*low);
-        v.extend_from_slice(entry);
-    }
-    v
+/// A chunk's entries with their sequence numbers' low bytes, in order.
+pub(super) fn chunk_items(v: &[u8]) -> Result<Vec<(u8, Entry)>, String> {
+    chunk::decode(v)
 }
 
 const PUT: u8 = 1;
@@ -290,11 +271,8 @@ impl Index {
         while i < slots.len() {
             let ck = chunk_key(&slots[i].0);
             let mut items: std::collections::BTreeMap<u8, Entry> = match tree.get(ck).map_err(e)? {
-                Some(v) => match chunk_entries(&ck, &v) {
-                    Ok(entries) => entries
-                        .into_iter()
-                        .map(|(seq, entry)| (seq as u8, entry))
-                        .collect(),
+                Some(v) => match chunk::decode(&v) {
+                    Ok(entries) => entries.into_iter().collect(),
                     // Start-up reported it and served none of its entries; the
                     // changes for its range replace it rather than stop every
                     // later checkpoint (and lose the overlay drained so far).
@@ -320,7 +298,7 @@ impl Index {
             if items.is_empty() {
                 batch.remove(&ck[..]);
             } else {
-                batch.insert(&ck[..], encode_chunk(&items));
+                batch.insert(&ck[..], chunk::encode(&items));
             }
             in_batch += 1;
             if in_batch == 256 {
@@ -430,7 +408,8 @@ mod tests {
 
         let in_sled = |k: Key| {
             let v = tree.get(chunk_key(&k)).unwrap()?;
-            chunk_lookup(&v, &k)
+            let items = chunk_items(&v).unwrap();
+            items.iter().find(|(low, _)| *low == k[15]).map(|(_, e)| *e)
         };
         index.put(key(1, 2), entry(2));
         index.put(key(1, 3), entry(3));
@@ -476,8 +455,8 @@ mod tests {
         assert!(Index::default().replay(&[PUT_AGAIN; 17]).is_err());
         assert!(Index::default().replay(&[9]).is_err());
         // Damaged chunks are errors, not panics.
-        assert!(chunk_entries(&[0; 16], &[CHUNK_VERSION, 1, 2]).is_err());
-        assert!(chunk_entries(&[0; 3], &[CHUNK_VERSION]).is_err());
+        assert!(chunk_entries(&[0; 16], &[chunk::V1, 1, 2]).is_err());
+        assert!(chunk_entries(&[0; 3], &[chunk::V1]).is_err());
         assert!(chunk_entries(&[0; 16], &[7]).is_err());
     }
 }

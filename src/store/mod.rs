@@ -10,6 +10,7 @@
 //! meanwhile (group commit).
 
 mod blobs;
+mod chunk;
 mod index;
 mod log;
 mod reserve;
@@ -23,6 +24,30 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 pub use sled_store::SledStore;
+
+/// The index chunks' value format, for tests that read or damage a data
+/// directory through sled on purpose. Not an interface.
+#[doc(hidden)]
+pub mod chunk_format {
+    /// An entry as the store writes it.
+    pub type Entry = [u8; 38];
+
+    /// A chunk's entries with their sequence numbers' low bytes, in order.
+    pub fn decode(v: &[u8]) -> Result<Vec<(u8, Entry)>, String> {
+        super::chunk::decode(v)
+    }
+
+    /// A chunk's value in version 1 (still read): version, then each entry's low
+    /// byte and its 38 bytes, as they are.
+    pub fn encode_v1(items: &[(u8, Entry)]) -> Vec<u8> {
+        let mut v = vec![super::chunk::V1];
+        for (low, e) in items {
+            v.push(*low);
+            v.extend_from_slice(e);
+        }
+        v
+    }
+}
 
 /// Called once the writes made before it are on disk (Ok) or could not be (Err).
 pub type SyncWaiter = Box<dyn FnOnce(Result<(), String>) + Send>;

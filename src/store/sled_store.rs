@@ -31,7 +31,7 @@ use amq_protocol::types::FieldTable;
 use bytes::Bytes;
 
 use super::blobs::Blobs;
-use super::index::{self, Entry, FoldMap, Index, Key, Known, ENTRY_LEN};
+use super::index::{self, Entry, FoldMap, Index, Key, Known, ENTRY_LEN, IN_LOG, IN_LOG_NO_META};
 use super::log::{self as body_log, segment_path, BodyLog, Location, Position, Segments};
 use super::reserve::Reserve;
 use super::{
@@ -84,10 +84,14 @@ const NOTE: u8 = b'n';
 const NEXT_QUEUE_ID: &[u8] = b"next-queue-id";
 const FORMAT: &[u8] = b"format";
 /// Format 2 added the body log, format 3 the index changes in it (replayed from
-/// `CHECKPOINT`) and the chunked index. A format-1 or 2 directory's sled holds
-/// its whole index, a key per entry: it is moved into chunks (`migrate`) and
-/// marked format 3.
-const FORMAT_VERSION: &[u8] = b"warrenmq-store-3";
+/// `CHECKPOINT`) and the chunked index, format 4 chunks written as differences
+/// (`chunk.rs`; a format-3 directory is read as it is, its chunks rewritten as
+/// checkpoints touch them, and marked format 4 at once, so that an older broker
+/// refuses it rather than skip the chunks it cannot read). A format-1 or 2
+/// directory's sled holds its whole index, a key per entry: it is moved into
+/// chunks (`migrate`) and marked format 4.
+const FORMAT_VERSION: &[u8] = b"warrenmq-store-4";
+const FORMAT_3: &[u8] = b"warrenmq-store-3";
 const FORMAT_2: &[u8] = b"warrenmq-store-2";
 const FORMAT_1: &[u8] = b"warrenmq-store-1";
 /// The log position up to which sled holds the index: segment (u32) and
@@ -112,10 +116,6 @@ const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 const SLED_HEADROOM: u64 = 4 * 1024 * 1024;
 /// Entry versions in the `messages` tree.
 const INLINE: u8 = 1;
-const IN_LOG: u8 = 2;
-/// In the log, moved from an inline entry whose priority and TTL were never
-/// recorded: start-up reads such a message to learn them.
-const IN_LOG_NO_META: u8 = 3;
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
     let b = s.as_bytes();
@@ -276,16 +276,18 @@ impl SledStore {
         // sled drops what it cannot read as if it were a torn write. A database that
         // was there but lost even its format record is corrupt, not empty: refuse it.
         let replay_from = match meta.get(FORMAT)? {
-            Some(v) if v.as_ref() == FORMAT_VERSION => match meta.get(CHECKPOINT)? {
-                Some(p) => Some(decode_position(&p).ok_or_else(|| StoreError::Corrupt {
-                    dir: dir.to_path_buf(),
-                    key: "checkpoint".into(),
-                    why: format!("it is {} bytes long instead of 12", p.len()),
-                })?),
-                // Written with the format at the first start, before anything
-                // could be logged.
-                None => None,
-            },
+            Some(v) if v.as_ref() == FORMAT_VERSION || v.as_ref() == FORMAT_3 => {
+                match meta.get(CHECKPOINT)? {
+                    Some(p) => Some(decode_position(&p).ok_or_else(|| StoreError::Corrupt {
+                        dir: dir.to_path_buf(),
+                        key: "checkpoint".into(),
+                        why: format!("it is {} bytes long instead of 12", p.len()),
+                    })?),
+                    // Written with the format at the first start, before anything
+                    // could be logged.
+                    None => None,
+                }
+            }
             Some(v) if v.as_ref() == FORMAT_1 || v.as_ref() == FORMAT_2 => None,
             Some(v) => {
                 return Err(StoreError::Corrupt {
@@ -413,6 +415,7 @@ impl SledStore {
             commit_failed: false,
             alarm: alarm.clone(),
             dir: dir.to_path_buf(),
+            chunk_cache: ChunkCache::default(),
         };
         let thread = std::thread::Builder::new()
             .name("warrenmq-store".into())
@@ -736,6 +739,45 @@ struct Writer {
     alarm: Arc<AtomicBool>,
     /// The data directory, for the free space sled needs before it writes.
     dir: PathBuf,
+    /// The chunk sled's entries were last looked up in.
+    chunk_cache: ChunkCache,
+}
+
+/// The last chunk an entry was looked up in, decoded. Acks and page-in reads
+/// after a restart walk a queue's chunks in order, and a chunk is decoded whole
+/// to find one entry (`chunk.rs`): one decode serves its 256 entries. Cleared
+/// before a checkpoint writes chunks, the only time sled's chunks change while
+/// the broker runs.
+#[derive(Default)]
+struct ChunkCache {
+    key: Option<[u8; 16]>,
+    items: Vec<(u8, Entry)>,
+}
+
+impl ChunkCache {
+    fn lookup(&mut self, chunks: &sled::Tree, key: &Key) -> sled::Result<Option<Entry>> {
+        let ck = index::chunk_key(key);
+        if self.key != Some(ck) {
+            self.key = None;
+            self.items = match chunks.get(ck)? {
+                // An unreadable chunk was reported at start-up; none of its entries is served.
+                Some(v) => index::chunk_items(&v).unwrap_or_default(),
+                None => Vec::new(),
+            };
+            self.key = Some(ck);
+        }
+        let low = key[15];
+        Ok(self
+            .items
+            .binary_search_by_key(&low, |(l, _)| *l)
+            .ok()
+            .map(|i| self.items[i].1))
+    }
+
+    fn clear(&mut self) {
+        self.key = None;
+        self.items = Vec::new();
+    }
 }
 
 /// The bodies one batch wrote, by the address of their shared buffers: a fanout
@@ -863,17 +905,15 @@ impl Writer {
 
     /// Removes a message's entry; its body segment loses a reference.
     fn delete(&mut self, key: Key) {
-        let chunks = &self.chunks;
+        let (chunks, cache) = (&self.chunks, &mut self.chunk_cache);
         let mut error = None;
-        let removed = self
-            .index
-            .remove(key, || match chunks.get(index::chunk_key(&key)) {
-                Ok(chunk) => chunk.and_then(|v| index::chunk_lookup(&v, &key)),
-                Err(e) => {
-                    error = Some(e);
-                    None
-                }
-            });
+        let removed = self.index.remove(key, || match cache.lookup(chunks, &key) {
+            Ok(entry) => entry,
+            Err(e) => {
+                error = Some(e);
+                None
+            }
+        });
         if let Some(e) = error {
             self.fail(e);
         }
@@ -962,9 +1002,8 @@ impl Writer {
                     Known::Entry(e) => Ok(Some(e)),
                     Known::Removed => Ok(None),
                     Known::Unknown => self
-                        .chunks
-                        .get(index::chunk_key(&key))
-                        .map(|c| c.and_then(|v| index::chunk_lookup(&v, &key)))
+                        .chunk_cache
+                        .lookup(&self.chunks, &key)
                         .map_err(|e| e.to_string()),
                 };
                 let got = match entry {
@@ -1101,6 +1140,7 @@ impl Writer {
         let started = Instant::now();
         let n = self.index.len();
         let pos = self.log.position();
+        self.chunk_cache.clear();
         let r = self
             .index
             .drain_into(&self.chunks)
