@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs one fuzz target for a bounded time: fuzz/run.sh TARGET SECONDS
-#   TARGET: frame | connection (fuzz/fuzz_targets/)
+#   TARGET: frame | connection | store (fuzz/fuzz_targets/)
 # Installs cargo-fuzz if missing, builds on stable Rust (no sanitizer, so no -Z flags;
 # debug assertions and overflow checks on), then runs libFuzzer on the committed seeds
 # (fuzz/corpus/TARGET, read only) plus a local working corpus (fuzz/corpus-work/TARGET,

@@ -991,7 +991,7 @@ async fn index_changes_since_the_last_checkpoint_are_replayed_after_kill_9() {
             .unwrap()
             .iter()
             .map(|kv| {
-                let items = warrenmq::store::chunk_format::decode(&kv.unwrap().1);
+                let items = warrenmq::store::disk_format::decode_chunk(&kv.unwrap().1);
                 items.expect("a readable chunk").len()
             })
             .sum();

@@ -1,7 +1,8 @@
 //! Inputs found by fuzzing (fuzz/, see fuzz/README.md), replayed without the fuzzer.
 //!
 //! Every file under `fuzz/regressions/frame/` goes through the frame codec checks of
-//! the `frame` target, and every file under `fuzz/regressions/connection/` is played
+//! the `frame` target, every file under `fuzz/regressions/store/` through the store
+//! record parsers of the `store` target, and every file under `fuzz/regressions/connection/` is played
 //! against an in-process broker over TCP as the `connection` target does, after which
 //! the broker must still answer a fresh connection with connection.start. The checks
 //! themselves are fuzz/src/harness.rs, shared with the fuzz targets.
@@ -85,6 +86,11 @@ fn connection_regressions() {
     replay_all("connection");
 }
 
+#[test]
+fn store_regressions() {
+    replay_all("store");
+}
+
 /// Replays the one input named by `WARRENMQ_FUZZ_REGRESSION`; does nothing without it.
 #[test]
 fn replay_one() {
@@ -95,6 +101,7 @@ fn replay_one() {
     let data = std::fs::read(dir(target).join(name)).expect("readable input");
     match target {
         "frame" => harness::check_frames(&data),
+        "store" => harness::check_store(&data),
         "connection" => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -11,7 +11,7 @@ use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use support::{channel, connect_url, ok};
-use warrenmq::store::chunk_format;
+use warrenmq::store::disk_format;
 
 fn data_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("warrenmq-rec-{name}-{}", std::process::id()));
@@ -137,14 +137,14 @@ async fn unreadable_message_records_are_skipped_and_the_rest_recovered() {
             .collect();
         assert_eq!(chunks.len(), 1);
         let chunk_key = &chunks[0].0;
-        let items = chunk_format::decode(&chunks[0].1).unwrap();
+        let items = disk_format::decode_chunk(&chunks[0].1).unwrap();
         assert_eq!(items.len(), 6);
         let entry = |i: usize| items[i].1.to_vec();
         let mut changed = items.clone();
         // damaged-1: an entry version nobody wrote.
         changed[1].1[0] = 9;
         index
-            .insert(chunk_key, chunk_format::encode_v1(&changed))
+            .insert(chunk_key, disk_format::encode_chunk_v1(&changed))
             .unwrap();
         // damaged-2 and damaged-3: their bodies in the body log. An entry is a
         // version, stored-at, then segment, offset and length of the record.
@@ -435,7 +435,7 @@ async fn entries_whose_bodies_were_torn_off_are_dropped_at_start_up() {
         .open_tree("index")
         .unwrap()
         .scan_prefix(id.to_be_bytes())
-        .map(|kv| chunk_format::decode(&kv.unwrap().1).unwrap().len())
+        .map(|kv| disk_format::decode_chunk(&kv.unwrap().1).unwrap().len())
         .collect();
     assert_eq!(entries, [2], "the torn message's entry is gone");
     drop(db);
@@ -456,7 +456,7 @@ async fn an_older_directory_is_moved_into_the_chunked_index() {
         let messages = db.open_tree("messages").unwrap();
         let id = queue_id(&meta, "old");
         let (_, chunk) = index.scan_prefix(id.to_be_bytes()).next().unwrap().unwrap();
-        let items = chunk_format::decode(&chunk).unwrap();
+        let items = disk_format::decode_chunk(&chunk).unwrap();
         let entry = |i: usize| items[i].1.to_vec();
         let key = |seq: u64| {
             let mut k = id.to_be_bytes().to_vec();
@@ -526,9 +526,9 @@ async fn format_3_chunks_are_read_and_rewritten_smaller() {
         let db = open_db(&dir);
         let index = db.open_tree("index").unwrap();
         let (k, v) = index.iter().next().unwrap().unwrap();
-        let items = chunk_format::decode(&v).unwrap();
+        let items = disk_format::decode_chunk(&v).unwrap();
         assert_eq!(items.len(), 200);
-        let v1 = chunk_format::encode_v1(&items);
+        let v1 = disk_format::encode_chunk_v1(&items);
         assert!(v.len() * 5 < v1.len(), "version 2 is the smaller by far");
         index.insert(k, &v1[..]).unwrap();
         let meta = db.open_tree("meta").unwrap();
@@ -566,7 +566,7 @@ async fn format_3_chunks_are_read_and_rewritten_smaller() {
             .next()
             .unwrap()
             .unwrap();
-        let items = chunk_format::decode(&v).unwrap();
+        let items = disk_format::decode_chunk(&v).unwrap();
         assert_eq!(items.len(), 199, "the one taken is gone");
         assert!(
             v.len() * 5 < v1_len,

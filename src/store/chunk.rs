@@ -158,13 +158,15 @@ pub(super) fn decode(v: &[u8]) -> Result<Vec<(u8, Entry)>, String> {
             if items.len() % V1_ITEM != 0 {
                 return Err("index chunk is truncated".into());
             }
-            items
-                .chunks_exact(V1_ITEM)
-                .map(|item| {
-                    let entry: Entry = item[1..].try_into().map_err(|_| "bad index entry")?;
-                    Ok((item[0], entry))
-                })
-                .collect()
+            let mut out: Vec<(u8, Entry)> = Vec::with_capacity(items.len() / V1_ITEM);
+            for item in items.chunks_exact(V1_ITEM) {
+                let entry: Entry = item[1..].try_into().map_err(|_| "bad index entry")?;
+                if out.last().is_some_and(|(low, _)| *low >= item[0]) {
+                    return Err("index chunk entries out of order".into());
+                }
+                out.push((item[0], entry));
+            }
+            Ok(out)
         }
         Some((&V2, items)) => decode_v2(items),
         _ => Err("unknown index chunk version".into()),
@@ -361,6 +363,10 @@ mod tests {
         let mut v = vec![V1, 17];
         v.extend_from_slice(&e);
         assert_eq!(decode(&v).unwrap(), vec![(17, e)]);
+        // The same low byte twice is damage, as in version 2.
+        v.push(17);
+        v.extend_from_slice(&e);
+        assert!(decode(&v).is_err());
     }
 
     #[test]

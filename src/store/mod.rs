@@ -25,27 +25,46 @@ use tokio::sync::oneshot;
 
 pub use sled_store::SledStore;
 
-/// The index chunks' value format, for tests that read or damage a data
-/// directory through sled on purpose. Not an interface.
+/// What the store reads back from disk, for the tests and the fuzz target
+/// that read, damage or make up a data directory's records on purpose. Not an
+/// interface.
 #[doc(hidden)]
-pub mod chunk_format {
-    /// An entry as the store writes it.
+pub mod disk_format {
+    use bytes::Bytes;
+
+    /// An index entry as the store writes it.
     pub type Entry = [u8; 38];
 
-    /// A chunk's entries with their sequence numbers' low bytes, in order.
-    pub fn decode(v: &[u8]) -> Result<Vec<(u8, Entry)>, String> {
+    /// An index chunk's entries with their sequence numbers' low bytes, in order.
+    pub fn decode_chunk(v: &[u8]) -> Result<Vec<(u8, Entry)>, String> {
         super::chunk::decode(v)
     }
 
-    /// A chunk's value in version 1 (still read): version, then each entry's low
-    /// byte and its 38 bytes, as they are.
-    pub fn encode_v1(items: &[(u8, Entry)]) -> Vec<u8> {
+    /// An index chunk's value as the store writes it (version 2).
+    pub fn encode_chunk(items: &[(u8, Entry)]) -> Vec<u8> {
+        super::chunk::encode(&items.iter().copied().collect())
+    }
+
+    /// An index chunk's value in version 1 (still read): version, then each
+    /// entry's low byte and its 38 bytes, as they are.
+    pub fn encode_chunk_v1(items: &[(u8, Entry)]) -> Vec<u8> {
         let mut v = vec![super::chunk::V1];
         for (low, e) in items {
             v.push(*low);
             v.extend_from_slice(e);
         }
         v
+    }
+
+    /// One index record of the body log replayed, as start-up does; the
+    /// number of changes it held.
+    pub fn replay_index_record(record: &[u8]) -> Result<usize, String> {
+        super::index::Index::default().replay(record)
+    }
+
+    /// A message record of the body log (exchange, routing key, header, body).
+    pub fn parse_message_record(record: Bytes) -> Result<super::StoredMessage, String> {
+        super::sled_store::parse_record(record)
     }
 }
 

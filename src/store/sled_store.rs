@@ -1477,6 +1477,11 @@ fn append_message(
 }
 
 /// Exchange, routing key, header and body, as both formats keep them.
+/// A message record alone (`store::disk_format`).
+pub(super) fn parse_record(all: Bytes) -> Result<StoredMessage, String> {
+    parse_body(0, 0, all)
+}
+
 fn parse_body(seq: u64, stored_at: u64, all: Bytes) -> Result<StoredMessage, String> {
     let v: &[u8] = &all;
     let mut r = Reader { b: v };
