@@ -210,6 +210,8 @@ pub trait Store: Send + Sync {
 
     fn put_message(&self, queue: u64, seq: u64, m: MessageRecord);
     fn delete_message(&self, queue: u64, seq: u64);
+    /// Removes many of a queue's messages (a purge): one request for them all.
+    fn delete_message_seqs(&self, queue: u64, seqs: Vec<u64>);
     /// Removes every message stored under an id (a delayed exchange deleted).
     fn delete_messages(&self, queue: u64);
     /// Reads messages back (paged out of memory); sees every write made before.

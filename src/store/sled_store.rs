@@ -50,6 +50,7 @@ enum Op {
         m: MessageRecord,
     },
     DeleteMessage(Key),
+    DeleteMessageSeqs(u64, Vec<u64>),
     DeleteQueueMessages(u64),
     Read {
         queue: u64,
@@ -104,6 +105,10 @@ const COMMIT_AFTER: Duration = Duration::from_millis(500);
 /// the overlay holds this many entries, or after a second without requests.
 const CHECKPOINT_BYTES: u64 = 32 * 1024 * 1024;
 const CHECKPOINT_ENTRIES: usize = 100_000;
+/// Requests (and messages of a batch) the store's thread takes in one round
+/// before it writes the round's index record, commits if asked and checks
+/// whether a checkpoint is due.
+const ROUND_CHANGES: usize = 16_384;
 const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
 /// Dead segments waiting for a checkpoint before one is made for them.
 const CHECKPOINT_DEAD_SEGMENTS: usize = 2;
@@ -585,6 +590,10 @@ impl Store for SledStore {
         self.send(Op::DeleteMessage(message_key(queue, seq)));
     }
 
+    fn delete_message_seqs(&self, queue: u64, seqs: Vec<u64>) {
+        self.send(Op::DeleteMessageSeqs(queue, seqs));
+    }
+
     fn delete_messages(&self, queue: u64) {
         self.send(Op::DeleteQueueMessages(queue));
     }
@@ -801,14 +810,28 @@ impl Writer {
             last_request = Instant::now();
             let mut waiters = Vec::new();
             let mut bodies = std::mem::take(&mut self.bodies);
+            // A round takes what is queued, up to ROUND_CHANGES: a burst (a purge
+            // of millions) then goes through rounds, each followed by the
+            // checkpoint check, so the index's overlay stays bounded.
+            let mut changes = 0usize;
             for op in std::iter::once(first).chain(rx.try_iter()) {
                 match op {
                     Op::PutMessage { key, stored_at, m } => {
                         self.put(&mut bodies, key, stored_at, m)
                     }
                     Op::DeleteMessage(key) => self.delete(key),
+                    Op::DeleteMessageSeqs(queue, seqs) => {
+                        changes += seqs.len();
+                        for seq in seqs {
+                            self.delete(message_key(queue, seq));
+                        }
+                    }
                     Op::Sync(w) => waiters.push(w),
                     other => self.other(other),
+                }
+                changes += 1;
+                if changes >= ROUND_CHANGES {
+                    break;
                 }
             }
             bodies.clear();
@@ -958,7 +981,10 @@ impl Writer {
                 let _ = done.send(());
                 return;
             }
-            Op::PutMessage { .. } | Op::DeleteMessage(_) | Op::Sync(_) => Ok(()),
+            Op::PutMessage { .. }
+            | Op::DeleteMessage(_)
+            | Op::DeleteMessageSeqs(..)
+            | Op::Sync(_) => Ok(()),
         };
         self.sled_dirty = true;
         self.unsynced = true;

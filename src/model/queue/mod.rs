@@ -35,6 +35,11 @@ fn epoch() -> Instant {
 /// At most this many paged-out messages are read back at a time.
 const PAGE_IN_MAX: usize = 256;
 
+/// Stored messages dropped together (a purge, a lowered length limit, a
+/// backlog whose TTL ran out while the broker was down) that one request asks
+/// the store to delete.
+const FORGET_BATCH: usize = 4096;
+
 /// Ready messages beyond which a queue with consumers counts as backlogged.
 const BACKLOG: usize = 1024;
 
@@ -576,10 +581,10 @@ impl Queue {
 
     /// A ready message leaves without delivery: forgotten, and dead-lettered if
     /// configured. A paged-out message is read back by the housekeeper first.
-    fn drop_entry(&self, e: Entry, reason: &'static str) {
+    fn drop_entry(&self, e: Entry, reason: &'static str, forget: &mut Forget<'_>) {
         let (seq, persisted) = (e.seq, e.persisted());
         let Some(exchange) = self.args().dead_letter_exchange.clone() else {
-            self.forget_stored(seq, persisted);
+            forget.add(seq, persisted);
             return;
         };
         if let Some(m) = self.resolve(e) {
@@ -638,6 +643,7 @@ impl Queue {
 
     /// Drops (or dead-letters) expired messages at the head; schedules the next expiry.
     fn expire_head(&self, st: &mut QueueState, now: u64) {
+        let mut forget = Forget::new(self);
         while let Some(head) = st.ready.front() {
             if !head.expired(now) {
                 if let Some(t) = head.expires() {
@@ -646,7 +652,7 @@ impl Queue {
                 return;
             }
             if let Some(e) = st.ready.pop_front() {
-                self.drop_entry(e, "expired");
+                self.drop_entry(e, "expired", &mut forget);
             }
         }
     }
@@ -702,7 +708,7 @@ impl Queue {
         if expires_now {
             // TTL 0: delivered right away to a waiting consumer, or gone.
             if let Some(e) = st.ready.pop_back_if(level, seq) {
-                self.drop_entry(e, "expired");
+                self.drop_entry(e, "expired", &mut Forget::new(self));
             }
         }
         if had_expiry {
@@ -868,6 +874,7 @@ impl Queue {
     /// x-max-length and x-max-length-bytes with drop-head: the oldest go first.
     fn enforce_length(&self, st: &mut QueueState) {
         let args = self.args();
+        let mut forget = Forget::new(self);
         loop {
             let over = args.max_length.is_some_and(|max| st.ready.len as u64 > max)
                 || args
@@ -877,7 +884,7 @@ impl Queue {
                 return;
             }
             match st.ready.pop_front() {
-                Some(e) => self.drop_entry(e, "maxlen"),
+                Some(e) => self.drop_entry(e, "maxlen", &mut forget),
                 None => return,
             }
         }
@@ -1168,8 +1175,8 @@ impl Queue {
     /// Drops the ready messages; unacked ones are untouched, as in RabbitMQ.
     pub fn purge(&self) -> u32 {
         let mut st = self.lock();
-        let n = st.ready.clear(|e| self.forget_stored(e.seq, e.persisted()));
-        n as u32
+        let mut forget = Forget::new(self);
+        st.ready.clear(|e| forget.add(e.seq, e.persisted())) as u32
     }
 
     /// Marks the queue deleted; returns its ready count and its consumers, to be told.
@@ -1179,6 +1186,49 @@ impl Queue {
         let n = st.ready.clear(drop) as u32;
         st.priorities.clear();
         (n, std::mem::take(&mut st.consumers))
+    }
+}
+
+/// Stored copies of messages dropped under the queue's lock, deleted FORGET_BATCH
+/// to a store request (on drop for the rest): a million dropped at once are a
+/// few hundred requests, not a million queued for the store's thread.
+struct Forget<'a> {
+    queue: &'a Queue,
+    seqs: Vec<u64>,
+}
+
+impl<'a> Forget<'a> {
+    fn new(queue: &'a Queue) -> Forget<'a> {
+        Forget {
+            queue,
+            seqs: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, seq: u64, persisted: bool) {
+        if !persisted || self.queue.store.is_none() {
+            return;
+        }
+        self.seqs.push(seq);
+        if self.seqs.len() == FORGET_BATCH {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if let (Some((store, id)), false) = (&self.queue.store, self.seqs.is_empty()) {
+            match self.seqs.len() {
+                1 => store.delete_message(*id, self.seqs[0]),
+                _ => store.delete_message_seqs(*id, std::mem::take(&mut self.seqs)),
+            }
+            self.seqs.clear();
+        }
+    }
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
