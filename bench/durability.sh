@@ -127,6 +127,17 @@ stop_warren() {
 
 recovered_line() { plain "$1" | grep -o 'recovered .*' | tail -1; }
 rss_kib() { ps -o rss= -p "$1" | tr -d ' '; }
+# sample_peak FILE: from now on, the broker's highest RSS (KiB) in FILE, sampled
+# every second while it runs; SAMPLER is the sampling job.
+sample_peak() {
+  echo 0 >"$1"
+  ( while kill -0 "$BPID" 2>/dev/null; do
+      r=$(rss_kib "$BPID" || echo 0)
+      [ "${r:-0}" -gt "$(cat "$1")" ] && echo "$r" >"$1"
+      sleep 1
+    done ) &
+  SAMPLER=$!
+}
 rabbit_rss() { ps -C beam.smp -o rss= | awk '{s+=$1} END {print s}'; }
 rabbit_clients() { rabbitmqctl -q list_connections --no-table-headers name 2>/dev/null | grep -c . || true; }
 
@@ -385,13 +396,7 @@ if want 6; then
   start_warren "$dir"
   note warren.big.empty_rss_kib "$(rss_kib "$BPID")"
   peak=$WORK/s6.peak
-  echo 0 >"$peak"
-  ( while kill -0 "$BPID" 2>/dev/null; do
-      r=$(rss_kib "$BPID" || echo 0)
-      [ "${r:-0}" -gt "$(cat "$peak")" ] && echo "$r" >"$peak"
-      sleep 1
-    done ) &
-  sampler=$!
+  sample_peak "$peak"
   line=$("$P" --port $WPORT --count "$BIG" --consumers 0 --confirm 256 --persistent --queue big --no-delete)
   note warren.big.backlog_run "$line"
   note warren.big.rss_after_build_kib "$(rss_kib "$BPID")"
@@ -400,7 +405,7 @@ if want 6; then
   note warren.big.peak_rss_during_build_kib "$(cat "$peak")"
   note warren.big.disk_kib "$(kib "$dir")"
   stop_warren TERM
-  kill "$sampler" 2>/dev/null || true
+  kill "$SAMPLER" 2>/dev/null || true
   note warren.big.sigterm.stop_s "$STOP_S"
   start_warren "$dir" big
   note warren.big.sigterm.start_s "$START_S"
@@ -413,13 +418,7 @@ if want 6; then
   note warren.big.kill9.rss_kib "$(rss_kib "$BPID")"
   sleep 5
   note warren.big.kill9.rss_5s_kib "$(rss_kib "$BPID")"
-  echo 0 >"$peak"
-  ( while kill -0 "$BPID" 2>/dev/null; do
-      r=$(rss_kib "$BPID" || echo 0)
-      [ "${r:-0}" -gt "$(cat "$peak")" ] && echo "$r" >"$peak"
-      sleep 1
-    done ) &
-  sampler=$!
+  sample_peak "$peak"
   line=$("$P" --port $WPORT --drain --persistent --queue big --no-delete)
   note warren.big.drain_run "$line"
   note warren.big.peak_rss_during_drain_kib "$(cat "$peak")"
@@ -427,7 +426,7 @@ if want 6; then
   sleep 5
   note warren.big.disk_after_drain_kib "$(kib "$dir")"
   stop_warren TERM
-  kill "$sampler" 2>/dev/null || true
+  kill "$SAMPLER" 2>/dev/null || true
   rm -rf "$dir"
 fi
 

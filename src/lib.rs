@@ -15,6 +15,7 @@ pub mod protocol;
 pub mod session;
 pub mod store;
 pub mod tls;
+mod varint;
 
 pub use broker::{start, BrokerHandle};
 pub use config::Config;

@@ -802,17 +802,9 @@ async fn delayed_messages_survive_kill_9() {
 /// A broker in this process with a tiny per-queue memory budget, so that a
 /// durable backlog of a few hundred 1 KiB messages lives mostly on disk.
 async fn small_budget_broker(dir: &Path) -> warrenmq::BrokerHandle {
-    warrenmq::start(warrenmq::Config {
-        listen: vec!["127.0.0.1:0".parse().unwrap()],
-        data_dir: dir.to_path_buf(),
-        limits: warrenmq::config::Limits {
-            queue_memory_budget: 16 * 1024,
-            ..Default::default()
-        },
-        ..warrenmq::Config::default()
-    })
-    .await
-    .unwrap()
+    warrenmq::start(support::budget_config(dir, 16 * 1024))
+        .await
+        .unwrap()
 }
 
 /// A consumer of a backlog that is mostly on disk gets every message, in order,

@@ -27,17 +27,9 @@ fn data_dir(name: &str) -> PathBuf {
 /// A broker with a small per-queue memory budget: all but the first few dozen
 /// bodies of a durable backlog live on disk only.
 async fn broker(dir: &Path) -> warrenmq::BrokerHandle {
-    warrenmq::start(warrenmq::Config {
-        listen: vec!["127.0.0.1:0".parse().unwrap()],
-        data_dir: dir.to_path_buf(),
-        limits: warrenmq::config::Limits {
-            queue_memory_budget: 16 * 1024,
-            ..Default::default()
-        },
-        ..warrenmq::Config::default()
-    })
-    .await
-    .unwrap()
+    warrenmq::start(support::budget_config(dir, 16 * 1024))
+        .await
+        .unwrap()
 }
 
 fn body(i: usize) -> String {
@@ -46,20 +38,6 @@ fn body(i: usize) -> String {
 
 fn index(d: &[u8]) -> usize {
     std::str::from_utf8(&d[..6]).unwrap().parse().unwrap()
-}
-
-/// The broker's sled database, once its threads have let go of the lock.
-fn open_db(dir: &Path) -> sled::Db {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match sled::Config::new().path(dir.join("db")).open() {
-            Ok(db) => return db,
-            Err(_) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(e) => panic!("open the broker's sled database: {e:?}"),
-        }
-    }
 }
 
 async fn declare(ch: &lapin::Channel, queue: &str, args: FieldTable) {
@@ -278,7 +256,7 @@ async fn a_long_backlog_that_expired_while_down_is_gone_for_good() {
     broker2.shutdown().await;
     // Expired again at every start would look the same to a client: the
     // store's index must hold none of them.
-    let left: usize = open_db(&dir)
+    let left: usize = support::open_db(&dir)
         .open_tree("index")
         .unwrap()
         .iter()

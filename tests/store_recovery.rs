@@ -19,18 +19,6 @@ fn data_dir(name: &str) -> PathBuf {
     d
 }
 
-fn config(dir: &Path, queue_memory_budget: u64) -> warrenmq::Config {
-    warrenmq::Config {
-        listen: vec!["127.0.0.1:0".parse().unwrap()],
-        data_dir: dir.to_path_buf(),
-        limits: warrenmq::config::Limits {
-            queue_memory_budget,
-            ..Default::default()
-        },
-        ..warrenmq::Config::default()
-    }
-}
-
 const BUDGET: u64 = 64 * 1024 * 1024;
 
 fn url(b: &warrenmq::BrokerHandle) -> String {
@@ -39,7 +27,9 @@ fn url(b: &warrenmq::BrokerHandle) -> String {
 
 /// Declares durable queues and publishes persistent, confirmed messages to them.
 async fn fill(dir: &Path, queues: &[(&str, usize)]) {
-    let broker = warrenmq::start(config(dir, BUDGET)).await.unwrap();
+    let broker = warrenmq::start(support::budget_config(dir, BUDGET))
+        .await
+        .unwrap();
     {
         let conn = connect_url(&url(&broker)).await;
         let ch = channel(&conn).await;
@@ -78,21 +68,6 @@ async fn fill(dir: &Path, queues: &[(&str, usize)]) {
     broker.shutdown().await;
 }
 
-/// The broker's sled database; its threads may hold the file's lock a moment
-/// after the broker has shut down.
-fn open_db(dir: &Path) -> sled::Db {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match sled::Config::new().path(dir.join("db")).open() {
-            Ok(db) => return db,
-            Err(_) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(e) => panic!("open the broker's sled database: {e:?}"),
-        }
-    }
-}
-
 /// The id the store gave a queue: meta key `q` + vhost + name, value version + id.
 fn queue_id(meta: &sled::Tree, name: &str) -> u64 {
     let mut k = vec![b'q'];
@@ -124,7 +99,7 @@ async fn unreadable_message_records_are_skipped_and_the_rest_recovered() {
     fill(&dir, &[("damaged", 6), ("intact", 3)]).await;
 
     {
-        let db = open_db(&dir);
+        let db = support::open_db(&dir);
         let meta = db.open_tree("meta").unwrap();
         // The index keeps a queue's entries in chunks of 256 sequence numbers:
         // key queue id + seq / 256; the value lists each entry with its
@@ -184,7 +159,7 @@ async fn unreadable_message_records_are_skipped_and_the_rest_recovered() {
     // Paged out (no memory budget): the record errors show at recovery, the bad
     // header only when the message is read back for delivery. Fetched without
     // ack, so that the next start sees them all again.
-    let broker = warrenmq::start(config(&dir, 0))
+    let broker = warrenmq::start(support::budget_config(&dir, 0))
         .await
         .expect("one bad record must not stop start-up");
     {
@@ -203,7 +178,7 @@ async fn unreadable_message_records_are_skipped_and_the_rest_recovered() {
     broker.shutdown().await;
 
     // In memory: the bad header is found at recovery too.
-    let broker = warrenmq::start(config(&dir, BUDGET))
+    let broker = warrenmq::start(support::budget_config(&dir, BUDGET))
         .await
         .expect("one bad record must not stop start-up");
     {
@@ -260,7 +235,7 @@ async fn an_unreadable_index_chunk_does_not_stop_later_checkpoints() {
     let dir = data_dir("chunk");
     fill(&dir, &[("torn", 4), ("intact", 2)]).await;
     {
-        let db = open_db(&dir);
+        let db = support::open_db(&dir);
         let meta = db.open_tree("meta").unwrap();
         let index = db.open_tree("index").unwrap();
         let id = queue_id(&meta, "torn");
@@ -274,7 +249,7 @@ async fn an_unreadable_index_chunk_does_not_stop_later_checkpoints() {
         db.flush().unwrap();
     }
     for round in 0..2 {
-        let broker = warrenmq::start(config(&dir, BUDGET))
+        let broker = warrenmq::start(support::budget_config(&dir, BUDGET))
             .await
             .expect("an unreadable chunk must not stop start-up");
         let conn = connect_url(&url(&broker)).await;
@@ -307,7 +282,9 @@ async fn an_unreadable_index_chunk_does_not_stop_later_checkpoints() {
         // Shutdown checkpoints: the new entries go into the damaged chunk's range.
         broker.shutdown().await;
     }
-    let broker = warrenmq::start(config(&dir, BUDGET)).await.unwrap();
+    let broker = warrenmq::start(support::budget_config(&dir, BUDGET))
+        .await
+        .unwrap();
     let conn = connect_url(&url(&broker)).await;
     let ch = channel(&conn).await;
     assert_eq!(drain(&ch, "torn", true).await, ["new-0", "new-1", "new-2"]);
@@ -323,7 +300,7 @@ async fn damaged_next_queue_id_stops_start_up() {
     fill(&dir, &[("first", 1), ("second", 1)]).await;
 
     let good = {
-        let db = open_db(&dir);
+        let db = support::open_db(&dir);
         let meta = db.open_tree("meta").unwrap();
         let good = meta.get("next-queue-id").unwrap().expect("stored").to_vec();
         assert_eq!(good.len(), 8);
@@ -331,7 +308,7 @@ async fn damaged_next_queue_id_stops_start_up() {
         good
     };
     let set = |v: Option<&[u8]>| {
-        let db = open_db(&dir);
+        let db = support::open_db(&dir);
         let meta = db.open_tree("meta").unwrap();
         match v {
             Some(v) => meta.insert("next-queue-id", v).unwrap(),
@@ -342,7 +319,7 @@ async fn damaged_next_queue_id_stops_start_up() {
     let refused = |why: &'static str| {
         let dir = dir.clone();
         async move {
-            match warrenmq::start(config(&dir, BUDGET)).await {
+            match warrenmq::start(support::budget_config(&dir, BUDGET)).await {
                 Ok(b) => {
                     b.shutdown().await;
                     panic!("start-up accepted a next-queue-id that is {why}");
@@ -365,7 +342,7 @@ async fn damaged_next_queue_id_stops_start_up() {
     refused("missing while queues are stored").await;
 
     set(Some(&good));
-    let broker = warrenmq::start(config(&dir, BUDGET))
+    let broker = warrenmq::start(support::budget_config(&dir, BUDGET))
         .await
         .expect("the intact counter starts");
     {
@@ -418,7 +395,7 @@ async fn entries_whose_bodies_were_torn_off_are_dropped_at_start_up() {
         .set_len(last_body_end as u64 - 2)
         .unwrap();
 
-    let broker = warrenmq::start(config(&dir, BUDGET))
+    let broker = warrenmq::start(support::budget_config(&dir, BUDGET))
         .await
         .expect("a torn tail must not stop start-up");
     {
@@ -428,7 +405,7 @@ async fn entries_whose_bodies_were_torn_off_are_dropped_at_start_up() {
         let _ = conn.close(200, "bye".into()).await;
     }
     broker.shutdown().await;
-    let db = open_db(&dir);
+    let db = support::open_db(&dir);
     let meta = db.open_tree("meta").unwrap();
     let id = queue_id(&meta, "torn");
     let entries: Vec<usize> = db
@@ -450,7 +427,7 @@ async fn an_older_directory_is_moved_into_the_chunked_index() {
     let dir = data_dir("upgrade");
     fill(&dir, &[("old", 3)]).await;
     {
-        let db = open_db(&dir);
+        let db = support::open_db(&dir);
         let meta = db.open_tree("meta").unwrap();
         let index = db.open_tree("index").unwrap();
         let messages = db.open_tree("messages").unwrap();
@@ -486,7 +463,7 @@ async fn an_older_directory_is_moved_into_the_chunked_index() {
         db.flush().unwrap();
     }
     for round in 0..2 {
-        let broker = warrenmq::start(config(&dir, BUDGET))
+        let broker = warrenmq::start(support::budget_config(&dir, BUDGET))
             .await
             .expect("an older directory starts");
         {
@@ -501,7 +478,7 @@ async fn an_older_directory_is_moved_into_the_chunked_index() {
         }
         broker.shutdown().await;
     }
-    let db = open_db(&dir);
+    let db = support::open_db(&dir);
     assert!(db.open_tree("messages").unwrap().is_empty());
     assert_eq!(db.open_tree("index").unwrap().len(), 1);
     let format = db
@@ -523,7 +500,7 @@ async fn format_3_chunks_are_read_and_rewritten_smaller() {
     let dir = data_dir("format3");
     fill(&dir, &[("v1", 200)]).await;
     let v1_len = {
-        let db = open_db(&dir);
+        let db = support::open_db(&dir);
         let index = db.open_tree("index").unwrap();
         let (k, v) = index.iter().next().unwrap().unwrap();
         let items = disk_format::decode_chunk(&v).unwrap();
@@ -536,7 +513,7 @@ async fn format_3_chunks_are_read_and_rewritten_smaller() {
         db.flush().unwrap();
         v1.len()
     };
-    let broker = warrenmq::start(config(&dir, BUDGET))
+    let broker = warrenmq::start(support::budget_config(&dir, BUDGET))
         .await
         .expect("a format-3 directory starts");
     {
@@ -553,7 +530,7 @@ async fn format_3_chunks_are_read_and_rewritten_smaller() {
     }
     broker.shutdown().await;
     {
-        let db = open_db(&dir);
+        let db = support::open_db(&dir);
         let meta = db.open_tree("meta").unwrap();
         assert_eq!(
             &meta.get("format").unwrap().unwrap()[..],
@@ -574,7 +551,9 @@ async fn format_3_chunks_are_read_and_rewritten_smaller() {
             v.len()
         );
     }
-    let broker = warrenmq::start(config(&dir, BUDGET)).await.unwrap();
+    let broker = warrenmq::start(support::budget_config(&dir, BUDGET))
+        .await
+        .unwrap();
     {
         let conn = connect_url(&url(&broker)).await;
         let ch = channel(&conn).await;

@@ -16,23 +16,15 @@
 
 use std::collections::BTreeMap;
 
+use super::index::at::{LEN, NO_TTL, OFFSET, PRIORITY, SEG, SIZE, STORED_AT, TTL};
 use super::index::{Entry, ENTRY_LEN, IN_LOG, IN_LOG_NO_META};
+use crate::varint::{self, unzigzag, zigzag};
 
 /// (sequence number's low byte, entry) pairs in order.
 pub(super) const V1: u8 = 1;
 /// Entries as differences (see `encode`).
 pub(super) const V2: u8 = 2;
 const V1_ITEM: usize = 1 + ENTRY_LEN;
-
-// Where an entry (`sled_store::encode_entry`) keeps what it keeps.
-const STORED_AT: usize = 1;
-const SEG: usize = 9;
-const OFFSET: usize = 13;
-const LEN: usize = 17;
-const PRIORITY: usize = 21;
-const TTL: usize = 22;
-const SIZE: usize = 30;
-const NO_TTL: u64 = u64::MAX;
 
 // A version-2 item's tag. The low two bits: the entry's kind, or RAW for an
 // entry of another kind, whose 38 bytes follow the tag as they are.
@@ -125,25 +117,25 @@ pub(super) fn encode(items: &BTreeMap<u8, Entry>) -> Vec<u8> {
         if !next {
             out.push(low);
         }
-        put_varint(
+        varint::put(
             &mut out,
             zigzag(u64_at(e, STORED_AT).wrapping_sub(prev.stored_at)),
         );
         if !same_seg {
-            put_varint(&mut out, u64::from(seg));
+            varint::put(&mut out, u64::from(seg));
         }
         if !contiguous {
-            put_varint(&mut out, u64::from(offset));
+            varint::put(&mut out, u64::from(offset));
         }
         if !same_sizes {
-            put_varint(&mut out, u64::from(len));
-            put_varint(&mut out, size);
+            varint::put(&mut out, u64::from(len));
+            varint::put(&mut out, size);
         }
         if priority != 0 {
             out.push(priority);
         }
         if ttl != NO_TTL {
-            put_varint(&mut out, ttl);
+            varint::put(&mut out, ttl);
         }
         prev.advance(low, e);
     }
@@ -174,7 +166,7 @@ pub(super) fn decode(v: &[u8]) -> Result<Vec<(u8, Entry)>, String> {
 }
 
 fn decode_v2(items: &[u8]) -> Result<Vec<(u8, Entry)>, String> {
-    let mut r = Reader(items);
+    let mut r = Reader(varint::Reader(items));
     let mut out: Vec<(u8, Entry)> = Vec::with_capacity(64);
     let mut prev = Prev::default();
     while let Some(tag) = r.byte() {
@@ -249,56 +241,28 @@ fn decode_v2(items: &[u8]) -> Result<Vec<(u8, Entry)>, String> {
     Ok(out)
 }
 
-fn zigzag(d: u64) -> u64 {
-    let d = d as i64;
-    ((d << 1) ^ (d >> 63)) as u64
-}
+/// The decoder's reads, each an error at the end of the value.
+struct Reader<'a>(varint::Reader<'a>);
 
-fn unzigzag(z: u64) -> u64 {
-    ((z >> 1) as i64 ^ -((z & 1) as i64)) as u64
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// Reads bytes from disk: every read is checked against the end.
-struct Reader<'a>(&'a [u8]);
+const TRUNCATED: &str = "index chunk is truncated";
 
 impl<'a> Reader<'a> {
     fn byte(&mut self) -> Option<u8> {
-        let (&b, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(b)
+        self.0.byte()
     }
 
     fn need_byte(&mut self) -> Result<u8, String> {
-        self.byte().ok_or_else(|| "index chunk is truncated".into())
+        self.0.byte().ok_or_else(|| TRUNCATED.into())
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.0.len() < n {
-            return Err("index chunk is truncated".into());
-        }
-        let (h, t) = self.0.split_at(n);
-        self.0 = t;
-        Ok(h)
+        self.0.take(n).ok_or_else(|| TRUNCATED.into())
     }
 
     fn varint(&mut self) -> Result<u64, String> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.need_byte()?;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err("index chunk has an overlong number".into())
+        self.0
+            .varint()
+            .ok_or_else(|| "index chunk is truncated or has an overlong number".into())
     }
 
     fn u32(&mut self) -> Result<u32, String> {

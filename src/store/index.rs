@@ -58,6 +58,22 @@ pub(super) type Key = [u8; 16];
 pub(super) const ENTRY_LEN: usize = 38;
 pub(super) type Entry = [u8; ENTRY_LEN];
 
+/// Where an entry keeps what it keeps, after its kind (the first byte): when it
+/// was stored (u64), where its record is in the body log (segment, offset and
+/// length, u32 each), its priority (u8), TTL (u64, `NO_TTL` for none) and body
+/// size (u64), big-endian. `sled_store::encode_entry` writes it; `chunk.rs`
+/// writes it smaller in sled.
+pub(super) mod at {
+    pub const STORED_AT: usize = 1;
+    pub const SEG: usize = 9;
+    pub const OFFSET: usize = 13;
+    pub const LEN: usize = 17;
+    pub const PRIORITY: usize = 21;
+    pub const TTL: usize = 22;
+    pub const SIZE: usize = 30;
+    pub const NO_TTL: u64 = u64::MAX;
+}
+
 /// Entry kinds (the first byte): the body is in the log, and the entry keeps
 /// the priority, TTL and size start-up needs.
 pub(super) const IN_LOG: u8 = 2;

@@ -31,7 +31,9 @@ use amq_protocol::types::FieldTable;
 use bytes::Bytes;
 
 use super::blobs::Blobs;
-use super::index::{self, Entry, FoldMap, Index, Key, Known, ENTRY_LEN, IN_LOG, IN_LOG_NO_META};
+use super::index::{
+    self, at, Entry, FoldMap, Index, Key, Known, ENTRY_LEN, IN_LOG, IN_LOG_NO_META,
+};
 use super::log::{self as body_log, segment_path, BodyLog, Location, Position, Segments};
 use super::reserve::Reserve;
 use super::{
@@ -1338,13 +1340,13 @@ fn replay_index(
 fn encode_entry(stored_at: u64, loc: Location, meta: EntryMeta) -> Entry {
     let mut v = [0u8; ENTRY_LEN];
     v[0] = IN_LOG;
-    v[1..9].copy_from_slice(&stored_at.to_be_bytes());
-    v[9..13].copy_from_slice(&loc.seg.to_be_bytes());
-    v[13..17].copy_from_slice(&loc.offset.to_be_bytes());
-    v[17..21].copy_from_slice(&loc.len.to_be_bytes());
-    v[21] = meta.priority;
-    v[22..30].copy_from_slice(&meta.ttl.unwrap_or(u64::MAX).to_be_bytes());
-    v[30..38].copy_from_slice(&(meta.size as u64).to_be_bytes());
+    v[at::STORED_AT..at::SEG].copy_from_slice(&stored_at.to_be_bytes());
+    v[at::SEG..at::OFFSET].copy_from_slice(&loc.seg.to_be_bytes());
+    v[at::OFFSET..at::LEN].copy_from_slice(&loc.offset.to_be_bytes());
+    v[at::LEN..at::PRIORITY].copy_from_slice(&loc.len.to_be_bytes());
+    v[at::PRIORITY] = meta.priority;
+    v[at::TTL..at::SIZE].copy_from_slice(&meta.ttl.unwrap_or(at::NO_TTL).to_be_bytes());
+    v[at::SIZE..].copy_from_slice(&(meta.size as u64).to_be_bytes());
     v
 }
 
@@ -1355,9 +1357,9 @@ fn in_log(v: &[u8]) -> Option<Location> {
     }
     let u = |i: usize| u32::from_be_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
     Some(Location {
-        seg: u(9),
-        offset: u(13),
-        len: u(17),
+        seg: u(at::SEG),
+        offset: u(at::OFFSET),
+        len: u(at::LEN),
     })
 }
 
@@ -1367,17 +1369,17 @@ fn entry_meta(v: &[u8]) -> Option<EntryMeta> {
     }
     in_log(v)?;
     let u64_at = |i: usize| u64::from_be_bytes(v[i..i + 8].try_into().unwrap_or([0; 8]));
-    let ttl = u64_at(22);
+    let ttl = u64_at(at::TTL);
     Some(EntryMeta {
-        priority: v[21],
-        ttl: (ttl != u64::MAX).then_some(ttl),
-        size: usize::try_from(u64_at(30)).unwrap_or(usize::MAX),
+        priority: v[at::PRIORITY],
+        ttl: (ttl != at::NO_TTL).then_some(ttl),
+        size: usize::try_from(u64_at(at::SIZE)).unwrap_or(usize::MAX),
     })
 }
 
 fn stored_at(entry: &[u8]) -> u64 {
     entry
-        .get(1..9)
+        .get(at::STORED_AT..at::SEG)
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(u64::from_be_bytes)
         .unwrap_or(0)

@@ -422,3 +422,32 @@ pub fn closing_error(conn: &lapin::Connection) -> tokio::task::JoinHandle<(u16, 
             .expect("the connection is closed")
     })
 }
+
+/// A broker configuration on `dir` (any free port) whose durable queues keep at
+/// most `queue_memory_budget` bytes of persistent bodies in memory.
+pub fn budget_config(dir: &std::path::Path, queue_memory_budget: u64) -> warrenmq::Config {
+    warrenmq::Config {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        data_dir: dir.to_path_buf(),
+        limits: warrenmq::config::Limits {
+            queue_memory_budget,
+            ..Default::default()
+        },
+        ..warrenmq::Config::default()
+    }
+}
+
+/// The sled database of a broker's data directory, once the broker's sled
+/// threads have let go of its lock (a moment after it shut down).
+pub fn open_db(dir: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match sled::Config::new().path(dir.join("db")).open() {
+            Ok(db) => return db,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("open the broker's sled database: {e:?}"),
+        }
+    }
+}

@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::model::message::Message;
+use crate::varint::{self, unzigzag, zigzag, Reader};
 
 /// Entries a block encodes; a level's newest part holds at most twice this many
 /// plain entries before its oldest block of them is encoded.
@@ -339,15 +340,15 @@ impl Block {
                 tag |= HAS_RETURNS;
             }
             bytes.push(tag);
-            put_varint(&mut bytes, zigzag(e.seq.wrapping_sub(seq)));
+            varint::put(&mut bytes, zigzag(e.seq.wrapping_sub(seq)));
             seq = e.seq;
-            put_varint(&mut bytes, u64::from(e.size));
+            varint::put(&mut bytes, u64::from(e.size));
             if e.expires_at != NEVER {
-                put_varint(&mut bytes, zigzag(e.expires_at.wrapping_sub(expiry)));
+                varint::put(&mut bytes, zigzag(e.expires_at.wrapping_sub(expiry)));
                 expiry = e.expires_at;
             }
             if e.returns != 0 {
-                put_varint(&mut bytes, u64::from(e.returns));
+                varint::put(&mut bytes, u64::from(e.returns));
             }
             if let Some(m) = e.msg {
                 msgs.push(m);
@@ -359,22 +360,24 @@ impl Block {
         }
     }
 
-    /// Appends the block's entries, in order, to `out`.
+    /// Appends the block's entries, in order, to `out`. The bytes are only ever
+    /// `encode`'s, from this process: a number cut short (which `encode` never
+    /// writes) reads as 0 rather than stop the queue.
     fn decode_into(self, out: &mut VecDeque<Entry>, level: u8) {
         let mut r = Reader(&self.bytes);
         let mut msgs = self.msgs.into_vec().into_iter();
         let (mut seq, mut expiry) = (0u64, 0u64);
         while let Some(tag) = r.byte() {
-            seq = seq.wrapping_add(unzigzag(r.varint()));
-            let size = r.varint() as u32;
+            seq = seq.wrapping_add(unzigzag(r.varint().unwrap_or(0)));
+            let size = r.varint().unwrap_or(0) as u32;
             let expires_at = if tag & HAS_EXPIRY != 0 {
-                expiry = expiry.wrapping_add(unzigzag(r.varint()));
+                expiry = expiry.wrapping_add(unzigzag(r.varint().unwrap_or(0)));
                 expiry
             } else {
                 NEVER
             };
             let returns = if tag & HAS_RETURNS != 0 {
-                r.varint() as u16
+                r.varint().unwrap_or(0) as u16
             } else {
                 0
             };
@@ -393,49 +396,6 @@ impl Block {
                 flags: tag & (REDELIVERED | PERSISTED),
             });
         }
-    }
-}
-
-fn zigzag(d: u64) -> u64 {
-    let d = d as i64;
-    ((d << 1) ^ (d >> 63)) as u64
-}
-
-fn unzigzag(z: u64) -> u64 {
-    ((z >> 1) as i64 ^ -((z & 1) as i64)) as u64
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// Reads what `Block::encode` wrote (never anything from outside the process);
-/// past the end it reads zeros rather than failing.
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn byte(&mut self) -> Option<u8> {
-        let (&b, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(b)
-    }
-
-    fn varint(&mut self) -> u64 {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let Some(b) = self.byte() else {
-                break;
-            };
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                break;
-            }
-        }
-        v
     }
 }
 
