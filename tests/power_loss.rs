@@ -998,6 +998,7 @@ async fn acknowledged_state_survives_power_cuts_at_random_moments() {
             .env("WARRENMQ_SHIM_DIR", &data)
             .env("WARRENMQ_SHIM_JOURNAL", &journal);
     });
+    let serving = now_ns();
     topology(&broker.url(), &h).await;
     let url = broker.url();
     let tasks = vec![
@@ -1033,12 +1034,19 @@ async fn acknowledged_state_survives_power_cuts_at_random_moments() {
         "the run deleted no body log segment"
     );
 
-    // Moments: random ones over the run, and the very end.
+    // Moments: right after each sync of start-up (a fresh directory made,
+    // its database put in place: each durable state it passes through, which
+    // random moments hit only now and then), random ones over the run, and
+    // the very end.
     let end = records.last().map_or(started, |r| r.time);
     let mut rng = Rng(seed);
-    let mut moments: Vec<u64> = (1..cuts)
-        .map(|_| started + rng.below(end - started + 1))
+    let mut moments: Vec<u64> = records
+        .iter()
+        .filter(|r| r.time < serving && matches!(r.op, Op::Sync { .. }))
+        .map(|r| r.time)
         .collect();
+    println!("{} cuts at start-up's syncs", moments.len());
+    moments.extend((1..cuts).map(|_| started + rng.below(end - started + 1)));
     moments.push(end + 1);
     moments.sort_unstable();
     let times: Vec<u64> = records.iter().map(|r| r.time).collect();
