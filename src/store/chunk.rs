@@ -17,7 +17,8 @@
 use std::collections::BTreeMap;
 
 use super::index::at::{LEN, NO_TTL, OFFSET, PRIORITY, SEG, SIZE, STORED_AT, TTL};
-use super::index::{Entry, ENTRY_LEN, IN_LOG, IN_LOG_NO_META};
+use super::index::{make_entry, Entry, ENTRY_LEN, IN_LOG, IN_LOG_NO_META};
+use super::log::Location;
 use crate::varint::{self, unzigzag, zigzag};
 
 /// (sequence number's low byte, entry) pairs in order.
@@ -226,15 +227,8 @@ fn decode_v2(items: &[u8]) -> Result<Vec<(u8, Entry)>, String> {
         } else {
             NO_TTL
         };
-        let mut e = [0u8; ENTRY_LEN];
-        e[0] = kind;
-        e[STORED_AT..SEG].copy_from_slice(&stored_at.to_be_bytes());
-        e[SEG..OFFSET].copy_from_slice(&seg.to_be_bytes());
-        e[OFFSET..LEN].copy_from_slice(&offset.to_be_bytes());
-        e[LEN..PRIORITY].copy_from_slice(&len.to_be_bytes());
-        e[PRIORITY] = priority;
-        e[TTL..SIZE].copy_from_slice(&ttl.to_be_bytes());
-        e[SIZE..].copy_from_slice(&size.to_be_bytes());
+        let loc = Location { seg, offset, len };
+        let e = make_entry(kind, stored_at, loc, priority, ttl, size);
         prev.advance(low, &e);
         out.push((low, e));
     }
@@ -275,15 +269,9 @@ mod tests {
     use super::*;
 
     fn entry(kind: u8, stored_at: u64, seg: u32, offset: u32, len: u32) -> Entry {
-        let mut e = [0u8; ENTRY_LEN];
-        e[0] = kind;
-        e[STORED_AT..SEG].copy_from_slice(&stored_at.to_be_bytes());
-        e[SEG..OFFSET].copy_from_slice(&seg.to_be_bytes());
-        e[OFFSET..LEN].copy_from_slice(&offset.to_be_bytes());
-        e[LEN..PRIORITY].copy_from_slice(&len.to_be_bytes());
-        e[TTL..SIZE].copy_from_slice(&NO_TTL.to_be_bytes());
-        e[SIZE..].copy_from_slice(&u64::from(len.saturating_sub(60)).to_be_bytes());
-        e
+        let loc = Location { seg, offset, len };
+        let size = u64::from(len.saturating_sub(60));
+        make_entry(kind, stored_at, loc, 0, NO_TTL, size)
     }
 
     fn decoded(items: &BTreeMap<u8, Entry>) -> BTreeMap<u8, Entry> {

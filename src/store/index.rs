@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 
 use super::chunk;
+use super::log::Location;
 use std::hash::{BuildHasherDefault, Hasher};
 
 /// Keys here are sequence numbers and buffer addresses that no client picks
@@ -72,6 +73,27 @@ pub(super) mod at {
     pub const TTL: usize = 22;
     pub const SIZE: usize = 30;
     pub const NO_TTL: u64 = u64::MAX;
+}
+
+/// An entry from its fields, laid out as `at` says.
+pub(super) fn make_entry(
+    kind: u8,
+    stored_at: u64,
+    loc: Location,
+    priority: u8,
+    ttl: u64,
+    size: u64,
+) -> Entry {
+    let mut e = [0u8; ENTRY_LEN];
+    e[0] = kind;
+    e[at::STORED_AT..at::SEG].copy_from_slice(&stored_at.to_be_bytes());
+    e[at::SEG..at::OFFSET].copy_from_slice(&loc.seg.to_be_bytes());
+    e[at::OFFSET..at::LEN].copy_from_slice(&loc.offset.to_be_bytes());
+    e[at::LEN..at::PRIORITY].copy_from_slice(&loc.len.to_be_bytes());
+    e[at::PRIORITY] = priority;
+    e[at::TTL..at::SIZE].copy_from_slice(&ttl.to_be_bytes());
+    e[at::SIZE..].copy_from_slice(&size.to_be_bytes());
+    e
 }
 
 /// Entry kinds (the first byte): the body is in the log, and the entry keeps

@@ -1337,16 +1337,14 @@ fn replay_index(
 /// then priority, per-message TTL (u64::MAX: none) and body size, so that
 /// start-up can leave the body on disk.
 fn encode_entry(stored_at: u64, loc: Location, meta: EntryMeta) -> Entry {
-    let mut v = [0u8; ENTRY_LEN];
-    v[0] = IN_LOG;
-    v[at::STORED_AT..at::SEG].copy_from_slice(&stored_at.to_be_bytes());
-    v[at::SEG..at::OFFSET].copy_from_slice(&loc.seg.to_be_bytes());
-    v[at::OFFSET..at::LEN].copy_from_slice(&loc.offset.to_be_bytes());
-    v[at::LEN..at::PRIORITY].copy_from_slice(&loc.len.to_be_bytes());
-    v[at::PRIORITY] = meta.priority;
-    v[at::TTL..at::SIZE].copy_from_slice(&meta.ttl.unwrap_or(at::NO_TTL).to_be_bytes());
-    v[at::SIZE..].copy_from_slice(&(meta.size as u64).to_be_bytes());
-    v
+    index::make_entry(
+        IN_LOG,
+        stored_at,
+        loc,
+        meta.priority,
+        meta.ttl.unwrap_or(at::NO_TTL),
+        meta.size as u64,
+    )
 }
 
 /// Where an entry's body is, if it is in the log.
