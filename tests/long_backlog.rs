@@ -40,6 +40,14 @@ fn index(d: &[u8]) -> usize {
     std::str::from_utf8(&d[..6]).unwrap().parse().unwrap()
 }
 
+/// A client connection to the broker, with a channel open on it.
+async fn open(broker: &warrenmq::BrokerHandle) -> (lapin::Connection, lapin::Channel) {
+    let url = format!("amqp://guest:guest@{}/%2f", broker.local_addr());
+    let conn = connect_url(&url).await;
+    let ch = channel(&conn).await;
+    (conn, ch)
+}
+
 async fn declare(ch: &lapin::Channel, queue: &str, args: FieldTable) {
     let durable = QueueDeclareOptions {
         durable: true,
@@ -74,9 +82,7 @@ async fn publish_all(
 async fn a_long_mixed_backlog_is_consumed_in_order_with_requeues() {
     let dir = data_dir("mixed");
     let broker = broker(&dir).await;
-    let url = format!("amqp://guest:guest@{}/%2f", broker.local_addr());
-    let conn = connect_url(&url).await;
-    let ch = channel(&conn).await;
+    let (conn, ch) = open(&broker).await;
     declare(&ch, "long-mixed", FieldTable::default()).await;
     support::confirm_mode(&ch).await;
     let expired = |i: usize| i % 1000 == 500;
@@ -149,9 +155,7 @@ async fn a_long_mixed_backlog_is_consumed_in_order_with_requeues() {
 async fn a_length_limit_drops_the_head_of_a_long_backlog() {
     let dir = data_dir("maxlen");
     let broker = broker(&dir).await;
-    let url = format!("amqp://guest:guest@{}/%2f", broker.local_addr());
-    let conn = connect_url(&url).await;
-    let ch = channel(&conn).await;
+    let (conn, ch) = open(&broker).await;
     let args = support::table(&[("x-max-length", AMQPValue::LongInt(12_000))]);
     declare(&ch, "long-maxlen", args).await;
     support::confirm_mode(&ch).await;
@@ -176,10 +180,8 @@ async fn a_length_limit_drops_the_head_of_a_long_backlog() {
 async fn a_long_backlog_survives_a_restart_in_order_and_a_purge_empties_it() {
     let dir = data_dir("restart");
     let broker1 = broker(&dir).await;
-    let url = format!("amqp://guest:guest@{}/%2f", broker1.local_addr());
     {
-        let conn = connect_url(&url).await;
-        let ch = channel(&conn).await;
+        let (_conn, ch) = open(&broker1).await;
         declare(&ch, "long-restart", FieldTable::default()).await;
         support::confirm_mode(&ch).await;
         publish_all(&ch, "long-restart", 0..N, |_| {
@@ -190,10 +192,8 @@ async fn a_long_backlog_survives_a_restart_in_order_and_a_purge_empties_it() {
     broker1.shutdown().await;
 
     let broker2 = broker(&dir).await;
-    let url = format!("amqp://guest:guest@{}/%2f", broker2.local_addr());
     {
-        let conn = connect_url(&url).await;
-        let ch = channel(&conn).await;
+        let (conn, ch) = open(&broker2).await;
         assert_eq!(support::counts(&ch, "long-restart").await.0, N as u32);
         ok("basic.qos", ch.basic_qos(500, BasicQosOptions::default())).await;
         let mut sub = support::consume(&ch, "long-restart", false).await;
@@ -217,9 +217,7 @@ async fn a_long_backlog_survives_a_restart_in_order_and_a_purge_empties_it() {
     broker2.shutdown().await;
 
     let broker3 = broker(&dir).await;
-    let url = format!("amqp://guest:guest@{}/%2f", broker3.local_addr());
-    let conn = connect_url(&url).await;
-    let ch = channel(&conn).await;
+    let (conn, ch) = open(&broker3).await;
     assert_eq!(support::counts(&ch, "long-restart").await.0, 0);
     drop(conn);
     broker3.shutdown().await;
@@ -232,10 +230,8 @@ async fn a_long_backlog_survives_a_restart_in_order_and_a_purge_empties_it() {
 async fn a_long_backlog_that_expired_while_down_is_gone_for_good() {
     let dir = data_dir("expired");
     let broker1 = broker(&dir).await;
-    let url = format!("amqp://guest:guest@{}/%2f", broker1.local_addr());
     {
-        let conn = connect_url(&url).await;
-        let ch = channel(&conn).await;
+        let (_conn, ch) = open(&broker1).await;
         let args = support::table(&[("x-message-ttl", AMQPValue::LongInt(1_500))]);
         declare(&ch, "long-ttl", args).await;
         support::confirm_mode(&ch).await;
@@ -248,9 +244,7 @@ async fn a_long_backlog_that_expired_while_down_is_gone_for_good() {
     tokio::time::sleep(std::time::Duration::from_millis(1_600)).await;
 
     let broker2 = broker(&dir).await;
-    let url = format!("amqp://guest:guest@{}/%2f", broker2.local_addr());
-    let conn = connect_url(&url).await;
-    let ch = channel(&conn).await;
+    let (conn, ch) = open(&broker2).await;
     assert_eq!(support::counts(&ch, "long-ttl").await.0, 0);
     drop(conn);
     broker2.shutdown().await;

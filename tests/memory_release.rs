@@ -44,11 +44,7 @@ async fn memory_held_by_a_drained_backlog_is_given_back() {
         ),
     )
     .await;
-    ok(
-        "confirm.select",
-        ch.confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await;
+    support::confirm_mode(&ch).await;
     let idle = rss_kib(pid);
     // 150,000 small messages: about 150 MiB of bodies and their bookkeeping in
     // small allocations, which the allocator keeps unless asked to give them back.

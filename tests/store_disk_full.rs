@@ -169,11 +169,7 @@ impl Publishing {
             ),
         )
         .await;
-        ok(
-            "confirm.select",
-            ch.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await;
+        support::confirm_mode(&ch).await;
         let state = Arc::new(Mutex::new(Published::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(publisher(ch, state.clone(), stop.clone()));

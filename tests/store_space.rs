@@ -78,11 +78,7 @@ async fn a_fanout_backlog_is_written_once_and_its_space_returns_when_drained() {
         )
         .await;
     }
-    ok(
-        "confirm.select",
-        ch.confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await;
+    support::confirm_mode(&ch).await;
     // 96 MiB of bodies to three queues: one copy each, in two segments.
     let body = vec![b'x'; MIB as usize];
     for _ in 0..96 {
